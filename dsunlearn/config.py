@@ -1,0 +1,247 @@
+"""Run settings: litgpt-style dataclasses that jsonargparse turns into the CLI and YAML.
+
+Every dataclass lists its own problems in ``problems()``; ``RunConfig.__post_init__`` gathers them all and raises a
+single ``ConfigError`` so a user fixes a bad config in one go instead of one error per launch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from dsunlearn.data import DatasetSpec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TEMPLATE = "### Question: {prompt}\n ### Answer: {response}"
+
+
+class ConfigError(ValueError):
+    """Invalid settings; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class ModelConfig:
+    """The model to unlearn and how it is run."""
+
+    name_or_path: str = "facebook/opt-1.3b"
+    """Hugging Face hub id or local folder of the causal LM to unlearn."""
+    reference_path: Optional[str] = None
+    """Frozen reference for the KL term; defaults to ``name_or_path`` (the original model)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the model."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Compute precision of both engines (fp16 only on GPUs; ZeRO keeps fp32 master weights)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    attn_implementation: Optional[str] = None
+    """Attention implementation passed to ``from_pretrained`` (e.g. ``sdpa``, ``flash_attention_2``)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder or hub repository."""
+    head_path: Literal["auto", "fused", "logits"] = "auto"
+    """How the output head meets the loss: ``fused`` never materialises tokens x vocabulary logits (plain linear heads,
+    optional softcap); ``logits`` runs the model's own head (any head: bias, logit scaling); ``auto`` picks fused when
+    the head allows it."""
+    loss_backend: Literal["auto", "torch", "chunked", "triton"] = "auto"
+    """Backend of the fused loss: ``auto`` is triton on CUDA and chunked elsewhere."""
+    reference_offload: bool = False
+    """Keep the reference engine's parameter shards in CPU memory (ZeRO-3 ``offload_param``)."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.name_or_path:
+            found.append("model.name_or_path is empty: give a hub id or a local folder")
+        for name in ("name_or_path", "reference_path"):
+            value = getattr(self, name)
+            if value and _looks_local(value) and not Path(value).is_dir():
+                found.append(f"model.{name}: local folder {value!r} does not exist")
+        return found
+
+
+@dataclass
+class DataConfig:
+    """Forget and normal data and how samples become token sequences."""
+
+    forget: DatasetSpec = field(
+        default_factory=lambda: DatasetSpec(source="PKU-Alignment/PKU-SafeRLHF", format="pku_saferlhf")
+    )
+    """Forget data: unwanted (prompt, response) pairs (default PKU-SafeRLHF, unsafe responses)."""
+    normal: DatasetSpec = field(
+        default_factory=lambda: DatasetSpec(
+            source="truthfulqa/truthful_qa", format="truthfulqa", name="generation", split="validation"
+        )
+    )
+    """Normal data whose behaviour must be kept (default TruthfulQA, question -> best answer)."""
+    template: str = DEFAULT_TEMPLATE
+    """Prompt template with ``{prompt}`` and ``{response}``; the response part is what the losses see."""
+    use_chat_template: bool = False
+    """Format prompts with the tokenizer's chat template instead of ``template``."""
+    max_length: int = 512
+    """Longest token sequence; truncation drops prompt tokens from the left and keeps the response."""
+    seed: int = 42
+    """Seed of the train/held-out splits, the shuffling and the random answers."""
+
+    def problems(self) -> list[str]:
+        found = [f"data.forget: {p}" for p in self.forget.problems()]
+        found += [f"data.normal: {p}" for p in self.normal.problems()]
+        if not self.use_chat_template and ("{prompt}" not in self.template or "{response}" not in self.template):
+            found.append("data.template must contain both {prompt} and {response}")
+        elif not self.use_chat_template and not self.template.rstrip().endswith("{response}"):
+            found.append("data.template must end with {response}: the response is the tail of each sequence")
+        if self.max_length < 8:
+            found.append(f"data.max_length={self.max_length} is too small (at least 8)")
+        return found
+
+
+@dataclass
+class ObjectiveConfig:
+    """The unlearning objective: theta <- theta - e1*grad(L_fgt) - e2*grad(L_rdn) - e3*grad(L_nor)."""
+
+    forget_weight: float = 0.5
+    """e1: weight of the gradient-ascent term on forget responses (paper: 0.5)."""
+    random_weight: float = 1.0
+    """e2: weight of the cross-entropy on random answers to forget prompts (paper: 1)."""
+    normal_weight: float = 1.0
+    """e3: weight of the forward KL(reference || model) on normal responses (paper: 1)."""
+    num_random_answers: int = 5
+    """K: random answers drawn independently for each forget prompt."""
+    reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    """``sequence_mean``: mean over each sequence's response tokens, then over sequences (the authors' code);
+    ``token_mean``: mean over all response tokens of the term in the global batch."""
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("forget_weight", "random_weight", "normal_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                found.append(f"objective.{name}={value} must be a finite number >= 0")
+        if self.forget_weight == 0 and self.random_weight == 0:
+            found.append("objective: forget_weight and random_weight are both 0, so nothing would be unlearned")
+        if self.num_random_answers < 1 and self.random_weight > 0:
+            found.append("objective.num_random_answers must be >= 1 when random_weight > 0")
+        return found
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, DeepSpeed and checkpointing."""
+
+    max_steps: int = 1000
+    """Optimizer steps (paper: 1000)."""
+    forget_batch_size: int = 2
+    """Forget samples per rank per micro-step (paper: 2)."""
+    normal_batch_size: int = 2
+    """Normal samples per rank per micro-step (paper: 2)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer (AdamW as in the paper; plain SGD for checks)."""
+    lr: float = 2e-6
+    """Peak learning rate (paper: 2e-6)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """Learning-rate schedule after warm-up (paper: linear decay to 0)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (paper: none)."""
+    max_grad_norm: Optional[float] = None
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    deepspeed_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON for the trained model; its "auto" fields are filled from these settings, other fields must agree
+    with them. Relative paths are looked up from the working directory, then from the dsunlearn checkout."""
+    checkpoint_every: int = 200
+    """Save a DeepSpeed checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (0: keep all)."""
+    log_every: int = 1
+    """Update the progress bar every this many steps (metrics.jsonl gets every step)."""
+    seed: int = 42
+    """Seed of model-side randomness (dropout); data randomness uses data.seed."""
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("max_steps", "forget_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, name) < 1:
+                found.append(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("normal_batch_size", "warmup_steps", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                found.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        if not self.lr > 0:
+            found.append(f"train.lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            found.append(f"train.weight_decay={self.weight_decay} must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            found.append(f"train.betas={self.betas} must lie in [0, 1)")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            found.append(f"train.max_grad_norm={self.max_grad_norm} must be > 0 (or null for no clipping)")
+        if self.warmup_steps > self.max_steps:
+            found.append(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}")
+        if resolve_path(self.deepspeed_config) is None:
+            found.append(f"train.deepspeed_config: file {self.deepspeed_config!r} not found")
+        return found
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = "outputs/run"
+    """Output folder: config.yaml, metrics.jsonl, checkpoints/, final/ (the Hugging Face export)."""
+    export: bool = True
+    """Write the unlearned model in Hugging Face format (safetensors, config, tokenizer) to ``dir/final``."""
+    evaluate: bool = False
+    """Run the evaluation (original vs unlearned) at the end and write eval.json and report.md."""
+    eval_max_samples: Optional[int] = None
+    """Cap on prompts per evaluation set (None: all)."""
+    eval_max_new_tokens: int = 48
+    """Greedy generation length in the end-of-run evaluation."""
+
+
+@dataclass
+class RunConfig:
+    """All settings of one unlearning run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """The objective."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Outputs."""
+    resume: bool = False
+    """Continue from the newest checkpoint in ``output.dir/checkpoints`` (a fresh start if there is none)."""
+
+    def __post_init__(self):
+        found = self.model.problems() + self.data.problems() + self.objective.problems() + self.train.problems()
+        if self.objective.normal_weight > 0 and self.train.normal_batch_size == 0:
+            found.append("train.normal_batch_size is 0 but objective.normal_weight > 0: the KL term needs normal data")
+        if found:
+            raise ConfigError(found)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_path(path: str) -> Optional[Path]:
+    """A config-relative path: as given if it exists, else relative to the dsunlearn checkout (for ds_configs/)."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    if not candidate.is_absolute() and (REPO_ROOT / candidate).exists():
+        return REPO_ROOT / candidate
+    return None
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "org/name" or "name"; anything path-like is meant as a local folder.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
