@@ -1,0 +1,192 @@
+"""The ``chunked`` backend: fused linear + CE + KL in pure PyTorch without an [N, V] tensor.
+
+Tokens are processed in chunks of rows so that one [chunk, V] fp32 tensor stays near a fixed budget. As in
+Liger-Kernel's fused linear cross-entropy, the gradients of ``hidden`` and ``weight`` are computed during the
+forward (the chunk's logits are gone by the backward) and the backward only scales them by the upstream
+gradient. The loss is linear in its upstream gradient, so this is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Bytes of one [chunk, V] fp32 tensor; a chunk holds a handful of these at once.
+CHUNK_LOGITS_BYTES = 32 * 2**20
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that a [chunk, V] fp32 tensor stays within ``CHUNK_LOGITS_BYTES``."""
+    return max(1, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+
+
+class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
+    """Loss and per-token terms over compacted tokens; grads for ``hidden`` and ``weight`` made in the forward.
+
+    Rows are ordered [tokens without KL; tokens with KL]: the first ``num_without_kl`` rows of ``hidden`` have no
+    KL term and ``ref_hidden``/``kl_weight`` hold only the remaining rows, so a chunk's KL rows are one
+    contiguous tail of it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,  # [M, H]
+        weight: torch.Tensor,  # [V, H]
+        targets: torch.Tensor,  # [M]
+        ce_weight: torch.Tensor,  # [M] fp32
+        ref_hidden: torch.Tensor | None,  # [K, H], K = M - num_without_kl
+        ref_weight: torch.Tensor | None,  # [V, H]
+        kl_weight: torch.Tensor | None,  # [K] fp32
+        num_without_kl: int,
+        softcap: float | None,
+        chunk_size: int,
+        needs_grad_hidden: bool,
+        needs_grad_weight: bool,
+    ):
+        num_rows = hidden.shape[0]
+        vocab_size = weight.shape[0]
+        # Accumulate in fp32 whatever the storage dtype; a no-op for fp32 weights.
+        weight_fp32 = weight.float()  # [V, H]
+        ref_weight_fp32 = ref_weight.float() if kl_weight is not None else None  # [V, H]
+
+        fp32 = dict(dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), **fp32)
+        token_ce = torch.empty(num_rows, **fp32)  # [M]
+        token_kl = torch.empty(num_rows - num_without_kl, **fp32)  # [K]
+        grad_hidden = torch.empty(hidden.shape, **fp32) if needs_grad_hidden else None  # [M, H]
+        grad_weight = torch.zeros(weight.shape, **fp32) if needs_grad_weight else None  # [V, H]
+
+        for start in range(0, num_rows, chunk_size):
+            end = min(start + chunk_size, num_rows)
+            chunk_hidden = hidden[start:end].float()  # [C, H]
+            logits = chunk_hidden @ weight_fp32.T  # [C, V]
+            if softcap is not None:
+                tanh_logits = torch.tanh(logits / softcap)  # [C, V], kept for the softcap derivative
+                logits = tanh_logits * softcap
+            logsumexp = torch.logsumexp(logits, dim=-1)  # [C]
+
+            chunk_targets = targets[start:end]
+            chunk_ce_weight = ce_weight[start:end]
+            # A KL-only token may carry an ignore index: its CE is reported as 0 and it gets no one-hot term.
+            valid_target = (chunk_targets >= 0) & (chunk_targets < vocab_size)
+            safe_targets = chunk_targets.clamp(0, vocab_size - 1).unsqueeze(1)  # [C, 1]
+            target_logits = logits.gather(1, safe_targets).squeeze(1)  # [C]
+            chunk_ce = torch.where(valid_target, logsumexp - target_logits, torch.zeros_like(logsumexp))
+            token_ce[start:end] = chunk_ce
+            loss += (chunk_ce_weight * chunk_ce).sum()
+
+            # Rows [kl_start, C) of this chunk have a KL term; they are rows [kl_start + start - num_without_kl, …)
+            # of ref_hidden / kl_weight.
+            kl_start = max(start, num_without_kl) - start
+            has_kl = kl_weight is not None and kl_start < end - start
+            if has_kl:
+                ref_rows = slice(start + kl_start - num_without_kl, end - num_without_kl)
+                chunk_kl_weight = kl_weight[ref_rows]  # [Ck]
+                ref_log_probs = ref_hidden[ref_rows].float() @ ref_weight_fp32.T  # [Ck, V]
+                if softcap is not None:
+                    ref_log_probs = torch.tanh(ref_log_probs / softcap).mul_(softcap)
+                ref_log_probs -= torch.logsumexp(ref_log_probs, dim=-1, keepdim=True)
+                ref_probs = ref_log_probs.exp()  # [Ck, V]
+                log_probs = logits[kl_start:] - logsumexp[kl_start:].unsqueeze(1)  # [Ck, V]
+                # KL = Σ_v p_ref (log p_ref − log p_θ); reuse ref_log_probs' storage for the difference.
+                chunk_kl = ref_log_probs.sub_(log_probs).mul_(ref_probs).sum(dim=-1)  # [Ck]
+                del log_probs, ref_log_probs
+                token_kl[ref_rows] = chunk_kl
+                loss += (chunk_kl_weight * chunk_kl).sum()
+
+            if not (needs_grad_hidden or needs_grad_weight):
+                continue
+            # dL/dz = (ce_w + kl_w)·softmax(z) − ce_w·onehot(target) − kl_w·softmax(ref_z), built in the logits'
+            # storage: one softmax serves both terms.
+            grad_logits = logits.sub_(logsumexp.unsqueeze(1)).exp_()  # [C, V] = softmax(z)
+            row_scale = chunk_ce_weight.clone()  # [C]
+            if has_kl:
+                row_scale[kl_start:] += chunk_kl_weight
+            grad_logits.mul_(row_scale.unsqueeze(1))
+            grad_logits.scatter_add_(1, safe_targets, -chunk_ce_weight.unsqueeze(1))
+            if has_kl:
+                grad_logits[kl_start:].addcmul_(ref_probs, chunk_kl_weight.unsqueeze(1), value=-1.0)
+                del ref_probs
+            if softcap is not None:
+                # d(c·tanh(x/c))/dx = 1 − tanh²(x/c)
+                grad_logits.mul_(tanh_logits.square_().neg_().add_(1.0))
+                del tanh_logits
+            if needs_grad_hidden:
+                grad_hidden[start:end] = grad_logits @ weight_fp32  # [C, H]
+            if needs_grad_weight:
+                grad_weight.addmm_(grad_logits.T, chunk_hidden)  # [V, H]
+
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(token_ce, token_kl)
+        return loss, token_ce, token_kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_token_ce, _grad_token_kl):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Out of place: the stored gradients must survive a second backward with retain_graph=True.
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
+
+
+def chunked_fused_linear_ce_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ce_weight: torch.Tensor,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    kl_weight: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    return_token_terms: bool = False,
+    chunk_size: int | None = None,
+):
+    """Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i without materialising the [N, V] logits.
+
+    Same contract as ``dsunlearn.kernels.fused_linear_ce_kl`` (which validates the inputs; this function assumes
+    valid ones). ``chunk_size`` is the number of token rows per chunk, by default ``default_chunk_size(V)``.
+    Tokens whose weights are both 0 are dropped before any matmul; reference logits are computed only for
+    tokens with a non-zero ``kl_weight``.
+    """
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    ce_weight = ce_weight.detach().float()
+    if kl_weight is None:
+        rows_without_kl = (ce_weight != 0).nonzero().squeeze(1)  # [M]
+        rows_with_kl = rows_without_kl[:0]
+    else:
+        kl_weight = kl_weight.detach().float()
+        with_kl = kl_weight != 0
+        rows_without_kl = ((ce_weight != 0) & ~with_kl).nonzero().squeeze(1)
+        rows_with_kl = with_kl.nonzero().squeeze(1)  # [K]
+    active_rows = torch.cat([rows_without_kl, rows_with_kl])  # [M]
+
+    grad_enabled = torch.is_grad_enabled()
+    loss, active_ce, active_kl = ChunkedFusedLinearCEKLFunction.apply(
+        hidden[active_rows],  # [M, H]; indexing routes the gradient back to the original rows
+        weight,
+        targets[active_rows],
+        ce_weight[active_rows],
+        None if kl_weight is None else ref_hidden.detach()[rows_with_kl],
+        None if kl_weight is None else ref_weight.detach(),
+        None if kl_weight is None else kl_weight[rows_with_kl],
+        rows_without_kl.numel(),
+        softcap,
+        chunk_size,
+        grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+    )
+    if not return_token_terms:
+        return loss
+    zeros = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
+    return loss, zeros.index_copy(0, active_rows, active_ce), zeros.index_copy(0, rows_with_kl, active_kl)
