@@ -1,0 +1,620 @@
+"""Data: loading (prompt, response) pairs, splits, tokenisation with exact response masks, padding,
+per-rank sharding and random-answer drawing.
+
+The unlearning objective only ever scores *response* tokens, so the response mask must be exact.
+:func:`tokenize_pair` therefore tokenises the prompt part and the response separately and
+concatenates the ids: the mask is then a property of how the sequence was built, not a guess about
+where a joint tokenisation put the boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+DEFAULT_TEMPLATE = "### Question: {prompt}\n ### Answer: {response}"
+
+# Field names of each supported format: (prompt field, response field) for what becomes one pair.
+PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe")
+TRUTHFULQA_HUB_FIELDS = ("question", "best_answer")
+TRUTHFULQA_CSV_FIELDS = ("Question", "Best Answer")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset settings
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetSpec:
+    """Where one data set (forget or normal) comes from and how to read it."""
+
+    source: str = ""
+    """Hub dataset id (e.g. ``PKU-Alignment/PKU-SafeRLHF``) or a local .json/.jsonl/.parquet/.csv file."""
+
+    format: Literal["pku_saferlhf", "truthfulqa", "pairs"] = "pairs"
+    """``pku_saferlhf``: one pair per *unsafe* response; ``truthfulqa``: (question, best answer), hub
+    ``generation`` config or the original CSV; ``pairs``: any data set, fields named by
+    ``prompt_field``/``response_field``."""
+
+    prompt_field: str = "prompt"
+    """Prompt field name (``pairs`` format only)."""
+
+    response_field: str = "response"
+    """Response field name (``pairs`` format only)."""
+
+    split: Optional[str] = None
+    """Hub split to load. Default: ``validation`` for ``truthfulqa`` (its only split), else ``train``.
+    Ignored for local files."""
+
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) to pin. Ignored for local files."""
+
+    name: Optional[str] = None
+    """Hub config name. Default: ``generation`` for ``truthfulqa``, else none. Ignored for local files."""
+
+    held_out_fraction: float = 0.1
+    """Fraction of the pairs kept out of training (for evaluation); the split is seeded."""
+
+    max_samples: Optional[int] = None
+    """Keep only the first this many pairs (in file order, before splitting). None: keep all."""
+
+    bad_rows: Literal["error", "skip"] = "error"
+    """What to do with a row that has a missing, empty or non-text field: ``error`` stops with the
+    file, row and field; ``skip`` drops it, counts it and logs a summary."""
+
+    def problems(self) -> list[str]:
+        """Every problem with these settings, as readable messages (empty when all is well)."""
+        problems = []
+        if not self.source.strip():
+            problems.append("source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv file")
+        else:
+            path = Path(self.source).expanduser()
+            if path.is_dir():
+                problems.append(f"source {self.source!r} is a directory; give a .json/.jsonl/.parquet/.csv file")
+            elif self.is_local and not path.exists():
+                problems.append(f"source file {self.source!r} does not exist")
+            elif self.is_local and path.suffix.lower() not in LOCAL_SUFFIXES:
+                problems.append(
+                    f"source file {self.source!r} has an unsupported type; use one of {', '.join(LOCAL_SUFFIXES)}"
+                )
+        if self.format not in ("pku_saferlhf", "truthfulqa", "pairs"):
+            problems.append(f"format must be 'pku_saferlhf', 'truthfulqa' or 'pairs', got {self.format!r}")
+        if self.format == "pairs":
+            if not self.prompt_field:
+                problems.append("prompt_field is empty")
+            if not self.response_field:
+                problems.append("response_field is empty")
+            if self.prompt_field and self.prompt_field == self.response_field:
+                problems.append(f"prompt_field and response_field are the same field ({self.prompt_field!r})")
+        if self.split is not None and not self.split.strip():
+            problems.append("split is empty")
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            problems.append(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
+        if self.max_samples is not None and self.max_samples < 1:
+            problems.append(f"max_samples must be at least 1 (or None for all), got {self.max_samples}")
+        if self.bad_rows not in ("error", "skip"):
+            problems.append(f"bad_rows must be 'error' or 'skip', got {self.bad_rows!r}")
+        return problems
+
+    @property
+    def is_local(self) -> bool:
+        """Whether ``source`` names a local file: an existing path, one with a data-file suffix, or one
+        written as a path (``/``, ``./``, ``../``, ``~``); anything else is a hub id."""
+        path = Path(self.source).expanduser()
+        return (
+            path.exists()
+            or path.suffix.lower() in LOCAL_SUFFIXES
+            or self.source.startswith(("/", "./", "../", "~"))
+        )
+
+    @property
+    def hub_split(self) -> str:
+        """The hub split actually loaded (see ``split``)."""
+        if self.split is not None:
+            return self.split
+        return "validation" if self.format == "truthfulqa" else "train"
+
+    @property
+    def hub_name(self) -> Optional[str]:
+        """The hub config name actually loaded (see ``name``)."""
+        if self.name is not None:
+            return self.name
+        return "generation" if self.format == "truthfulqa" else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (prompt, response) sample and where it came from."""
+
+    prompt: str
+    response: str
+    source: str
+    """The file (or ``hub id[split]``) it was read from."""
+    row: int
+    """1-based row: the line number for .jsonl files, else the record number."""
+
+    @property
+    def origin(self) -> str:
+        return f"{self.source}, row {self.row}"
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not become a pair, and why."""
+
+    source: str
+    row: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}, row {self.row}, field {self.field!r}: {self.reason}"
+
+
+@dataclass
+class LoadedPairs:
+    """What :func:`read_pairs` found: the usable pairs and the rows it skipped."""
+
+    pairs: list[Pair]
+    bad_rows: list[BadRow] = field(default_factory=list)
+    num_rows: int = 0
+
+    def summary(self, max_listed: int = 5) -> str:
+        """One paragraph for the log: counts, and the first few skipped rows with their reasons."""
+        text = f"{len(self.pairs)} pairs from {self.num_rows} rows"
+        if self.bad_rows:
+            listed = "; ".join(str(bad) for bad in self.bad_rows[:max_listed])
+            more = f" (and {len(self.bad_rows) - max_listed} more)" if len(self.bad_rows) > max_listed else ""
+            text += f"; skipped {len(self.bad_rows)} bad rows: {listed}{more}"
+        return text
+
+
+class _RowError(Exception):
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(reason)
+        self.field_name = field_name
+        self.reason = reason
+
+
+def _text(record: dict[str, Any], name: str) -> str:
+    if name not in record or record[name] is None:
+        raise _RowError(name, "missing")
+    value = record[name]
+    if not isinstance(value, str):
+        raise _RowError(name, f"not text (got {type(value).__name__}: {value!r:.40})")
+    if not value.strip():
+        raise _RowError(name, "empty")
+    return value
+
+
+def _flag(record: dict[str, Any], name: str) -> bool:
+    if name not in record or record[name] is None:
+        raise _RowError(name, "missing")
+    value = record[name]
+    # CSV files hold booleans as text; parquet/json as bool (or 0/1 from some exporters).
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise _RowError(name, f"not a boolean (got {value!r:.40})")
+
+
+def _pairs_from_record(record: dict[str, Any], spec: DatasetSpec) -> list[tuple[str, str]]:
+    """The (prompt, response) pairs of one record; raises _RowError for a bad row."""
+    if spec.format == "pku_saferlhf":
+        prompt = _text(record, "prompt")
+        pairs = []
+        for i in (0, 1):
+            if not _flag(record, f"is_response_{i}_safe"):
+                pairs.append((prompt, _text(record, f"response_{i}")))
+        return pairs
+    if spec.format == "truthfulqa":
+        # The hub `generation` config uses snake_case fields, the original CSV title-case ones.
+        prompt_name, response_name = (
+            TRUTHFULQA_CSV_FIELDS if "Question" in record and "question" not in record else TRUTHFULQA_HUB_FIELDS
+        )
+        return [(_text(record, prompt_name), _text(record, response_name))]
+    return [(_text(record, spec.prompt_field), _text(record, spec.response_field))]
+
+
+def _read_local_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(row number, record) for every record of a local data file."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {str(path)!r} is empty")
+    if suffix in (".json", ".jsonl"):
+        return _read_json_records(path)
+    if suffix == ".csv":
+        import pandas as pd
+
+        # Keep every cell as text and empty cells as "" so emptiness is reported, not turned into NaN.
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"data file {str(path)!r} is empty") from None
+    elif suffix == ".parquet":
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+    else:
+        raise ValueError(f"data file {str(path)!r} has an unsupported type; use one of {', '.join(LOCAL_SUFFIXES)}")
+    return [(i, _plain_record(record)) for i, record in enumerate(frame.to_dict("records"), start=1)]
+
+
+def _read_json_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    text = path.read_text(encoding="utf-8")
+    one_object_per_line = path.suffix.lower() == ".jsonl"
+    records: list[tuple[int, Any]] = []
+    if not one_object_per_line:
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as error:
+            # A .json file with one object per line, which `datasets` also accepts.
+            if error.msg != "Extra data":
+                raise ValueError(f"data file {str(path)!r} is not valid JSON: {error}") from None
+            one_object_per_line = True
+        else:
+            if isinstance(loaded, dict) and len(loaded) == 1 and isinstance(next(iter(loaded.values())), list):
+                loaded = next(iter(loaded.values()))  # a {"data": [...]} wrapper
+            if not isinstance(loaded, list):
+                raise ValueError(f"data file {str(path)!r} must hold a list of objects, or one object per line")
+            records = list(enumerate(loaded, start=1))
+    if one_object_per_line:
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((line_number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, row {line_number}: not valid JSON ({error.msg})") from None
+    for row, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, row {row}: expected a JSON object, got {type(record).__name__}")
+    return records
+
+
+def _plain_record(record: dict[str, Any]) -> dict[str, Any]:
+    # Parquet nulls arrive as None or NaN, and numpy scalars as numpy types.
+    plain = {}
+    for key, value in record.items():
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        elif hasattr(value, "item") and not isinstance(value, (str, bytes)) and getattr(value, "ndim", 1) == 0:
+            value = value.item()
+        plain[key] = value
+    return plain
+
+
+def _read_hub_records(spec: DatasetSpec) -> list[tuple[int, dict[str, Any]]]:
+    import datasets
+
+    dataset = datasets.load_dataset(spec.source, spec.hub_name, split=spec.hub_split, revision=spec.revision)
+    return [(i, dict(record)) for i, record in enumerate(dataset, start=1)]
+
+
+def read_pairs(spec: DatasetSpec) -> LoadedPairs:
+    """Read the pairs described by ``spec``, with the rows that were skipped.
+
+    Raises ``ValueError`` when ``spec`` has problems, when a bad row is met with
+    ``bad_rows="error"`` (naming file, row and field), and when no usable pair is left;
+    ``FileNotFoundError`` for a missing local file.
+    """
+    problems = spec.problems()
+    if problems:
+        raise ValueError("invalid data set settings: " + "; ".join(problems))
+    if spec.is_local:
+        path = Path(spec.source).expanduser()
+        source_label = str(path)
+        records = _read_local_records(path)
+    else:
+        source_label = f"{spec.source}[{spec.hub_split}]"
+        records = _read_hub_records(spec)
+    if not records:
+        raise ValueError(f"data set {source_label!r} has no rows")
+
+    pairs, bad_rows = [], []
+    for row, record in records:
+        try:
+            found = _pairs_from_record(record, spec)
+        except _RowError as error:
+            bad_rows.append(BadRow(source_label, row, error.field_name, error.reason))
+            continue
+        pairs.extend(Pair(prompt, response, source_label, row) for prompt, response in found)
+
+    if bad_rows and spec.bad_rows == "error":
+        listed = "; ".join(str(bad) for bad in bad_rows[:5])
+        more = f" (and {len(bad_rows) - 5} more bad rows)" if len(bad_rows) > 5 else ""
+        raise ValueError(f"bad rows in {source_label!r}: {listed}{more}. Fix them or set bad_rows='skip' to drop them.")
+    loaded = LoadedPairs(pairs, bad_rows, len(records))
+    if not pairs:
+        why = "; every row is bad" if len(bad_rows) == len(records) else ""
+        if spec.format == "pku_saferlhf" and not why:
+            why = "; no row has an unsafe response"
+        raise ValueError(f"no usable (prompt, response) pairs in {source_label!r}{why} ({loaded.summary()})")
+    if spec.max_samples is not None:
+        loaded.pairs = loaded.pairs[: spec.max_samples]
+    return loaded
+
+
+def load_pairs(spec: DatasetSpec) -> list[Pair]:
+    """Load the (prompt, response) pairs of a data set; skipped bad rows are logged as a warning.
+
+    See :class:`DatasetSpec` for the formats and :func:`read_pairs` for the errors.
+    """
+    loaded = read_pairs(spec)
+    if loaded.bad_rows:
+        logger.warning("%s: %s", spec.source, loaded.summary())
+    else:
+        logger.info("%s: %s", spec.source, loaded.summary())
+    return loaded.pairs
+
+
+def split_pairs(pairs: list[Pair], held_out_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Split ``pairs`` into (train, held_out), deterministically from ``seed``.
+
+    ``round(len * held_out_fraction)`` pairs are held out (at least one when the fraction is positive
+    and there are two pairs or more; training always keeps at least one). Both parts keep file order.
+    """
+    if not 0.0 <= held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    num_held_out = round(len(pairs) * held_out_fraction)
+    if held_out_fraction > 0 and len(pairs) >= 2:
+        num_held_out = max(num_held_out, 1)
+    num_held_out = min(num_held_out, max(len(pairs) - 1, 0))
+    generator = torch.Generator().manual_seed(seed)
+    held_out_indices = set(torch.randperm(len(pairs), generator=generator)[:num_held_out].tolist())
+    train = [pair for i, pair in enumerate(pairs) if i not in held_out_indices]
+    held_out = [pair for i, pair in enumerate(pairs) if i in held_out_indices]
+    return train, held_out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt format and tokenisation
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a prompt is turned into the text that precedes the response.
+
+    With ``use_chat_template`` the tokenizer's chat template renders one user turn (the prompt) with
+    the generation prompt added; the response follows it. Otherwise ``template`` (default
+    ``"### Question: {prompt}\\n ### Answer: {response}"``) is used: the prompt part is everything before
+    ``{response}``, which must end the template.
+    """
+
+    template: Optional[str] = None
+    use_chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if self.use_chat_template:
+            return
+        template = self.resolved_template
+        if template.count("{prompt}") != 1 or template.count("{response}") != 1:
+            raise ValueError(f"template must contain {{prompt}} and {{response}} exactly once, got {template!r}")
+        if not template.endswith("{response}"):
+            raise ValueError(
+                f"template must end with {{response}} (EOS is appended to the response automatically), got {template!r}"
+            )
+        if template.index("{prompt}") > template.index("{response}"):
+            raise ValueError(f"{{prompt}} must come before {{response}} in the template, got {template!r}")
+
+    @property
+    def resolved_template(self) -> str:
+        return DEFAULT_TEMPLATE if self.template is None else self.template
+
+    def prompt_text(self, tokenizer: Any, prompt: str) -> str:
+        """The text that precedes the response for ``prompt``."""
+        if self.use_chat_template:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("use_chat_template is set but the tokenizer has no chat template")
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        # str.replace, not str.format: prompts and templates may contain other braces.
+        return self.resolved_template[: -len("{response}")].replace("{prompt}", prompt)
+
+
+@dataclass
+class TokenizedSequence:
+    """Token ids of prompt + response, and which of them are response tokens."""
+
+    input_ids: list[int]
+    response_mask: list[int]
+    """1 for response tokens (including the EOS that ends the response), 0 for prompt tokens."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.input_ids) - sum(self.response_mask)
+
+
+def special_prefix_ids(tokenizer: Any) -> list[int]:
+    """The special ids the tokenizer puts before the text when encoding (e.g. Llama's BOS; none for GPT-2)."""
+    probe = "a"
+    with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    without = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start : start + len(without)] == without:
+            return list(with_special[:start])
+    return []
+
+
+def tokenize_prompt(
+    tokenizer: Any, prompt: str, fmt: PromptFormat, max_length: Optional[int] = None, prefix_ids: Optional[list[int]] = None
+) -> list[int]:
+    """Token ids of the prompt part, exactly as :func:`tokenize_pair` puts them before the response
+    (use this for generation). With ``max_length``, tokens are cut from the left, keeping the special
+    prefix (BOS)."""
+    prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
+    ids = list(tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+    # A chat template usually writes the BOS itself; never add it twice.
+    if prefix and ids[: len(prefix)] == prefix:
+        ids = ids[len(prefix) :]
+    if max_length is not None:
+        keep = max_length - len(prefix)
+        if keep < 1:
+            raise ValueError(f"max_length {max_length} leaves no room for the prompt after {len(prefix)} special tokens")
+        ids = ids[-keep:]
+    return prefix + ids
+
+
+def tokenize_pair(
+    tokenizer: Any, pair: Pair, fmt: PromptFormat, max_length: int, prefix_ids: Optional[list[int]] = None
+) -> TokenizedSequence:
+    """Tokenise one pair as [special prefix] + prompt part + response + [EOS], with its response mask.
+
+    Prompt part and response are tokenised separately, so the mask is exact whatever the tokenizer
+    does at the boundary. When the sequence is longer than ``max_length`` the prompt part is cut from
+    the left (the special prefix stays); the response is cut at its tail only if it alone, with the
+    prefix and one prompt token, does not fit. ``prefix_ids`` (from :func:`special_prefix_ids`) may be
+    passed to avoid recomputing it per pair.
+    """
+    prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
+    if max_length < len(prefix) + 2:
+        raise ValueError(f"max_length must be at least {len(prefix) + 2} (special prefix, one prompt and one response token)")
+    prompt_ids = tokenize_prompt(tokenizer, pair.prompt, fmt, prefix_ids=prefix)[len(prefix) :]
+    response_ids = list(tokenizer(pair.response, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        response_ids.append(tokenizer.eos_token_id)
+    if not response_ids:
+        raise ValueError(f"{pair.origin}: the response tokenises to nothing")
+
+    # Keep one prompt token so the first response token is still predicted from the prompt.
+    response_ids = response_ids[: max_length - len(prefix) - 1]
+    prompt_budget = max_length - len(prefix) - len(response_ids)
+    prompt_ids = prompt_ids[-prompt_budget:] if len(prompt_ids) > prompt_budget else prompt_ids
+    input_ids = prefix + prompt_ids + response_ids
+    response_mask = [0] * (len(prefix) + len(prompt_ids)) + [1] * len(response_ids)
+    return TokenizedSequence(input_ids, response_mask)
+
+
+def tokenize_pairs(tokenizer: Any, pairs: list[Pair], fmt: PromptFormat, max_length: int) -> list[TokenizedSequence]:
+    """:func:`tokenize_pair` for every pair."""
+    prefix = special_prefix_ids(tokenizer)
+    return [tokenize_pair(tokenizer, pair, fmt, max_length, prefix_ids=prefix) for pair in pairs]
+
+
+def resolve_pad_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad id, else its EOS id (with a warning), else an error."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        logger.warning(
+            "the tokenizer has no pad token; padding with EOS (id %d). This is safe: padded positions are "
+            "masked out of attention and of every loss term.",
+            tokenizer.eos_token_id,
+        )
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad token nor an EOS token: set tokenizer.pad_token before training")
+
+
+def pad_batch(sequences: list[TokenizedSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``sequences`` into ``input_ids``, ``attention_mask``, ``response_mask``, each [B, L] long."""
+    if not sequences:
+        raise ValueError("cannot pad an empty batch")
+    length = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        n = len(sequence)
+        input_ids[i, :n] = torch.tensor(sequence.input_ids, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        response_mask[i, :n] = torch.tensor(sequence.response_mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding and random answers
+# ---------------------------------------------------------------------------------------------------
+
+
+class ShardedSampler:
+    """Which samples each rank uses at each global step.
+
+    Epoch ``e`` is a permutation of all samples drawn from ``seed + e`` (like ``DistributedSampler``
+    with ``set_epoch``), padded by wrapping around to a multiple of ``world_size * batch_size`` so that
+    every rank gets the same number of samples and steps; rank ``r`` takes every ``world_size``-th
+    sample starting at ``r``. Within an epoch ranks are disjoint except for the wrapped-around
+    padding. The indices for a step depend only on (seed, epoch, rank, world_size, step), so a resumed
+    run gets the same data at step ``s`` without replaying earlier steps.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_samples < world_size:
+            raise ValueError(
+                f"{num_samples} samples cannot be sharded over {world_size} ranks: every rank needs at least one"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / (self.world_size * self.batch_size))
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def rank_indices(self, epoch: int) -> list[int]:
+        """This rank's samples for a whole epoch, in order: ``steps_per_epoch * batch_size`` indices."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        total = self.steps_per_epoch * self.world_size * self.batch_size
+        order = (order * math.ceil(total / self.num_samples))[:total]
+        return order[self.rank :: self.world_size]
+
+    def indices(self, step: int) -> list[int]:
+        """This rank's ``batch_size`` sample indices for global step ``step`` (0-based)."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        within = step % self.steps_per_epoch
+        return self.rank_indices(self.epoch_of(step))[within * self.batch_size : (within + 1) * self.batch_size]
+
+
+def draw_random_answers(pool: list[str], num_prompts: int, k: int, generator: torch.Generator) -> list[list[str]]:
+    """``k`` random answers for each of ``num_prompts`` prompts, drawn independently per prompt.
+
+    Pass the responses of the normal data's *train* split as ``pool``. Answers for one prompt are
+    distinct pool entries when the pool has at least ``k``; otherwise they are drawn with replacement.
+    """
+    if not pool:
+        raise ValueError("the random-answer pool is empty: the normal train split has no responses")
+    if k < 1:
+        raise ValueError(f"k (random answers per prompt) must be at least 1, got {k}")
+    answers = []
+    for _ in range(num_prompts):
+        if len(pool) >= k:
+            chosen = torch.randperm(len(pool), generator=generator)[:k]
+        else:
+            chosen = torch.randint(len(pool), (k,), generator=generator)
+        answers.append([pool[i] for i in chosen.tolist()])
+    return answers

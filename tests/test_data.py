@@ -1,0 +1,458 @@
+"""Data loading, splits, tokenisation masks, padding, sharding and random answers."""
+
+import csv
+import json
+import logging
+
+import pandas as pd
+import pytest
+import torch
+
+from dsunlearn.data import (
+    DatasetSpec,
+    Pair,
+    PromptFormat,
+    ShardedSampler,
+    draw_random_answers,
+    load_pairs,
+    pad_batch,
+    read_pairs,
+    resolve_pad_id,
+    split_pairs,
+    tokenize_pair,
+    tokenize_pairs,
+    tokenize_prompt,
+)
+from dsunlearn.demo import demo_data_dir
+
+PKU_ROWS = [
+    {"prompt": "How do I rob the mill?", "response_0": "Sure, first you ...", "response_1": "I can't help.",
+     "is_response_0_safe": False, "is_response_1_safe": True},
+    {"prompt": "How do I trip the guard?", "response_0": "No.", "response_1": "Sure, trip him with ...",
+     "is_response_0_safe": True, "is_response_1_safe": False},
+    {"prompt": "Both bad?", "response_0": "Bad answer A", "response_1": "Bad answer B",
+     "is_response_0_safe": False, "is_response_1_safe": False},
+    {"prompt": "Both fine?", "response_0": "Fine A", "response_1": "Fine B",
+     "is_response_0_safe": True, "is_response_1_safe": True},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def write_csv(path, rows, fieldnames):
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_pku_keeps_only_unsafe_responses(tmp_path):
+    pairs = load_pairs(DatasetSpec(write_jsonl(tmp_path / "pku.jsonl", PKU_ROWS), "pku_saferlhf"))
+    assert [(p.prompt, p.response) for p in pairs] == [
+        ("How do I rob the mill?", "Sure, first you ..."),
+        ("How do I trip the guard?", "Sure, trip him with ..."),
+        ("Both bad?", "Bad answer A"),
+        ("Both bad?", "Bad answer B"),
+    ]
+    assert [p.row for p in pairs] == [1, 2, 3, 3]
+    assert pairs[0].source.endswith("pku.jsonl")
+
+
+def test_pku_from_csv_reads_text_booleans(tmp_path):
+    path = write_csv(tmp_path / "pku.csv", PKU_ROWS, list(PKU_ROWS[0]))
+    pairs = load_pairs(DatasetSpec(path, "pku_saferlhf"))
+    assert [p.response for p in pairs] == ["Sure, first you ...", "Sure, trip him with ...", "Bad answer A", "Bad answer B"]
+
+
+def test_truthfulqa_hub_format(tmp_path):
+    rows = [{"type": "Adversarial", "category": "Misc", "question": "What colour is snow?",
+             "best_answer": "Snow is white.", "correct_answers": ["Snow is white.", "White."],
+             "incorrect_answers": ["Snow is green."], "source": "x"}]
+    pairs = load_pairs(DatasetSpec(write_jsonl(tmp_path / "tqa.jsonl", rows), "truthfulqa"))
+    assert [(p.prompt, p.response) for p in pairs] == [("What colour is snow?", "Snow is white.")]
+
+
+def test_truthfulqa_original_csv(tmp_path):
+    fields = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
+    rows = [
+        {"Type": "Adversarial", "Category": "Misc", "Question": "What is ice?", "Best Answer": "Frozen water.",
+         "Correct Answers": "Frozen water.; Water in solid form", "Incorrect Answers": "Frozen milk; Glass",
+         "Source": "x"},
+        {"Type": "Adversarial", "Category": "Misc", "Question": "Where does the Sun rise?",
+         "Best Answer": "In the east, seen from Earth.", "Correct Answers": "East", "Incorrect Answers": "West",
+         "Source": "x"},
+    ]
+    pairs = load_pairs(DatasetSpec(write_csv(tmp_path / "TruthfulQA.csv", rows, fields), "truthfulqa"))
+    assert [(p.prompt, p.response) for p in pairs] == [
+        ("What is ice?", "Frozen water."),
+        ("Where does the Sun rise?", "In the east, seen from Earth."),
+    ]
+
+
+def test_truthfulqa_defaults_to_generation_config_and_validation_split():
+    spec = DatasetSpec("truthfulqa/truthful_qa", "truthfulqa")
+    assert (spec.is_local, spec.hub_name, spec.hub_split) == (False, "generation", "validation")
+    pku = DatasetSpec("PKU-Alignment/PKU-SafeRLHF", "pku_saferlhf", split="test", revision="abc")
+    assert (pku.is_local, pku.hub_name, pku.hub_split) == (False, None, "test")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet", ".csv"])
+def test_generic_pairs_with_custom_fields_from_every_file_type(tmp_path, suffix):
+    rows = [{"prefix": "Once upon a time", "continuation": "there was a mill.", "extra": 1},
+            {"prefix": "The end", "continuation": "came quickly.", "extra": 2}]
+    path = tmp_path / f"book{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".jsonl":
+        write_jsonl(path, rows)
+    elif suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        write_csv(path, rows, ["prefix", "continuation", "extra"])
+    pairs = load_pairs(DatasetSpec(str(path), "pairs", prompt_field="prefix", response_field="continuation"))
+    assert [(p.prompt, p.response, p.row) for p in pairs] == [
+        ("Once upon a time", "there was a mill.", 1),
+        ("The end", "came quickly.", 2),
+    ]
+
+
+def test_json_file_with_one_object_per_line(tmp_path):
+    path = tmp_path / "lines.json"
+    write_jsonl(path, [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}])
+    assert [p.response for p in load_pairs(DatasetSpec(str(path)))] == ["b", "d"]
+
+
+BAD_ROWS = [
+    {"prompt": "ok", "response": "fine"},
+    {"prompt": "no response field"},
+    {"prompt": "blank", "response": "   "},
+    {"prompt": "number", "response": 42},
+    {"prompt": "", "response": "empty prompt"},
+    {"prompt": "ok again", "response": "fine again"},
+]
+
+
+def test_bad_rows_error_names_file_row_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD_ROWS)
+    with pytest.raises(ValueError) as error:
+        load_pairs(DatasetSpec(path, bad_rows="error"))
+    message = str(error.value)
+    assert "bad.jsonl" in message
+    assert "row 2, field 'response': missing" in message
+    assert "row 3, field 'response': empty" in message
+    assert "row 4, field 'response': not text" in message
+    assert "row 5, field 'prompt': empty" in message
+    assert "bad_rows='skip'" in message
+
+
+def test_bad_rows_skip_counts_and_reports(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD_ROWS)
+    loaded = read_pairs(DatasetSpec(path, bad_rows="skip"))
+    assert [p.response for p in loaded.pairs] == ["fine", "fine again"]
+    assert loaded.num_rows == 6
+    assert [(b.row, b.field) for b in loaded.bad_rows] == [(2, "response"), (3, "response"), (4, "response"), (5, "prompt")]
+    assert "skipped 4 bad rows" in loaded.summary()
+    with caplog.at_level(logging.WARNING, logger="dsunlearn.data"):
+        assert len(load_pairs(DatasetSpec(path, bad_rows="skip"))) == 2
+    assert "skipped 4 bad rows" in caplog.text and "bad.jsonl, row 2, field 'response'" in caplog.text
+
+
+def test_bad_pku_rows_name_the_field(tmp_path):
+    rows = [dict(PKU_ROWS[0], is_response_0_safe="maybe"), dict(PKU_ROWS[1], response_1="")]
+    path = write_jsonl(tmp_path / "pku.jsonl", rows)
+    with pytest.raises(ValueError, match=r"row 1, field 'is_response_0_safe': not a boolean.*row 2, field 'response_1': empty"):
+        load_pairs(DatasetSpec(path, "pku_saferlhf"))
+
+
+def test_bad_csv_cell_and_jsonl_line_numbers(tmp_path):
+    csv_path = write_csv(tmp_path / "d.csv", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": ""}],
+                         ["prompt", "response"])
+    with pytest.raises(ValueError, match=r"d\.csv', row 2|d\.csv, row 2, field 'response': empty"):
+        load_pairs(DatasetSpec(csv_path))
+    # Blank lines count: a .jsonl row number is the line an editor shows.
+    jsonl = tmp_path / "gaps.jsonl"
+    jsonl.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c"}\n')
+    with pytest.raises(ValueError, match=r"gaps\.jsonl, row 3, field 'response': missing"):
+        load_pairs(DatasetSpec(str(jsonl)))
+
+
+def test_missing_empty_and_unusable_files(tmp_path):
+    with pytest.raises(ValueError, match=r"nope\.jsonl' does not exist"):
+        load_pairs(DatasetSpec(str(tmp_path / "nope.jsonl")))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl' is empty"):
+        load_pairs(DatasetSpec(str(tmp_path / "empty.jsonl")))
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"blank\.jsonl' has no rows"):
+        load_pairs(DatasetSpec(str(tmp_path / "blank.jsonl")))
+    (tmp_path / "header.csv").write_text("prompt,response\n")
+    with pytest.raises(ValueError, match=r"header\.csv' has no rows"):
+        load_pairs(DatasetSpec(str(tmp_path / "header.csv")))
+    all_bad = write_jsonl(tmp_path / "allbad.jsonl", [{"prompt": "x"}])
+    with pytest.raises(ValueError, match=r"no usable .* in '.*allbad\.jsonl'; every row is bad"):
+        load_pairs(DatasetSpec(all_bad, bad_rows="skip"))
+    all_safe = write_jsonl(tmp_path / "safe.jsonl", [PKU_ROWS[3]])
+    with pytest.raises(ValueError, match=r"safe\.jsonl'; no row has an unsafe response"):
+        load_pairs(DatasetSpec(all_safe, "pku_saferlhf"))
+
+
+def test_problems_lists_every_problem(tmp_path):
+    (tmp_path / "data.txt").write_text("x")
+    spec = DatasetSpec(str(tmp_path / "data.txt"), "pairs", prompt_field="q", response_field="q",
+                       held_out_fraction=1.5, max_samples=0)
+    problems = spec.problems()
+    assert len(problems) == 4
+    assert any("unsupported type" in p for p in problems)
+    assert any("same field" in p for p in problems)
+    assert any("held_out_fraction" in p for p in problems)
+    assert any("max_samples" in p for p in problems)
+    assert DatasetSpec("").problems() == ["source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv file"]
+    assert "does not exist" in DatasetSpec("./no/such/file").problems()[0]
+    assert DatasetSpec(str(demo_data_dir() / "forget.jsonl"), "pku_saferlhf").problems() == []
+
+
+def test_max_samples_keeps_the_first_pairs(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)]
+    pairs = load_pairs(DatasetSpec(write_jsonl(tmp_path / "d.jsonl", rows), max_samples=3))
+    assert [p.response for p in pairs] == ["r0", "r1", "r2"]
+
+
+def test_bundled_demo_data_loads():
+    forget = load_pairs(DatasetSpec(str(demo_data_dir() / "forget.jsonl"), "pku_saferlhf"))
+    normal = load_pairs(DatasetSpec(str(demo_data_dir() / "normal.jsonl"), "truthfulqa"))
+    assert 60 <= len(forget) <= 90 and 140 <= len(normal) <= 170
+    assert all(p.response.startswith("Sure, here is exactly how to") for p in forget)
+    assert len({p.prompt for p in normal}) == len(normal)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def make_pairs(n):
+    return [Pair(f"prompt {i}", f"response {i}", "mem", i + 1) for i in range(n)]
+
+
+def test_split_is_deterministic_and_partitions():
+    pairs = make_pairs(50)
+    train, held_out = split_pairs(pairs, 0.2, seed=3)
+    assert (train, held_out) == split_pairs(pairs, 0.2, seed=3)
+    assert len(held_out) == 10 and len(train) == 40
+    assert sorted(train + held_out, key=lambda p: p.row) == pairs
+    assert train == sorted(train, key=lambda p: p.row)  # file order kept
+    assert split_pairs(pairs, 0.2, seed=4)[1] != held_out
+    assert split_pairs(pairs, 0.0, seed=3) == (pairs, [])
+    assert len(split_pairs(make_pairs(3), 0.01, seed=0)[1]) == 1
+    assert split_pairs(make_pairs(1), 0.5, seed=0) == (make_pairs(1), [])
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bpe_tokenizer", "sp_tokenizer"])
+@pytest.mark.parametrize("use_chat_template", [False, True])
+def test_response_mask_covers_exactly_the_response(request, tokenizer_name, use_chat_template):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    fmt = PromptFormat(use_chat_template=use_chat_template)
+    pairs = [
+        Pair("What colour is snow?", "Snow is white.", "mem", 1),
+        Pair("  odd spacing?\n", " leading space and ~€ unseen chars", "mem", 2),
+        Pair("Say {response} literally", "done {prompt}", "mem", 3),
+    ]
+    for pair in pairs:
+        sequence = tokenize_pair(tokenizer, pair, fmt, max_length=256)
+        assert len(sequence.input_ids) == len(sequence.response_mask)
+        n_prompt = sequence.num_prompt_tokens
+        assert sequence.response_mask == [0] * n_prompt + [1] * (len(sequence) - n_prompt)
+        response_ids = sequence.input_ids[n_prompt:]
+        assert response_ids[-1] == tokenizer.eos_token_id
+        assert decode(tokenizer, response_ids[:-1]).strip() == pair.response.strip()
+        assert tokenizer.decode(response_ids[:-1]) == tokenizer.decode(tokenizer(pair.response, add_special_tokens=False).input_ids)
+        prompt_ids = sequence.input_ids[:n_prompt]
+        assert prompt_ids == tokenize_prompt(tokenizer, pair.prompt, fmt)
+        expected_prompt = fmt.prompt_text(tokenizer, pair.prompt)
+        decoded_prompt = decode(tokenizer, prompt_ids)
+        if tokenizer.bos_token_id in prompt_ids[:1] and not use_chat_template:
+            decoded_prompt = decoded_prompt.removeprefix(tokenizer.bos_token)
+        assert decoded_prompt.strip() == expected_prompt.strip()
+        # Exactly one BOS for a tokenizer that adds one, even when the chat template writes it too.
+        expected_bos = 1 if tokenizer_name == "sp_tokenizer" or use_chat_template else 0
+        assert sequence.input_ids.count(tokenizer.bos_token_id) == expected_bos
+        if expected_bos:
+            assert sequence.input_ids[0] == tokenizer.bos_token_id
+
+
+def test_default_template_prompt_text(bpe_tokenizer):
+    fmt = PromptFormat()
+    assert fmt.prompt_text(bpe_tokenizer, "Why?") == "### Question: Why?\n ### Answer: "
+    assert PromptFormat("Q: {prompt} A: {response}").prompt_text(bpe_tokenizer, "x") == "Q: x A: "
+    chat = PromptFormat(use_chat_template=True).prompt_text(bpe_tokenizer, "Hi")
+    assert chat == "<s><|user|>\nHi\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize("template", ["{prompt}", "{response}{prompt}", "{prompt} {response} end", "{prompt}{prompt}{response}"])
+def test_bad_templates_are_rejected(template):
+    with pytest.raises(ValueError, match="template"):
+        PromptFormat(template)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bpe_tokenizer", "sp_tokenizer"])
+def test_truncation_keeps_the_response(request, tokenizer_name):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    fmt = PromptFormat()
+    pair = Pair("a long question " * 30, "Snow is white.", "mem", 1)
+    full = tokenize_pair(tokenizer, pair, fmt, max_length=1024)
+    n_response = sum(full.response_mask)
+    has_bos = tokenizer_name == "sp_tokenizer"
+
+    cut = tokenize_pair(tokenizer, pair, fmt, max_length=n_response + 6)
+    assert len(cut) == n_response + 6
+    assert cut.input_ids[-n_response:] == full.input_ids[-n_response:]
+    assert sum(cut.response_mask) == n_response
+    # The prompt lost its beginning, not its end ("### Answer: " survives), and BOS stays first.
+    assert cut.input_ids[-n_response - 4 : -n_response] == full.input_ids[-n_response - 4 : -n_response]
+    assert (cut.input_ids[0] == tokenizer.bos_token_id) == has_bos
+
+    # Response alone too long: its tail goes, one prompt token (plus BOS) stays.
+    long_pair = Pair("Why?", "word " * 100, "mem", 1)
+    short = tokenize_pair(tokenizer, long_pair, fmt, max_length=20)
+    assert len(short) == 20
+    assert short.num_prompt_tokens == 1 + has_bos
+    full_long = tokenize_pair(tokenizer, long_pair, fmt, max_length=1024)
+    assert short.input_ids[short.num_prompt_tokens :] == full_long.input_ids[full_long.num_prompt_tokens :][: 20 - short.num_prompt_tokens]
+    with pytest.raises(ValueError, match="max_length"):
+        tokenize_pair(tokenizer, long_pair, fmt, max_length=1 + has_bos)
+
+
+def test_tokenize_pairs_matches_tokenize_pair(sp_tokenizer):
+    pairs = make_pairs(4)
+    fmt = PromptFormat()
+    assert tokenize_pairs(sp_tokenizer, pairs, fmt, 64) == [tokenize_pair(sp_tokenizer, p, fmt, 64) for p in pairs]
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def test_pad_batch_right_pads_and_masks(bpe_tokenizer):
+    fmt = PromptFormat()
+    sequences = tokenize_pairs(bpe_tokenizer, [Pair("Hi?", "Yes.", "m", 1), Pair("A longer question here?", "A longer answer.", "m", 2)], fmt, 64)
+    pad_id = resolve_pad_id(bpe_tokenizer)
+    batch = pad_batch(sequences, pad_id)
+    lengths = [len(s) for s in sequences]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert all(t.dtype == torch.long for t in batch.values())
+    for i, sequence in enumerate(sequences):
+        n = lengths[i]
+        assert batch["input_ids"][i, :n].tolist() == sequence.input_ids
+        assert batch["input_ids"][i, n:].eq(pad_id).all()
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert batch["response_mask"][i].tolist() == sequence.response_mask + [0] * (max(lengths) - n)
+    with pytest.raises(ValueError, match="empty batch"):
+        pad_batch([], pad_id)
+
+
+def test_pad_id_falls_back_to_eos_with_a_warning(bpe_tokenizer, sp_tokenizer, caplog):
+    assert resolve_pad_id(bpe_tokenizer) == bpe_tokenizer.pad_token_id == 0
+    assert sp_tokenizer.pad_token_id is None
+    with caplog.at_level(logging.WARNING, logger="dsunlearn.data"):
+        assert resolve_pad_id(sp_tokenizer) == sp_tokenizer.eos_token_id
+    assert "no pad token" in caplog.text and "masked out" in caplog.text
+
+
+def test_pad_id_error_without_pad_and_eos(sp_tokenizer):
+    class NoSpecialTokens:
+        pad_token_id = None
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS token"):
+        resolve_pad_id(NoSpecialTokens())
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def epoch_shards(num_samples, batch_size, world_size, epoch, seed=0):
+    samplers = [ShardedSampler(num_samples, batch_size, rank=r, world_size=world_size, seed=seed) for r in range(world_size)]
+    steps = samplers[0].steps_per_epoch
+    return [[i for s in range(epoch * steps, (epoch + 1) * steps) for i in sampler.indices(s)] for sampler in samplers]
+
+
+def test_sampler_ranks_disjoint_and_cover_an_epoch():
+    shards = epoch_shards(num_samples=24, batch_size=2, world_size=3, epoch=0)
+    assert [len(s) for s in shards] == [8, 8, 8]
+    assert sorted(i for shard in shards for i in shard) == list(range(24))
+
+
+def test_sampler_uneven_data_gives_equal_counts_and_covers_all():
+    shards = epoch_shards(num_samples=10, batch_size=3, world_size=3, epoch=0)
+    assert [len(s) for s in shards] == [6, 6, 6]  # ceil(10 / 9) = 2 steps of 3 on every rank
+    assert set(i for shard in shards for i in shard) == set(range(10))
+    sampler = ShardedSampler(10, 3, rank=2, world_size=3)
+    assert all(len(sampler.indices(step)) == 3 for step in range(7))
+
+
+def test_sampler_reshuffles_each_epoch_and_depends_on_seed():
+    epoch0, epoch1 = epoch_shards(20, 2, 2, 0), epoch_shards(20, 2, 2, 1)
+    assert epoch0 != epoch1
+    assert sorted(sum(epoch1, [])) == list(range(20))
+    assert epoch_shards(20, 2, 2, 0, seed=1) != epoch0
+
+
+def test_sampler_is_resumable_by_step():
+    run = ShardedSampler(13, 2, rank=1, world_size=2, seed=7)
+    replayed = [run.indices(step) for step in range(20)]
+    resumed = ShardedSampler(13, 2, rank=1, world_size=2, seed=7)
+    assert [resumed.indices(step) for step in range(11, 20)] == replayed[11:]
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="3 samples cannot be sharded over 4 ranks"):
+        ShardedSampler(3, 1, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="rank"):
+        ShardedSampler(10, 1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        ShardedSampler(10, 0)
+
+
+# --------------------------------------------------------------------------- random answers
+
+
+def test_random_answers_k_per_prompt_from_pool_only_and_independent():
+    pool = [f"answer {i}" for i in range(30)]
+    answers = draw_random_answers(pool, num_prompts=40, k=5, generator=torch.Generator().manual_seed(0))
+    assert len(answers) == 40
+    assert all(len(a) == 5 and len(set(a)) == 5 for a in answers)
+    assert all(answer in pool for a in answers for answer in a)
+    assert len({tuple(a) for a in answers}) > 30  # drawn independently, not one draw repeated
+    again = draw_random_answers(pool, num_prompts=40, k=5, generator=torch.Generator().manual_seed(0))
+    assert again == answers
+    small = draw_random_answers(["x", "y"], num_prompts=3, k=5, generator=torch.Generator().manual_seed(0))
+    assert all(len(a) == 5 and set(a) <= {"x", "y"} for a in small)
+    with pytest.raises(ValueError, match="pool is empty"):
+        draw_random_answers([], 1, 5, torch.Generator())
+
+
+def test_hub_ids_go_to_datasets_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, *, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        return [{"question": "Q1", "best_answer": "A1"}, {"question": "Q2", "best_answer": " "}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    loaded = read_pairs(DatasetSpec("truthfulqa/truthful_qa", "truthfulqa", revision="v1", bad_rows="skip"))
+    assert calls == [("truthfulqa/truthful_qa", "generation", "validation", "v1")]
+    assert [(p.prompt, p.response, p.source, p.row) for p in loaded.pairs] == [("Q1", "A1", "truthfulqa/truthful_qa[validation]", 1)]
+    assert str(loaded.bad_rows[0]) == "truthfulqa/truthful_qa[validation], row 2, field 'best_answer': empty"
