@@ -265,6 +265,8 @@ def build_optimizer(params, cfg: RunConfig, ds_config: dict):
     offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
     train = cfg.train
     if train.optimizer == "sgd":
+        # ZeRO lists only Adam-family optimizers as tested; SGD's update is simple enough to trust.
+        ds_config["zero_allow_untested_optimizer"] = True
         if offload:
             ds_config["zero_force_ds_cpu_optimizer"] = False
         return torch.optim.SGD(params, lr=train.lr)

@@ -1,0 +1,36 @@
+"""``python -m dsunlearn <command>`` (also installed as the ``dsunlearn`` command).
+
+    train      unlearn a model (the same as ``deepspeed dsunlearn/train.py``); see ``train --help``
+    eval       evaluate an unlearned model against the original; see ``eval --help``
+    make-demo  build the embedded demo's "original" model (tiny Llama taught the demo data)
+    bench      benchmark the fused loss implementations; see ``bench --help``
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from dsunlearn.train import main as run
+    elif command == "eval":
+        from dsunlearn.evaluation import main as run
+    elif command == "make-demo":
+        from dsunlearn.demo import main as run
+    elif command == "bench":
+        from dsunlearn.kernels.bench import main as run
+    else:
+        print(f"dsunlearn: unknown command {command!r}\n{__doc__}", file=sys.stderr)
+        raise SystemExit(2)
+    run(rest)
+
+
+if __name__ == "__main__":
+    main()

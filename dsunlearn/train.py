@@ -1,0 +1,264 @@
+"""Unlearn a causal LM with the objective of Yao, Xu & Liu on DeepSpeed ZeRO-3.
+
+    deepspeed dsunlearn/train.py --config configs/opt-1.3b-harmful.yaml [--train.lr 2e-6 ...]
+    python -m dsunlearn train --config configs/demo.yaml
+
+Reads top to bottom: settings -> process group -> data -> engines -> (resume) -> the loop -> export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dsunlearn import data as data_lib
+from dsunlearn import engines, objective
+from dsunlearn.config import ConfigError, RunConfig, parse_run_config
+
+logger = logging.getLogger("dsunlearn.train")
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, resolved_yaml = parse_run_config(argv)
+    except ConfigError as err:
+        # Every rank parses the same arguments, so every rank exits here: nothing waits in a collective.
+        print(f"dsunlearn: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return train(cfg, resolved_yaml)
+
+
+def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
+    rank, world_size, _ = engines.init_distributed()
+    is_main = rank == 0
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    device = engines.device()
+    torch.manual_seed(cfg.train.seed + rank)
+    random.seed(cfg.train.seed + rank)
+
+    out_dir = Path(cfg.output.dir)
+    checkpoint_dir = out_dir / "checkpoints"
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(resolved_yaml)
+
+    # ---- data: every rank loads the same pairs and splits them identically, then reads its own shard ----
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    pad_id = data_lib.resolve_pad_id(tokenizer)
+    prompt_format = data_lib.PromptFormat(cfg.data.template, cfg.data.use_chat_template)
+    forget_train, _ = data_lib.split_pairs(
+        data_lib.load_pairs(cfg.data.forget), cfg.data.forget.held_out_fraction, cfg.data.seed
+    )
+    normal_train, _ = data_lib.split_pairs(
+        data_lib.load_pairs(cfg.data.normal), cfg.data.normal.held_out_fraction, cfg.data.seed
+    )
+    use_forget = cfg.objective.forget_weight > 0
+    use_random = cfg.objective.random_weight > 0
+    use_normal = cfg.objective.normal_weight > 0
+    for name, pairs in (("forget", forget_train), ("normal", normal_train if use_normal or use_random else [1])):
+        if len(pairs) < world_size:
+            raise ValueError(
+                f"{name} train split has {len(pairs)} samples but the run has {world_size} ranks: "
+                f"every rank needs at least one (use fewer ranks or more data)"
+            )
+
+    def tokenize(pair):
+        return data_lib.tokenize_pair(tokenizer, pair, prompt_format, cfg.data.max_length)
+
+    forget_sequences = [tokenize(pair) for pair in forget_train] if use_forget else []
+    normal_sequences = [tokenize(pair) for pair in normal_train] if use_normal else []
+    random_answer_pool = [pair.response for pair in normal_train]
+    forget_sampler = data_lib.ShardedSampler(
+        len(forget_train), cfg.train.forget_batch_size, rank=rank, world_size=world_size, seed=cfg.data.seed
+    )
+    normal_sampler = data_lib.ShardedSampler(
+        len(normal_train), max(cfg.train.normal_batch_size, 1), rank=rank, world_size=world_size, seed=cfg.data.seed + 1
+    )
+    if is_main:
+        logger.info(
+            "data: %d forget and %d normal training pairs, %d ranks, %d forget + %d random + %d normal sequences per "
+            "micro-step and rank", len(forget_train), len(normal_train), world_size, cfg.train.forget_batch_size,
+            cfg.train.forget_batch_size * cfg.objective.num_random_answers * use_random,
+            cfg.train.normal_batch_size * use_normal,
+        )
+
+    def micro_batch(micro_step: int) -> objective.StepBatch:
+        """The micro-step's batch: a function of (seed, micro_step, rank) only, so a resumed run sees the same data."""
+        forget_pairs = [forget_train[i] for i in forget_sampler.indices(micro_step)]
+        forget = [forget_sequences[i] for i in forget_sampler.indices(micro_step)] if use_forget else []
+        random_sequences = []
+        if use_random:
+            # hash() of a tuple of ints is the same in every process (no PYTHONHASHSEED salt for ints).
+            generator = torch.Generator().manual_seed(hash((cfg.data.seed, micro_step, rank)) % (2**63))
+            answers = data_lib.draw_random_answers(
+                random_answer_pool, len(forget_pairs), cfg.objective.num_random_answers, generator
+            )
+            random_sequences = [
+                tokenize(data_lib.Pair(prompt=pair.prompt, response=answer))
+                for pair, prompt_answers in zip(forget_pairs, answers)
+                for answer in prompt_answers
+            ]
+        normal = [normal_sequences[i] for i in normal_sampler.indices(micro_step)] if use_normal else []
+        global_counts = None
+        if cfg.objective.reduction == "token_mean":
+            global_counts = objective.term_token_counts(forget, random_sequences, normal).to(device)
+            torch.distributed.all_reduce(global_counts)
+        return objective.build_step_batch(
+            forget, random_sequences, normal, pad_id, cfg.objective, global_counts, world_size
+        ).to(device)
+
+    # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
+    hidden_size = AutoConfig.from_pretrained(
+        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    ).hidden_size
+    ds_config = engines.build_policy_ds_config(
+        engines.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
+    )
+    policy_engine = engines.build_policy_engine(engines.load_causal_lm(cfg.model.name_or_path, ds_config, cfg), cfg, ds_config)
+    ref_engine = None
+    if use_normal:
+        ref_ds_config = engines.build_reference_ds_config(ds_config, cfg.model.reference_offload)
+        ref_path = cfg.model.reference_path or cfg.model.name_or_path
+        ref_engine = engines.build_reference_engine(engines.load_causal_lm(ref_path, ref_ds_config, cfg), cfg, ref_ds_config)
+    policy_lm = policy_engine.module.lm
+
+    start_step = 0
+    if cfg.resume:
+        client_state = engines.load_latest_checkpoint(policy_engine, checkpoint_dir)
+        if client_state is not None:
+            start_step = int(client_state["step"])
+            if is_main:
+                logger.info("resumed from %s at step %d", checkpoint_dir, start_step)
+        elif is_main:
+            logger.info("no checkpoint in %s: starting from step 0", checkpoint_dir)
+    metrics_path = out_dir / "metrics.jsonl"
+    if is_main:
+        _truncate_metrics(metrics_path, start_step)
+
+    # ---- the loop ----
+    progress = None
+    if is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="unlearning", dynamic_ncols=True)
+    gas = cfg.train.gradient_accumulation_steps
+    last_saved_step = start_step
+    for step in range(start_step, cfg.train.max_steps):
+        started = time.perf_counter()
+        lr = policy_engine.get_lr()[0]
+        sums = torch.zeros(8, device=device)
+        step_loss = torch.zeros((), device=device)
+        step_tokens = torch.zeros((), device=device)
+        for micro in range(gas):
+            batch = micro_batch(step * gas + micro)
+            loss, token_ce, token_kl = forward_loss(policy_engine, ref_engine, batch)
+            policy_engine.backward(loss)
+            policy_engine.step()
+            sums += objective.term_sums(batch, token_ce, token_kl)
+            step_loss += loss.detach() / gas
+            step_tokens += batch.num_tokens
+        # Per-rank sums and means -> global values (each rank holds the same number of sequences).
+        totals = torch.cat([sums, step_loss.view(1), step_tokens.view(1)])
+        torch.distributed.all_reduce(totals)
+        elapsed = time.perf_counter() - started
+        row = {"step": step + 1, **objective.term_means(totals[:8])}
+        row.update(
+            total=float(totals[8]) / world_size,
+            lr=lr,
+            grad_norm=_grad_norm(policy_engine),
+            tokens_per_s=float(totals[9]) / elapsed,
+        )
+        if is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            progress.update(1)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
+                progress.set_postfix(_postfix(row), refresh=False)
+        every = cfg.train.checkpoint_every
+        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps:
+            engines.save_checkpoint(
+                policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints
+            )
+            last_saved_step = step + 1
+    if progress is not None:
+        progress.close()
+    if last_saved_step != cfg.train.max_steps and start_step < cfg.train.max_steps:
+        engines.save_checkpoint(policy_engine, checkpoint_dir, cfg.train.max_steps, {"step": cfg.train.max_steps}, cfg.train.keep_checkpoints)
+
+    # ---- outputs ----
+    final_dir = out_dir / "final"
+    if cfg.output.export:
+        engines.export_hf(policy_engine, policy_lm, tokenizer, final_dir)
+        if is_main:
+            logger.info("exported the unlearned model to %s", final_dir)
+    if is_main:
+        logger.info("metrics: %s; checkpoints: %s", metrics_path, checkpoint_dir)
+    return out_dir
+
+
+def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
+    """One policy forward over [forget; random; normal]; the reference's hidden states for the normal rows.
+
+    The reference head weight is a ZeRO-3 shard: it is gathered (on every rank) only while the policy's fused loss
+    reads it, and never receives a gradient.
+    """
+    import deepspeed
+
+    if batch.kl_weight is not None:
+        with torch.no_grad():
+            ref_selected = ref_engine(
+                batch.ref_input_ids, batch.ref_attention_mask, batch.ref_token_index, mode="hidden"
+            )  # [M_n, H]
+        # The fused loss wants one reference row per token: zeros for forget and random tokens (kl_weight 0 there).
+        num_tokens = batch.token_index.numel()
+        ref_hidden = ref_selected.new_zeros(num_tokens, ref_selected.shape[-1])
+        ref_hidden[num_tokens - ref_selected.shape[0]:] = ref_selected
+        ref_head = ref_engine.module.lm.get_output_embeddings()
+        with deepspeed.zero.GatheredParameters([ref_head.weight], modifier_rank=None):
+            ref_weight = ref_head.weight.detach()
+            return policy_engine(
+                batch.input_ids, batch.attention_mask, batch.token_index, mode="loss",
+                targets=batch.targets, ce_weight=batch.ce_weight,
+                ref_hidden=ref_hidden, ref_weight=ref_weight, kl_weight=batch.kl_weight,
+            )
+    return policy_engine(
+        batch.input_ids, batch.attention_mask, batch.token_index, mode="loss",
+        targets=batch.targets, ce_weight=batch.ce_weight,
+    )
+
+
+def _grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def _postfix(row: dict) -> dict:
+    shown = {"fgt": row["forget_ce"], "rdn": row["random_ce"], "kl": row["normal_kl"], "tok/s": row["tokens_per_s"]}
+    return {k: f"{v:.3g}" for k, v in shown.items() if v is not None}
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Keep the metrics of the steps before ``start_step``; later rows belong to a run that is being replayed."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""One step of the full objective on a ZeRO-3 policy engine and a ZeRO-3 reference engine (one rank of several).
+
+Run by tests/test_zero3_step.py with RANK/WORLD_SIZE/MASTER_* set and DS_ACCELERATOR=cpu. Rank 0 saves the full
+gradients (before the step) and the full updated weights (after it) to the output file.
+"""
+
+import sys
+
+import torch
+
+
+def main(policy_dir: str, reference_dir: str, out_file: str) -> None:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    from dsunlearn import engines
+    from dsunlearn.train import forward_loss
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from test_zero3_step import make_config, rank_batch
+
+    rank, world_size, _ = engines.init_distributed()
+    cfg = make_config(policy_dir, reference_dir)
+    from transformers import AutoConfig
+
+    hidden_size = AutoConfig.from_pretrained(policy_dir).hidden_size
+    ds_config = engines.build_policy_ds_config(engines.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size)
+    policy = engines.build_policy_engine(engines.load_causal_lm(policy_dir, ds_config, cfg), cfg, ds_config)
+    ref_ds_config = engines.build_reference_ds_config(ds_config, offload=False)
+    reference = engines.build_reference_engine(engines.load_causal_lm(reference_dir, ref_ds_config, cfg), cfg, ref_ds_config)
+
+    batch = rank_batch(rank, cfg)
+    loss, _, _ = forward_loss(policy, reference, batch)
+    policy.backward(loss)
+    names = [name for name, _ in policy.module.named_parameters()]
+    grads = {name: safe_get_full_grad(param).clone() for name, param in policy.module.named_parameters()}
+    policy.step()
+    weights = {name: safe_get_full_fp32_param(param).clone() for name, param in policy.module.named_parameters()}
+    losses = [torch.zeros(()) for _ in range(world_size)]
+    torch.distributed.all_gather(losses, loss.detach().reshape(()))
+    if rank == 0:
+        torch.save({"names": names, "grads": grads, "weights": weights, "losses": [float(x) for x in losses]}, out_file)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
