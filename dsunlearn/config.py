@@ -245,3 +245,31 @@ def resolve_path(path: str) -> Optional[Path]:
 def _looks_local(name: str) -> bool:
     # Hub ids are "org/name" or "name"; anything path-like is meant as a local folder.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def build_parser():
+    """The jsonargparse parser of a run: ``--config run.yaml`` plus one flag per field (``--train.lr 2e-6``)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog="dsunlearn train", description=RunConfig.__doc__, default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of settings (flags after it override)")
+    parser.add_class_arguments(RunConfig, as_group=False)
+    # The deepspeed launcher appends --local_rank; the rank comes from the environment.
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (ignored)")
+    return parser
+
+
+def parse_run_config(argv: Optional[list[str]] = None) -> tuple[RunConfig, str]:
+    """Parse ``argv`` into a validated ``RunConfig`` and the resolved settings as YAML (saved with every run).
+
+    Raises ``ConfigError`` listing every problem; unknown keys and wrong types exit with jsonargparse's message.
+    """
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    namespace.pop("config", None)
+    namespace.pop("local_rank", None)
+    resolved_yaml = parser.dump(namespace)
+    run = parser.instantiate_classes(namespace)
+    fields = {name: run[name] for name in RunConfig.__dataclass_fields__}
+    return RunConfig(**fields), resolved_yaml
