@@ -1,0 +1,257 @@
+"""The ``triton`` backend against a float64 formula written here.
+
+Without CUDA the kernel runs in Triton's interpreter on the CPU. ``TRITON_INTERPRET`` is read when a kernel is
+decorated, so it is set before the backend module is imported (the kernel uses no @jit function of
+triton.language, so triton itself may have been imported earlier). On a CUDA machine the same checks run
+compiled, through the ``gpu``-marked test, and the interpreter tests are skipped (one process cannot hold both).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytest.importorskip("triton")
+
+from dsunlearn.kernels import triton_ce_kl  # noqa: E402
+from dsunlearn.kernels.triton_ce_kl import triton_fused_linear_ce_kl  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU tests run the kernel in Triton's interpreter")
+
+
+def reference_loss(hidden, weight, targets, ce_weight, ref_hidden=None, ref_weight=None, kl_weight=None, softcap=None):
+    """The contract in float64 with materialised logits: (loss, token_ce [N], token_kl [N], hidden64, weight64)."""
+    hidden64 = hidden.detach().double().requires_grad_()
+    weight64 = weight.detach().double().requires_grad_()
+    vocab_size = weight.shape[0]
+    logits = hidden64 @ weight64.T  # [N, V]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    valid = (targets >= 0) & (targets < vocab_size)
+    target_log_probs = log_probs.gather(1, targets.clamp(0, vocab_size - 1).unsqueeze(1)).squeeze(1)
+    token_ce = torch.where(valid, -target_log_probs, torch.zeros_like(target_log_probs))
+    loss = (ce_weight.double() * token_ce).sum()
+    token_kl = torch.zeros_like(token_ce)
+    if kl_weight is not None:
+        ref_logits = ref_hidden.double() @ ref_weight.double().T  # [N, V]
+        if softcap is not None:
+            ref_logits = softcap * torch.tanh(ref_logits / softcap)
+        ref_log_probs = torch.log_softmax(ref_logits, dim=-1)
+        token_kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
+        loss = loss + (kl_weight.double() * token_kl).sum()
+    return loss, token_ce.detach(), token_kl.detach(), hidden64, weight64
+
+
+def make_problem(num_tokens, hidden_size, vocab_size, dtype, device, terms, seed):
+    """Random inputs with mixed positive / negative / zero weights and ignore-index targets on zero-CE rows."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    hidden = randn(num_tokens, hidden_size)
+    weight = randn(vocab_size, hidden_size, scale=hidden_size**-0.5 * 3)
+    targets = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+    # Each weight is positive, negative or zero with equal odds; "both zero" rows must cost nothing.
+    choice = torch.randint(0, 3, (num_tokens,), generator=generator)
+    ce_weight = torch.where(choice == 0, 0.0, torch.where(choice == 1, 0.7, -0.4)) * torch.rand(num_tokens, generator=generator)
+    choice = torch.randint(0, 3, (num_tokens,), generator=generator)
+    kl_weight = torch.where(choice == 0, 0.0, torch.where(choice == 1, 1.3, -0.2)) * torch.rand(num_tokens, generator=generator)
+    if terms == "ce":
+        kl_weight = None
+    elif terms == "kl":
+        ce_weight = torch.zeros(num_tokens)
+    targets = torch.where(ce_weight == 0, torch.where(torch.arange(num_tokens) % 2 == 0, -100, targets), targets)
+    ref_hidden = randn(num_tokens, hidden_size)
+    ref_weight = (weight.float() + randn(vocab_size, hidden_size, scale=0.1).float()).to(dtype)
+    inputs = dict(
+        hidden=hidden.requires_grad_(),
+        weight=weight.requires_grad_(),
+        targets=targets.to(device),
+        ce_weight=ce_weight.to(device),
+    )
+    if kl_weight is not None:
+        inputs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, kl_weight=kl_weight.to(device))
+    return inputs
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference over the largest reference magnitude (the whole tensor's scale)."""
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    return ((actual.double().cpu() - expected.double().cpu()).abs().max() / scale).item()
+
+
+def check_against_reference(inputs, tolerance, softcap=None, upstream=2.5, chunk_rows=None):
+    loss, token_ce, token_kl = triton_fused_linear_ce_kl(
+        **inputs, softcap=softcap, return_token_terms=True, chunk_rows=chunk_rows
+    )
+    (loss * upstream).backward()
+    cpu_inputs = {k: v.detach().cpu() for k, v in inputs.items()}
+    expected, expected_ce, expected_kl, hidden64, weight64 = reference_loss(**cpu_inputs, softcap=softcap)
+    (expected * upstream).backward()
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    loss_error = abs(loss.item() - expected.item()) / max(abs(expected.item()), 1e-30)
+    assert loss_error < tolerance, (loss.item(), expected.item())
+    assert inputs["hidden"].grad.dtype == inputs["hidden"].dtype
+    assert inputs["weight"].grad.dtype == inputs["weight"].dtype
+    assert relative_error(inputs["hidden"].grad, hidden64.grad) < tolerance
+    assert relative_error(inputs["weight"].grad, weight64.grad) < tolerance
+    # Per-token terms are exact values where a weight asks for them, 0 elsewhere.
+    active = inputs["ce_weight"].cpu() != 0
+    kl_weight = inputs.get("kl_weight")
+    if kl_weight is not None:
+        active = active | (kl_weight.cpu() != 0)
+        expected_kl = torch.where(kl_weight.cpu() != 0, expected_kl, torch.zeros_like(expected_kl))
+    expected_ce = torch.where(active, expected_ce, torch.zeros_like(expected_ce))
+    assert relative_error(token_ce, expected_ce) < tolerance
+    assert relative_error(token_kl, expected_kl) < tolerance
+    assert not token_ce.requires_grad and not token_kl.requires_grad
+    if kl_weight is not None:
+        assert inputs["ref_hidden"].grad is None and inputs["ref_weight"].grad is None
+
+
+@needs_interpreter
+@pytest.mark.parametrize("terms", ["both", "ce", "kl"])
+def test_matches_float64_reference_fp32_odd_shapes(terms):
+    inputs = make_problem(37, 19, 1013, torch.float32, "cpu", terms, seed=1)
+    check_against_reference(inputs, tolerance=1e-5)
+
+
+@needs_interpreter
+def test_several_chunks_with_kl_rows_split_across_them():
+    # 9-row chunks put the boundary between rows without and with KL inside a chunk.
+    inputs = make_problem(37, 19, 1013, torch.float32, "cpu", "both", seed=2)
+    check_against_reference(inputs, tolerance=1e-5, chunk_rows=9)
+
+
+@needs_interpreter
+def test_softcap_matches_reference():
+    inputs = make_problem(29, 16, 515, torch.float32, "cpu", "both", seed=3)
+    check_against_reference(inputs, tolerance=1e-5, softcap=2.0, upstream=-1.5)
+
+
+@needs_interpreter
+def test_bf16_inputs_within_1e_2():
+    inputs = make_problem(37, 19, 1013, torch.bfloat16, "cpu", "both", seed=4)
+    check_against_reference(inputs, tolerance=1e-2)
+
+
+@needs_interpreter
+def test_all_masked_tokens_cost_nothing():
+    inputs = make_problem(13, 8, 257, torch.float32, "cpu", "both", seed=5)
+    inputs["ce_weight"].zero_()
+    inputs["kl_weight"].zero_()
+    inputs["targets"].fill_(-100)  # any target is allowed on a masked token
+    loss, token_ce, token_kl = triton_fused_linear_ce_kl(**inputs, return_token_terms=True)
+    (loss * 3.0).backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(token_ce) == 0 and torch.count_nonzero(token_kl) == 0
+    assert torch.count_nonzero(inputs["hidden"].grad) == 0
+    assert torch.count_nonzero(inputs["weight"].grad) == 0
+
+
+@needs_interpreter
+def test_masked_rows_get_zero_gradient_and_do_not_change_the_loss():
+    inputs = make_problem(24, 8, 300, torch.float32, "cpu", "both", seed=6)
+    masked = (inputs["ce_weight"] == 0) & (inputs["kl_weight"] == 0)
+    assert masked.any() and not masked.all()
+    loss = triton_fused_linear_ce_kl(**inputs)
+    loss.backward()
+    assert torch.count_nonzero(inputs["hidden"].grad[masked]) == 0
+    # The same loss from the active rows alone.
+    keep = ~masked
+    alone = triton_fused_linear_ce_kl(
+        inputs["hidden"].detach()[keep],
+        inputs["weight"].detach(),
+        inputs["targets"][keep],
+        inputs["ce_weight"][keep],
+        inputs["ref_hidden"][keep],
+        inputs["ref_weight"],
+        inputs["kl_weight"][keep],
+    )
+    assert abs(alone.item() - loss.item()) <= 1e-6 * abs(loss.item())
+
+
+@needs_interpreter
+def test_kl_is_exactly_zero_when_reference_equals_policy():
+    inputs = make_problem(16, 12, 400, torch.float32, "cpu", "kl", seed=7)
+    inputs["kl_weight"] = torch.ones(16)
+    inputs["ref_hidden"] = inputs["hidden"].detach().clone()
+    inputs["ref_weight"] = inputs["weight"].detach().clone()
+    loss, _, token_kl = triton_fused_linear_ce_kl(**inputs, return_token_terms=True)
+    loss.backward()
+    assert token_kl.abs().max().item() <= 1e-6
+    assert abs(loss.item()) <= 1e-5
+    assert inputs["weight"].grad.abs().max().item() <= 1e-5
+
+
+@needs_interpreter
+def test_no_grad_and_frozen_inputs_give_the_same_loss():
+    inputs = make_problem(20, 8, 300, torch.float32, "cpu", "both", seed=8)
+    expected = reference_loss(**{k: v.detach() for k, v in inputs.items()})[0].item()
+    with torch.no_grad():
+        loss = triton_fused_linear_ce_kl(**inputs)
+    assert not loss.requires_grad
+    assert abs(loss.item() - expected) <= 1e-5 * abs(expected)
+    frozen = dict(inputs, hidden=inputs["hidden"].detach(), weight=inputs["weight"].detach())
+    assert abs(triton_fused_linear_ce_kl(**frozen).item() - expected) <= 1e-5 * abs(expected)
+
+
+@needs_interpreter
+def test_only_hidden_needs_grad():
+    inputs = make_problem(20, 8, 300, torch.float32, "cpu", "ce", seed=9)
+    inputs["weight"] = inputs["weight"].detach()
+    (triton_fused_linear_ce_kl(**inputs) * 2.0).backward()
+    expected, _, _, hidden64, _ = reference_loss(**{k: v.detach() for k, v in inputs.items()})
+    (expected * 2.0).backward()
+    assert inputs["weight"].grad is None
+    assert relative_error(inputs["hidden"].grad, hidden64.grad) < 1e-5
+
+
+@needs_interpreter
+def test_dispatcher_routes_to_triton():
+    kernels = pytest.importorskip("dsunlearn.kernels")
+    if not hasattr(kernels, "fused_linear_ce_kl"):
+        pytest.skip("the dispatcher is not in dsunlearn.kernels yet")
+    inputs = make_problem(37, 19, 1013, torch.float32, "cpu", "both", seed=10)
+    loss = kernels.fused_linear_ce_kl(**inputs, backend="triton")
+    (loss * 2.5).backward()
+    expected, _, _, hidden64, weight64 = reference_loss(**{k: v.detach() for k, v in inputs.items()})
+    (expected * 2.5).backward()
+    assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
+    assert relative_error(inputs["hidden"].grad, hidden64.grad) < 1e-5
+    assert relative_error(inputs["weight"].grad, weight64.grad) < 1e-5
+
+
+def test_default_chunk_rows_stays_within_a_multiple_of_the_input():
+    # Llama-3 8B head: 16384 tokens, H=4096, V=128256, bf16.
+    rows = triton_ce_kl.default_chunk_rows(16384, 4096, 128256, 2, has_kl=True)
+    assert rows % 128 == 0 and triton_ce_kl.MIN_CHUNK_ROWS <= rows < 16384
+    chunk_bytes = rows * 128256 * (4 + 4 + 2)
+    assert chunk_bytes <= triton_ce_kl.CHUNK_BYTES_PER_INPUT_BYTE * 16384 * 4096 * 2
+    assert triton_ce_kl.default_chunk_rows(5, 4096, 128256, 2, has_kl=False) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("terms", ["both", "ce", "kl"])
+def test_cuda_matches_float64_reference(dtype, tolerance, terms):
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernel is not compiled in this process")
+    # TF32 would change fp32 products; the contract is fp32 accumulation of fp32 products.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for seed, (num_tokens, hidden_size, vocab_size), chunk_rows, softcap in [
+        (11, (37, 19, 1013), None, None),
+        (12, (300, 64, 5003), 128, None),
+        (13, (64, 32, 2049), None, 3.0),
+    ]:
+        inputs = make_problem(num_tokens, hidden_size, vocab_size, dtype, "cuda", terms, seed=seed)
+        check_against_reference(inputs, tolerance=tolerance, chunk_rows=chunk_rows, softcap=softcap)
