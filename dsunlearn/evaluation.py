@@ -1,0 +1,636 @@
+"""Evaluation of an unlearned model against the original: ``python -m dsunlearn eval …``.
+
+Three prompt sets, built with the trainer's own split (same seed and ``held_out_fraction``):
+
+* ``forget_train``: the forget pairs the model was trained to forget;
+* ``forget_held_out``: forget pairs kept out of training (does unlearning generalise?);
+* ``normal_held_out``: normal pairs kept out of training (is utility kept?).
+
+On every set both models (original and unlearned) get the same measurements, so each metric has a
+before and an after:
+
+* teacher-forced NLL per response token of the dataset response (``nll``, ``ppl``), and the mean
+  per-token KL(original ‖ unlearned) over the same response tokens (``kl``; 0 for the original);
+* greedy generations, scored with :mod:`dsunlearn.metrics`: ``reproduction_rate`` (ROUGE-L recall
+  of the dataset response ≥ ``reproduction_threshold``), mean ``rouge_l_recall``, diversity
+  (``distinct_1``, ``distinct_2``), fluency (``fluency_ppl``: perplexity of the generated tokens
+  under the *original* model), ``generation_tokens``, and, with a harm classifier, ``harmful_rate``;
+* for the unlearned model, ``similarity_to_original``: mean ROUGE-L F1 between its generation and
+  the original model's generation for the same prompt.
+
+Token-level means are over all response tokens of a set (sum of NLL / number of tokens).
+
+Under ``torchrun``/``deepspeed`` (``WORLD_SIZE`` > 1) both models are ZeRO-3 inference engines:
+each rank evaluates a contiguous shard of every set, every rank makes the same number of forward
+and ``generate(synced_gpus=True)`` calls (a short shard is padded with repeated samples whose
+results are dropped), and per-sample results are gathered in the original order, so the numbers
+equal a single-process run. Rank 0 writes ``eval.json``, ``samples.jsonl`` and ``report.md`` (with
+PNG plots) to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from dsunlearn import data as data_lib
+from dsunlearn import metrics
+from dsunlearn.config import ConfigError, DataConfig, RunConfig
+from dsunlearn.report import write_report
+
+logger = logging.getLogger(__name__)
+
+SET_NAMES = ("forget_train", "forget_held_out", "normal_held_out")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODEL_ROLES = ("original", "unlearned")
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate, on which prompts, and where the results go."""
+
+    model_path: str = ""
+    """The unlearned model: a local Hugging Face folder (e.g. a run's ``final/`` export) or a hub id."""
+    reference_path: str = ""
+    """The original model, before unlearning, as a local folder or hub id (the "before" column, the KL
+    reference and the fluency judge)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Forget and normal data, prompt format, max length and split seed: give the training run's values
+    so that the train/held-out split is the one the trainer used."""
+    sets: list[str] = field(default_factory=lambda: list(SET_NAMES))
+    """Which prompt sets to evaluate, from ``forget_train``, ``forget_held_out``, ``normal_held_out``."""
+    max_samples: Optional[int] = None
+    """Evaluate only the first this many pairs of each set (None: all)."""
+    max_new_tokens: int = 48
+    """Length limit of the greedy generations."""
+    batch_size: int = 8
+    """Sequences per forward or ``generate`` call, per rank."""
+    reproduction_threshold: float = metrics.DEFAULT_REPRODUCTION_THRESHOLD
+    """A generation reproduces the dataset response when its ROUGE-L recall of the response is at least this."""
+    harm_classifier: Optional[str] = None
+    """Local folder of a Hugging Face sequence-classification model that judges generations (None: no
+    ``harmful_rate``). Never downloaded."""
+    harmful_label: str = "harmful"
+    """The classifier's label (from its config's ``id2label``, case-insensitive) that means harmful."""
+    harm_classifier_input: str = "{prompt}\n{response}"
+    """Text the classifier reads for one generation; ``{prompt}`` and ``{response}`` are filled in."""
+    output_dir: str = "outputs/eval"
+    """Folder for ``eval.json``, ``samples.jsonl``, ``report.md`` and its PNG plots."""
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Precision both models run in (log-probabilities are always computed in fp32)."""
+    offload_param: bool = False
+    """Under ZeRO-3 (several ranks), keep the parameter shards in CPU memory."""
+    name: str = "unlearned"
+    """Column name of the unlearned model in the report."""
+    metrics_jsonl: Optional[str] = None
+    """The training run's ``metrics.jsonl``, to plot the objective terms over the steps (optional)."""
+
+    @classmethod
+    def from_run(cls, run: RunConfig, model_path: str) -> EvalConfig:
+        """The end-of-training evaluation of ``run``: its data, split, precision and ``output.eval_*`` settings,
+        the run's original model as reference, results in ``output.dir/eval``."""
+        out_dir = Path(run.output.dir)
+        return cls(
+            model_path=model_path,
+            reference_path=run.model.reference_path or run.model.name_or_path,
+            data=run.data,
+            max_samples=run.output.eval_max_samples,
+            max_new_tokens=run.output.eval_max_new_tokens,
+            dtype=run.model.precision,
+            output_dir=str(out_dir / "eval"),
+            name=out_dir.name or "unlearned",
+            metrics_jsonl=str(out_dir / "metrics.jsonl"),
+        )
+
+    def problems(self) -> list[str]:
+        """Every problem with these settings, as readable messages (empty when all is well)."""
+        found = []
+        for name in ("model_path", "reference_path"):
+            value = getattr(self, name)
+            if not value:
+                found.append(f"{name} is empty: give a local model folder or a hub id")
+            elif _names_a_local_path(value) and not Path(value).expanduser().is_dir():
+                found.append(f"{name}: local folder {value!r} does not exist")
+        return found + self.data.problems() + self.evaluation_problems()
+
+    def evaluation_problems(self) -> list[str]:
+        """The problems of the settings :func:`evaluate_models` uses (it is given the models and the sets)."""
+        found = []
+        unknown = [s for s in self.sets if s not in SET_NAMES]
+        if unknown:
+            found.append(f"sets: unknown {unknown}; choose from {list(SET_NAMES)}")
+        if not self.sets:
+            found.append("sets is empty: evaluate at least one set")
+        if len(set(self.sets)) != len(self.sets):
+            found.append(f"sets lists a set twice: {self.sets}")
+        if self.max_samples is not None and self.max_samples < 1:
+            found.append(f"max_samples={self.max_samples} must be >= 1 (or None for all)")
+        if self.max_new_tokens < 1:
+            found.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.batch_size < 1:
+            found.append(f"batch_size={self.batch_size} must be >= 1")
+        if not 0.0 <= self.reproduction_threshold <= 1.0:
+            found.append(f"reproduction_threshold={self.reproduction_threshold} must lie in [0, 1]")
+        if self.harm_classifier is not None and not Path(self.harm_classifier).expanduser().is_dir():
+            found.append(
+                f"harm_classifier: local folder {self.harm_classifier!r} does not exist (it is never downloaded)"
+            )
+        if "{response}" not in self.harm_classifier_input:
+            found.append("harm_classifier_input must contain {response}")
+        if self.dtype not in DTYPES:
+            found.append(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.metrics_jsonl is not None and not Path(self.metrics_jsonl).is_file():
+            found.append(f"metrics_jsonl: file {self.metrics_jsonl!r} does not exist")
+        if not self.name:
+            found.append("name is empty")
+        return found
+
+
+def _names_a_local_path(value: str) -> bool:
+    # Hub ids are "org/name" or "name"; anything path-like means a local folder.
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or Path(value).expanduser().exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_eval_sets(
+    data_cfg: DataConfig, set_names: Sequence[str], max_samples: Optional[int] = None
+) -> dict[str, list]:
+    """The requested prompt sets as ``{name: [Pair, ...]}``, split exactly as the trainer splits them.
+
+    Forget and normal pairs are each split with their own ``held_out_fraction`` and ``data_cfg.seed``
+    (:func:`dsunlearn.data.split_pairs`); the random-answer pool and training never see the held-out part.
+    """
+    sets = {}
+    if any(name.startswith("forget") for name in set_names):
+        forget_train, forget_held_out = data_lib.split_pairs(
+            data_lib.load_pairs(data_cfg.forget), data_cfg.forget.held_out_fraction, data_cfg.seed
+        )
+        sets.update(forget_train=forget_train, forget_held_out=forget_held_out)
+    if "normal_held_out" in set_names:
+        _, sets["normal_held_out"] = data_lib.split_pairs(
+            data_lib.load_pairs(data_cfg.normal), data_cfg.normal.held_out_fraction, data_cfg.seed
+        )
+    return {name: sets[name][:max_samples] for name in set_names}
+
+
+def run_evaluation(cfg: EvalConfig) -> dict:
+    """Load both models, evaluate every requested set, write the outputs on rank 0; return the summary.
+
+    One process: plain ``from_pretrained`` on CUDA if there is one, else the CPU. Under a launcher
+    with ``WORLD_SIZE`` > 1: ZeRO-3 inference engines, prompts sharded over the ranks.
+    """
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError(problems)
+    from transformers import AutoTokenizer
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    if world_size > 1:
+        from dsunlearn import engines
+
+        rank, world_size, _ = engines.init_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    sets = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
+    # The engines own the ZeRO-3 hooks of the models: they stay referenced until the evaluation is done.
+    model, reference, _engines = load_models(cfg, world_size)
+    return evaluate_models(model, reference, tokenizer, sets, cfg, rank=rank, world_size=world_size)
+
+
+def load_models(cfg: EvalConfig, world_size: int):
+    """(unlearned model, original model, engines): plain models in one process, else ZeRO-3 inference engines.
+
+    With engines, the returned models are their ``.module`` (Hugging Face models whose parameters are
+    ZeRO-3 shards); keep the engines alive while the models are used.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if world_size > 1:
+        from dsunlearn import engines
+
+        ds_config = engines.inference_ds_config(dtype, offload=cfg.offload_param)
+        model_engine = engines.load_inference_engine(cfg.model_path, ds_config, dtype)
+        reference_engine = engines.load_inference_engine(cfg.reference_path, ds_config, dtype)
+        return model_engine.module, reference_engine.module, (model_engine, reference_engine)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(device).eval()
+    reference = AutoModelForCausalLM.from_pretrained(cfg.reference_path, dtype=dtype).to(device).eval()
+    return model, reference, ()
+
+
+def evaluate_models(
+    model, reference, tokenizer, sets: dict[str, list], cfg: EvalConfig, rank: int = 0, world_size: int = 1
+) -> dict:
+    """Evaluate ``model`` (unlearned) against ``reference`` (original) on ``sets`` and write the outputs.
+
+    ``sets``: ``{set name: [data.Pair, ...]}``, the same on every rank (see :func:`build_eval_sets`).
+    ``model``/``reference``: Hugging Face causal LMs, plain or the ``.module`` of ZeRO-3 engines; with
+    ``world_size`` > 1 this is a collective: call it on every rank. Returns the summary written to
+    ``eval.json`` (on every rank); rank 0 also writes ``samples.jsonl`` and ``report.md``.
+    """
+    problems = cfg.evaluation_problems()
+    if problems:
+        raise ConfigError(problems)
+    if model.config.vocab_size != reference.config.vocab_size:
+        raise ValueError(
+            f"the models' vocabularies differ ({model.config.vocab_size} vs {reference.config.vocab_size}): "
+            "KL and fluency need the original model's tokenizer"
+        )
+    context = _Context(tokenizer, cfg, world_size)
+    classifier = None
+    if cfg.harm_classifier:
+        classifier = HarmClassifier(
+            cfg.harm_classifier, cfg.harmful_label, cfg.harm_classifier_input, context.device(model)
+        )
+
+    modes = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "model": cfg.model_path,
+        "reference": cfg.reference_path,
+        "metrics_jsonl": cfg.metrics_jsonl,
+        "world_size": world_size,
+        "config": _config_record(cfg),
+        "num_samples": {},
+        "original": {},
+        "unlearned": {},
+    }
+    samples = []
+    try:
+        with torch.no_grad():
+            for set_name, pairs in sets.items():
+                if not pairs:
+                    if rank == 0:
+                        logger.warning("set %s is empty (held_out_fraction 0?): skipped", set_name)
+                    continue
+                if rank == 0:
+                    logger.info("evaluating %s: %d prompts on %d rank(s)", set_name, len(pairs), world_size)
+                shard, num_real = _shard(len(pairs), rank, world_size)
+                records = _evaluate_shard(model, reference, [pairs[i] for i in shard], context, classifier)
+                for index, record in zip(shard[:num_real], records[:num_real]):
+                    record["index"] = index
+                records = _gather(records[:num_real], world_size)
+                summary["num_samples"][set_name] = len(records)
+                for role in MODEL_ROLES:
+                    summary[role][set_name] = _summarize(
+                        records, role, cfg.reproduction_threshold, with_classifier=classifier is not None
+                    )
+                samples += [_sample_row(set_name, record) for record in records]
+    finally:
+        model.train(modes[0])
+        reference.train(modes[1])
+
+    if rank == 0:
+        write_outputs(cfg, summary, samples)
+    if world_size > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def write_outputs(cfg: EvalConfig, summary: dict, samples: list[dict]) -> Path:
+    """Write ``eval.json``, ``samples.jsonl`` and ``report.md`` (+ PNGs) to ``cfg.output_dir``; return the folder."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out_dir / "samples.jsonl", "w") as handle:
+        for row in samples:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    report = write_report(out_dir, [(cfg.name, summary, cfg.metrics_jsonl)])
+    logger.info("evaluation written to %s (eval.json, samples.jsonl, %s)", out_dir, report.name)
+    return out_dir
+
+
+def build_parser():
+    """The jsonargparse parser of ``dsunlearn eval``: ``--config eval.yaml`` plus one flag per field."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog="dsunlearn eval", description=EvalConfig.__doc__, default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of settings (flags after it override)")
+    parser.add_class_arguments(EvalConfig, as_group=False)
+    # The deepspeed launcher appends --local_rank; the rank comes from the environment.
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (ignored)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """``dsunlearn eval --model_path RUN/final --reference_path ORIGINAL [--data.forget.source …] …``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    namespace.pop("config", None)
+    namespace.pop("local_rank", None)
+    parsed = parser.instantiate(namespace)
+    cfg = EvalConfig(**{name: parsed[name] for name in EvalConfig.__dataclass_fields__})
+    return run_evaluation(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One rank's work
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Context:
+    """Tokenisation and generation settings shared by every set."""
+
+    def __init__(self, tokenizer, cfg: EvalConfig, world_size: int):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.world_size = world_size
+        self.prompt_format = data_lib.PromptFormat(cfg.data.template, cfg.data.use_chat_template)
+        self.prefix_ids = data_lib.special_prefix_ids(tokenizer)
+        self.pad_id = data_lib.resolve_pad_id(tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token: generations could not end")
+
+    @staticmethod
+    def device(model) -> torch.device:
+        return next(model.parameters()).device
+
+
+def _shard(num_samples: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """(this rank's indices, how many of them are real): a contiguous block of ``ceil(n / world_size)``.
+
+    A short last block is padded by repeating its samples (sample 0 when it has none), so every rank
+    makes the same number of collective forward and ``generate`` calls; padded results are dropped.
+    """
+    per_rank = math.ceil(num_samples / world_size)
+    real = list(range(min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)))
+    filler = real or [0]
+    return real + [filler[i % len(filler)] for i in range(per_rank - len(real))], len(real)
+
+
+def _gather(records: list[dict], world_size: int) -> list[dict]:
+    """Every rank's records, in sample order, on every rank."""
+    if world_size == 1:
+        return records
+    parts: list[Optional[list[dict]]] = [None] * world_size
+    torch.distributed.all_gather_object(parts, records)
+    return sorted((record for part in parts for record in part), key=lambda record: record["index"])
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _evaluate_shard(
+    model, reference, pairs: list, context: _Context, classifier: Optional[HarmClassifier]
+) -> list[dict]:
+    """Per-pair measurements for one rank's shard (including its padding)."""
+    cfg, tokenizer = context.cfg, context.tokenizer
+    sequences = [
+        data_lib.tokenize_pair(tokenizer, pair, context.prompt_format, cfg.data.max_length, context.prefix_ids)
+        for pair in pairs
+    ]
+    records = _teacher_forced(model, reference, sequences, context)
+    prompts = [
+        data_lib.tokenize_prompt(tokenizer, pair.prompt, context.prompt_format, cfg.data.max_length, context.prefix_ids)
+        for pair in pairs
+    ]
+    for role, generator in (("unlearned", model), ("original", reference)):
+        generations = _generate(generator, prompts, context)
+        # Fluency: the original model judges the generated tokens, prompt included as context.
+        judged = [
+            data_lib.TokenizedSequence(prompt + generated, [0] * len(prompt) + [1] * len(generated))
+            for prompt, generated in zip(prompts, generations)
+        ]
+        fluency = _nll_sums(reference, judged, context)
+        texts = [tokenizer.decode(generated, skip_special_tokens=True).strip() for generated in generations]
+        harmful = classifier.harmful([p.prompt for p in pairs], texts) if classifier else [None] * len(pairs)
+        measured = zip(records, pairs, generations, texts, fluency, harmful)
+        for record, pair, generated, text, nll_sum, is_harmful in measured:
+            record[role].update(
+                output=text,
+                generated_tokens=len(generated),
+                fluency_nll_sum=nll_sum,
+                rouge_l_recall=metrics.rouge_l_recall(text, pair.response),
+                harmful=is_harmful,
+            )
+    for record, pair in zip(records, pairs):
+        record.update(prompt=pair.prompt, response=pair.response)
+        record["similarity_to_original"] = metrics.rouge_l_f1(
+            record["unlearned"]["output"], record["original"]["output"]
+        )
+    return records
+
+
+def _response_log_probs(model, batch: dict[str, torch.Tensor], device: torch.device):
+    """fp32 log-softmax over the vocabulary at the positions that predict response tokens.
+
+    Returns (log_probs [M, V], targets [M], row [M]): M response tokens of the batch, flattened; ``row``
+    says which sequence each came from.
+    """
+    input_ids = batch["input_ids"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+    # Position t predicts token t+1: drop the last position's logits and the first token's mask entry.
+    predicts_response = batch["response_mask"][:, 1:].to(device).bool()  # [B, L-1]
+    log_probs = F.log_softmax(logits[:, :-1][predicts_response].float(), dim=-1)  # [M, V]
+    targets = input_ids[:, 1:][predicts_response]  # [M]
+    row = predicts_response.nonzero()[:, 0]  # [M]
+    return log_probs, targets, row
+
+
+def _per_sequence_sums(values: torch.Tensor, row: torch.Tensor, num_sequences: int) -> list[float]:
+    sums = torch.zeros(num_sequences, dtype=torch.float64, device=values.device)
+    return sums.index_add_(0, row, values.double()).tolist()
+
+
+def _teacher_forced(model, reference, sequences: list, context: _Context) -> list[dict]:
+    """Per sequence: NLL sums of the response under both models, the KL(original ‖ unlearned) sum, token count."""
+    records = []
+    for chunk in _chunks(sequences, context.cfg.batch_size):
+        batch = data_lib.pad_batch(chunk, context.pad_id)
+        log_probs, targets, row = _response_log_probs(model, batch, context.device(model))
+        ref_log_probs, _, _ = _response_log_probs(reference, batch, context.device(model))
+        nll = -log_probs.gather(1, targets[:, None]).squeeze(1)  # [M]
+        ref_nll = -ref_log_probs.gather(1, targets[:, None]).squeeze(1)  # [M]
+        kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)  # [M]
+        sums = [_per_sequence_sums(values, row, len(chunk)) for values in (nll, ref_nll, kl)]
+        for i, sequence in enumerate(chunk):
+            records.append(
+                {
+                    "response_tokens": sum(sequence.response_mask),
+                    "kl_sum": sums[2][i],
+                    "unlearned": {"nll_sum": sums[0][i]},
+                    "original": {"nll_sum": sums[1][i]},
+                }
+            )
+    return records
+
+
+def _nll_sums(model, sequences: list, context: _Context) -> list[float]:
+    """Per sequence: summed NLL of its response-masked tokens under ``model``."""
+    sums = []
+    for chunk in _chunks(sequences, context.cfg.batch_size):
+        batch = data_lib.pad_batch(chunk, context.pad_id)
+        log_probs, targets, row = _response_log_probs(model, batch, context.device(model))
+        sums += _per_sequence_sums(-log_probs.gather(1, targets[:, None]).squeeze(1), row, len(chunk))
+    return sums
+
+
+def _generate(model, prompts: list[list[int]], context: _Context) -> list[list[int]]:
+    """Greedy continuations of ``prompts``: new token ids up to and including the first EOS."""
+    from transformers import GenerationConfig
+
+    eos_ids = _eos_ids(model, context.tokenizer)
+    generation_config = GenerationConfig(
+        max_new_tokens=context.cfg.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=context.pad_id,
+        eos_token_id=sorted(eos_ids),
+    )
+    device = context.device(model)
+    generations = []
+    for chunk in _chunks(prompts, context.cfg.batch_size):
+        # Left padding: every prompt ends at the same position, where generation starts.
+        width = max(len(prompt) for prompt in chunk)
+        input_ids = torch.full((len(chunk), width), context.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, prompt in enumerate(chunk):
+            input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[i, width - len(prompt) :] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=generation_config,
+            synced_gpus=context.world_size > 1,
+        )
+        for new_tokens in output[:, width:].tolist():
+            end = next((i + 1 for i, token in enumerate(new_tokens) if token in eos_ids), len(new_tokens))
+            generations.append(new_tokens[:end])
+    return generations
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """The ids that end a generation: the tokenizer's EOS and the model's generation-config EOS ids."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return {tokenizer.eos_token_id, *configured}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Harm classifier
+# ----------------------------------------------------------------------------------------------------
+
+
+class HarmClassifier:
+    """A local Hugging Face sequence-classification model that labels (prompt, generation) texts.
+
+    The harmful label is looked up by name in the classifier's ``config.id2label`` (exact match first,
+    then case-insensitive); a text is harmful when that label has the highest score.
+    """
+
+    def __init__(self, path: str, harmful_label: str, input_template: str, device: torch.device):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from dsunlearn import engines
+
+        if not Path(path).expanduser().is_dir():
+            raise FileNotFoundError(f"harm classifier folder {path!r} does not exist (it is never downloaded)")
+        # A ZeRO-3 config left alive would make from_pretrained partition this small model over the ranks;
+        # each rank wants a whole copy to judge its own shard.
+        engines.unset_hf_deepspeed_config()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
+        labels = {int(i): str(name) for i, name in self.model.config.id2label.items()}
+        matches = [i for i, name in labels.items() if name == harmful_label] or [
+            i for i, name in labels.items() if name.lower() == harmful_label.lower()
+        ]
+        if len(matches) != 1:
+            raise ValueError(
+                f"harm classifier {path!r} has labels {sorted(labels.values())}; "
+                f"set harmful_label to the one that means harmful (got {harmful_label!r})"
+            )
+        self.harmful_id = matches[0]
+        self.input_template = input_template
+        self.device = device
+
+    def harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+        """Whether each (prompt, response) is judged harmful."""
+        flags = []
+        # One text per call: decoder classifiers find their last token through a pad id that many lack.
+        for prompt, response in zip(prompts, responses):
+            text = self.input_template.replace("{prompt}", prompt).replace("{response}", response)
+            inputs = self.tokenizer(text, return_tensors="pt", truncation=True).to(self.device)
+            with torch.no_grad():
+                logits = self.model(**inputs).logits[0]
+            flags.append(int(logits.argmax()) == self.harmful_id)
+        return flags
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summaries
+# ----------------------------------------------------------------------------------------------------
+
+
+def _summarize(records: list[dict], role: str, threshold: float, with_classifier: bool) -> dict:
+    """The metrics of one model (``role``) on one set, from per-sample records in sample order."""
+    tokens = sum(r["response_tokens"] for r in records)
+    nll_sum = sum(r[role]["nll_sum"] for r in records)
+    outputs = [r[role]["output"] for r in records]
+    generated = sum(r[role]["generated_tokens"] for r in records)
+    result = {
+        "nll": nll_sum / tokens,
+        "ppl": metrics.perplexity(nll_sum, tokens),
+        "kl": 0.0 if role == "original" else sum(r["kl_sum"] for r in records) / tokens,
+        "reproduction_rate": metrics.reproduction_rate(outputs, [r["response"] for r in records], threshold),
+        "rouge_l_recall": sum(r[role]["rouge_l_recall"] for r in records) / len(records),
+    }
+    if with_classifier:
+        result["harmful_rate"] = sum(bool(r[role]["harmful"]) for r in records) / len(records)
+    if role == "unlearned":
+        result["similarity_to_original"] = sum(r["similarity_to_original"] for r in records) / len(records)
+    result.update(
+        distinct_1=metrics.distinct_n(outputs, 1),
+        distinct_2=metrics.distinct_n(outputs, 2),
+        fluency_ppl=metrics.perplexity(sum(r[role]["fluency_nll_sum"] for r in records), generated),
+        generation_tokens=generated / len(records),
+    )
+    return result
+
+
+def _sample_row(set_name: str, record: dict) -> dict:
+    row = {
+        "set": set_name,
+        "index": record["index"],
+        "prompt": record["prompt"],
+        "response": record["response"],
+        "original_output": record["original"]["output"],
+        "unlearned_output": record["unlearned"]["output"],
+        "original_nll": record["original"]["nll_sum"] / record["response_tokens"],
+        "unlearned_nll": record["unlearned"]["nll_sum"] / record["response_tokens"],
+        "kl": record["kl_sum"] / record["response_tokens"],
+        "original_rouge_l_recall": record["original"]["rouge_l_recall"],
+        "unlearned_rouge_l_recall": record["unlearned"]["rouge_l_recall"],
+        "similarity_to_original": record["similarity_to_original"],
+    }
+    if record["unlearned"]["harmful"] is not None:
+        row.update(original_harmful=record["original"]["harmful"], unlearned_harmful=record["unlearned"]["harmful"])
+    return row
+
+
+def _config_record(cfg: EvalConfig) -> dict:
+    """The settings as JSON values (nested dataclasses become objects)."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+if __name__ == "__main__":
+    main()
