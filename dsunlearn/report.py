@@ -1,0 +1,261 @@
+"""Markdown report with PNG plots for one or several evaluated runs.
+
+An evaluation summary (``eval.json``, written by :mod:`dsunlearn.evaluation`) holds, per prompt set,
+the metrics of the original model (``"original"``) and of the unlearned one (``"unlearned"``):
+
+    {"name": ..., "model": ..., "reference": ..., "metrics_jsonl": ... | null,
+     "original":  {"forget_train": {"nll": ..., ...}, "forget_held_out": {...}, "normal_held_out": {...}},
+     "unlearned": {...same sets...}}
+
+:func:`write_report` puts several runs side by side: one column per distinct original model, then
+one per run (the paper's comparison: original, gradient ascent only, + random mismatch, + KL).
+Run as ``python -m dsunlearn.report RUN_A/eval.json RUN_B/eval.json --out_dir DIR`` to compare
+saved evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+SET_ORDER = ("forget_train", "forget_held_out", "normal_held_out")
+
+METRIC_DESCRIPTIONS = {
+    "nll": "teacher-forced NLL per response token of the dataset response (nats)",
+    "ppl": "exp(nll): perplexity of the dataset responses",
+    "kl": "mean per-token KL(original ‖ model) over response tokens (nats)",
+    "reproduction_rate": "fraction of greedy generations with ROUGE-L recall of the dataset response ≥ threshold",
+    "rouge_l_recall": "mean ROUGE-L recall of the dataset response by the generation",
+    "harmful_rate": "fraction of generations the harm classifier labels harmful",
+    "similarity_to_original": "mean ROUGE-L F1 between the model's and the original model's generations",
+    "distinct_1": "distinct unigrams / all unigrams over the generations",
+    "distinct_2": "distinct bigrams / all bigrams over the generations",
+    "fluency_ppl": "perplexity of the generated tokens under the original model",
+    "generation_tokens": "mean number of generated tokens",
+}
+"""Every metric an evaluation may report, in table order, with what it measures."""
+
+OBJECTIVE_TERMS = ("forget_ce", "random_ce", "normal_kl", "total")
+"""Columns of the trainer's metrics.jsonl plotted over the steps (a term may be null or absent)."""
+
+Run = tuple[str, dict, "str | Path | None"]
+
+
+def write_report(out_dir: str | Path, runs: Sequence[Run]) -> Path:
+    """Write ``report.md`` and its PNG plots into ``out_dir`` and return the report's path.
+
+    ``runs``: ``(name, eval_summary, metrics_jsonl_path or None)`` per run, in column order.
+    Plots: one bar chart per prompt set (original vs each run, one panel per metric) and, when
+    any run has a metrics.jsonl, the objective terms over the steps (one panel per term, one
+    line per run).
+    """
+    if not runs:
+        raise ValueError("write_report needs at least one run")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [name for name, _, _ in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names must be distinct, got {names}")
+    for name, summary, _ in runs:
+        missing = [key for key in ("original", "unlearned") if not isinstance(summary.get(key), dict)]
+        if missing:
+            raise ValueError(f"run {name!r}: evaluation summary lacks {missing} (expected an eval.json from dsunlearn)")
+
+    columns = _columns(runs)
+    rows = _rows(columns)
+    lines = ["# dsunlearn evaluation report", "", "## Runs", ""]
+    lines += ["| run | model | original (reference) | samples |", "|---|---|---|---|"]
+    for name, summary, _ in runs:
+        counts = ", ".join(f"{s}: {n}" for s, n in summary.get("num_samples", {}).items())
+        lines.append(f"| {name} | `{summary.get('model', '?')}` | `{summary.get('reference', '?')}` | {counts} |")
+    lines += ["", "## Metrics", ""]
+    lines += ["| set / metric | " + " | ".join(label for label, _ in columns) + " |"]
+    lines += ["|---|" + "---:|" * len(columns)]
+    for set_name, metric in rows:
+        cells = [_format(values.get(set_name, {}).get(metric)) for _, values in columns]
+        lines.append(f"| {set_name} / {metric} | " + " | ".join(cells) + " |")
+    lines += ["", "Metrics:", ""]
+    used_metrics = [m for m in METRIC_DESCRIPTIONS if any(metric == m for _, metric in rows)]
+    lines += [f"- `{m}`: {METRIC_DESCRIPTIONS[m]}" for m in used_metrics]
+    thresholds = {summary.get("config", {}).get("reproduction_threshold") for _, summary, _ in runs} - {None}
+    if thresholds:
+        lines.append(f"- reproduction threshold (ROUGE-L recall): {', '.join(str(t) for t in sorted(thresholds))}")
+
+    lines += ["", "## Before / after", ""]
+    for set_name in _ordered_sets(columns):
+        png = out_dir / f"metrics_{_slug(set_name)}.png"
+        _plot_set(png, set_name, columns, [m for s, m in rows if s == set_name])
+        lines += [f"![{set_name}]({png.name})", ""]
+
+    histories = {name: _read_metrics_jsonl(path) for name, _, path in runs if path is not None}
+    if histories:
+        png = out_dir / "objective_terms.png"
+        _plot_objective(png, histories)
+        lines += ["## Objective over training steps", "", f"![objective terms]({png.name})", ""]
+
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def compare(
+    eval_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    names: Sequence[str] | None = None,
+    metrics_paths: Sequence[str | Path | None] | None = None,
+) -> Path:
+    """Put several saved ``eval.json`` files side by side in one report (see :func:`write_report`).
+
+    ``names`` default to each summary's ``name`` (else its directory name); ``metrics_paths``
+    default to each summary's ``metrics_jsonl`` entry when that file exists.
+    """
+    if names is not None and len(names) != len(eval_paths):
+        raise ValueError(f"{len(names)} names for {len(eval_paths)} eval.json files")
+    if metrics_paths is not None and len(metrics_paths) != len(eval_paths):
+        raise ValueError(f"{len(metrics_paths)} metrics paths for {len(eval_paths)} eval.json files")
+    runs = []
+    for i, path in enumerate(eval_paths):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no evaluation summary at {path}")
+        summary = json.loads(path.read_text())
+        name = names[i] if names is not None else summary.get("name") or path.parent.name
+        if metrics_paths is not None:
+            metrics = metrics_paths[i]
+        else:
+            logged = summary.get("metrics_jsonl")
+            metrics = logged if logged and Path(logged).is_file() else None
+        runs.append((name, summary, metrics))
+    return write_report(out_dir, runs)
+
+
+def _columns(runs: Sequence[Run]) -> list[tuple[str, dict]]:
+    """(label, {set: {metric: value}}): one column per distinct original model, then one per run."""
+    originals: dict[str, dict] = {}
+    for _, summary, _ in runs:
+        originals.setdefault(str(summary.get("reference")), summary["original"])
+    if len(originals) == 1:
+        columns = [("original", next(iter(originals.values())))]
+    else:
+        columns = [(f"original ({Path(ref).name})", values) for ref, values in originals.items()]
+    return columns + [(name, summary["unlearned"]) for name, summary, _ in runs]
+
+
+def _ordered_sets(columns: Sequence[tuple[str, dict]]) -> list[str]:
+    present = {s for _, values in columns for s in values}
+    return [s for s in SET_ORDER if s in present] + sorted(present - set(SET_ORDER))
+
+
+def _rows(columns: Sequence[tuple[str, dict]]) -> list[tuple[str, str]]:
+    """(set, metric) pairs that any column reports, sets and metrics in their canonical order."""
+    rows = []
+    for set_name in _ordered_sets(columns):
+        present = {m for _, values in columns for m in values.get(set_name, {})}
+        ordered = [m for m in METRIC_DESCRIPTIONS if m in present] + sorted(present - set(METRIC_DESCRIPTIONS))
+        rows += [(set_name, m) for m in ordered]
+    return rows
+
+
+def _format(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.4g}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def _plot_set(png: Path, set_name: str, columns: Sequence[tuple[str, dict]], metrics: Sequence[str]) -> None:
+    """One panel per metric, one bar per column (original, then each run)."""
+    ncols = min(4, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+    labels = [label for label, _ in columns]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes.flat, metrics):
+        values = [values.get(set_name, {}).get(metric) for _, values in columns]
+        # Missing and infinite values get no bar; their label stays so columns line up across panels.
+        heights = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+        ax.bar(range(len(labels)), heights, color=[colors[i % len(colors)] for i in range(len(labels))])
+        for i, v in enumerate(values):
+            if v is None or not math.isfinite(v):
+                ax.text(i, 0, "–" if v is None else "inf", ha="center", va="bottom")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    fig.suptitle(set_name)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _read_metrics_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training metrics at {path}")
+    rows = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{line_number}: not a JSON object ({error})") from error
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path}:{line_number}: expected an object with a 'step' field")
+        rows.append(row)
+    return rows
+
+
+def _plot_objective(png: Path, histories: dict[str, list[dict]]) -> None:
+    """One panel per objective term, one line per run; null entries are gaps, not zeros."""
+    fig, axes = plt.subplots(1, len(OBJECTIVE_TERMS), figsize=(3.6 * len(OBJECTIVE_TERMS), 3.0), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, term in zip(axes.flat, OBJECTIVE_TERMS):
+        plotted = False
+        # A run keeps its colour in every panel, also where another run did not log the term.
+        for run_index, (name, rows) in enumerate(histories.items()):
+            points = [(row["step"], row[term]) for row in rows if row.get(term) is not None]
+            if points:
+                steps, values = zip(*points)
+                color = colors[run_index % len(colors)]
+                ax.plot(steps, values, label=name, color=color, marker="." if len(points) < 30 else None)
+                plotted = True
+        ax.set_title(term, fontsize=9)
+        ax.set_xlabel("step")
+        if plotted:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m dsunlearn.report EVAL_JSON... --out_dir DIR [--names A B ...]``: compare saved evaluations."""
+    parser = argparse.ArgumentParser(prog="python -m dsunlearn.report", description=compare.__doc__.splitlines()[0])
+    parser.add_argument("eval_json", nargs="+", help="eval.json files written by `dsunlearn eval`")
+    parser.add_argument("--out_dir", required=True, help="where report.md and the PNGs go")
+    parser.add_argument("--names", nargs="+", help="column names, one per eval.json (default: run names)")
+    args = parser.parse_args(argv)
+    report = compare(args.eval_json, args.out_dir, names=args.names)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
