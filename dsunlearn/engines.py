@@ -50,6 +50,12 @@ def init_distributed() -> tuple[int, int, int]:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        # DeepSpeed compiles a shared-memory all-reduce op for CPU ranks at start-up (minutes on a small machine, and
+        # again whenever the environment changes). Only tensor-parallel inference uses it; ZeRO uses the process group.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))

@@ -8,6 +8,7 @@ Reads top to bottom: settings -> process group -> data -> engines -> (resume) ->
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -107,7 +108,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
                 random_answer_pool, len(forget_pairs), cfg.objective.num_random_answers, generator
             )
             random_sequences = [
-                tokenize(data_lib.Pair(prompt=pair.prompt, response=answer))
+                tokenize(dataclasses.replace(pair, response=answer))
                 for pair, prompt_answers in zip(forget_pairs, answers)
                 for answer in prompt_answers
             ]

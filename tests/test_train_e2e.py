@@ -1,0 +1,90 @@
+"""End to end: ``deepspeed dsunlearn/train.py`` on 2 CPU ranks writes metrics, checkpoints, resumes, exports."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+
+
+def launch(args, nproc=2, timeout=420):
+    """Run the trainer through the deepspeed launcher on CPU ranks; return (returncode, output)."""
+    deepspeed_bin = Path(sys.executable).with_name("deepspeed")
+    command = [str(deepspeed_bin), "--num_gpus", str(nproc), "--master_port", str(29800 + os.getpid() % 150),
+               "dsunlearn/train.py", *args]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{deepspeed_bin.parent}:{os.environ['PATH']}")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def demo_args(model_dir, out_dir, *extra):
+    return ["--config", "configs/demo.yaml", "--model.name_or_path", str(model_dir), "--output.dir", str(out_dir),
+            "--train.max_steps", "4", "--train.checkpoint_every", "2", "--train.keep_checkpoints", "0", *extra]
+
+
+def test_train_checkpoint_resume_export(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    code, output = launch(demo_args(tiny_model_dir, run_dir))
+    assert code == 0, output[-4000:]
+    straight = read_metrics(run_dir)
+    assert [row["step"] for row in straight] == [1, 2, 3, 4]
+    first = straight[0]
+    assert abs(first["normal_kl"]) < 1e-6  # the reference is the original model: KL is 0 before any update
+    assert first["forget_ce"] > 0 and first["random_ce"] > 0 and first["normal_ce"] > 0
+    assert first["total"] == pytest.approx(-0.5 * first["forget_ce"] + first["random_ce"] + first["normal_kl"], rel=1e-5)
+    assert straight[-1]["normal_kl"] > 0 and straight[-1]["forget_ce"] > first["forget_ce"]
+    assert all(row["grad_norm"] > 0 and row["tokens_per_s"] > 0 for row in straight)
+    assert (run_dir / "config.yaml").read_text().count("max_steps: 4") == 1
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
+    assert (checkpoints / "step_00000002").is_dir()
+
+    # A crash after step 2: later checkpoints and metrics are gone. Resuming must replay steps 3-4 exactly.
+    shutil.rmtree(checkpoints / "step_00000004")
+    (checkpoints / "latest").write_text("step_00000002")
+    shutil.rmtree(run_dir / "final")
+    code, output = launch(demo_args(tiny_model_dir, run_dir, "--resume", "true"))
+    assert code == 0, output[-4000:]
+    assert "resumed from" in output
+    resumed = read_metrics(run_dir)
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
+    for before, after in zip(straight[2:], resumed[2:]):
+        for key in ("forget_ce", "random_ce", "normal_kl", "total", "lr"):
+            assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-7), key
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run_dir / "final"
+    assert (final / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = tokenizer("### Question: What colour is fresh grass?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits, original_logits = model(ids).logits, original(ids).logits
+    assert torch.isfinite(logits).all()
+    assert not torch.allclose(logits, original_logits)  # it was trained
+
+
+def test_more_ranks_than_forget_samples_exits_on_every_rank(tiny_model_dir, tmp_path):
+    forget = tmp_path / "one.jsonl"
+    forget.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    code, output = launch(
+        demo_args(tiny_model_dir, tmp_path / "run", "--data.forget.source", str(forget), "--data.forget.format", "pairs",
+                  "--data.forget.prompt_field", "prompt", "--data.forget.response_field", "response",
+                  "--data.forget.held_out_fraction", "0"),
+        timeout=240,
+    )
+    assert code != 0
+    assert "every rank needs at least one" in output
