@@ -1,0 +1,483 @@
+"""Benchmark of the fused linear CE + KL loss against eager PyTorch, torch.compile, Liger-Kernel and CCE.
+
+    python -m dsunlearn.kernels.bench [--n N --h H --v V --dtype bf16 --device cuda --terms both
+                                       --impls torch,torch.compile,chunked,triton,liger,cce --json out.json]
+
+For each implementation: forward, backward and forward+backward time (median of ``--repeats``; CUDA events on a
+GPU), peak extra memory (on a GPU ``torch.cuda.max_memory_allocated`` over the inputs; on the CPU the peak
+resident memory of a fresh subprocess per implementation over its resident memory before the measured call),
+the achieved TFLOP/s counting 2·N·H·V per matrix product (6·N·H·V for the trained head, forward and backward,
+plus 2·N·H·V for the reference logits), the same as a share of the rate ``torch.mm`` reaches on this machine at
+the logits' shape and dtype, and speed and memory ratios to ``torch`` (materialised logits, eager).
+The peak extra memory includes the gradients of ``hidden`` and ``weight``, which every implementation returns.
+
+On the CPU ``triton`` runs in Triton's interpreter, at ``--interpreter-size`` (small): its row checks
+correctness against float64, its times mean nothing. Liger-Kernel and cut-cross-entropy run on CUDA only and
+are skipped with a note when missing. Works without deepspeed: it imports only torch, triton and this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+IMPLEMENTATIONS = ("torch", "torch.compile", "chunked", "triton", "liger", "cce")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_DEFAULT_SIZE = (16384, 4096, 128256)  # Llama-3 8B head over 16k tokens
+CPU_DEFAULT_SIZE = (2048, 256, 16384)
+# Problems up to this many logits are also checked against a float64 materialised reference.
+REFERENCE_CHECK_MAX_LOGITS = 2**22
+
+
+class Skipped(Exception):
+    """An implementation that cannot run here (not installed, no CUDA, term not supported)."""
+
+
+@dataclass
+class Problem:
+    num_tokens: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    device: str
+    terms: str  # "ce", "kl" or "both"
+    seed: int = 0
+
+    @property
+    def has_ce(self) -> bool:
+        return self.terms in ("ce", "both")
+
+    @property
+    def has_kl(self) -> bool:
+        return self.terms in ("kl", "both")
+
+    def flops(self) -> int:
+        """Forward+backward flops counted for this loss: 6·N·H·V for the trained head, 2·N·H·V for the reference."""
+        one_product = 2 * self.num_tokens * self.hidden_size * self.vocab_size
+        return one_product * (3 + self.has_kl)
+
+    def make_inputs(self) -> dict:
+        """Deterministic inputs; every token carries the weights of the chosen terms."""
+        dtype, device = DTYPES[self.dtype], torch.device(self.device)
+        generator = torch.Generator(device).manual_seed(self.seed)
+        n, h, v = self.num_tokens, self.hidden_size, self.vocab_size
+
+        def randn(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
+
+        weight = randn(v, h, scale=h**-0.5 * 2)
+        inputs = {
+            "hidden": randn(n, h).requires_grad_(),
+            "weight": weight.requires_grad_(),
+            "targets": torch.randint(0, v, (n,), generator=generator, device=device),
+            "ce_weight": torch.full((n,), 1.0 if self.has_ce else 0.0, device=device),
+        }
+        if self.has_kl:
+            inputs["ref_hidden"] = randn(n, h)
+            inputs["ref_weight"] = (weight.detach() + randn(v, h, scale=h**-0.5 * 0.2)).to(dtype)
+            inputs["kl_weight"] = torch.ones(n, device=device)
+        return inputs
+
+
+@dataclass
+class Row:
+    implementation: str
+    status: str = "ok"  # "ok", "skipped" or "error"
+    note: str = ""
+    size: list = field(default_factory=list)  # [N, H, V] this row ran at
+    forward_ms: float | None = None
+    backward_ms: float | None = None
+    forward_backward_ms: float | None = None
+    peak_extra_mib: float | None = None
+    tflops: float | None = None
+    percent_of_matmul: float | None = None
+    speedup_vs_torch: float | None = None
+    memory_vs_torch: float | None = None
+    loss: float | None = None
+    # Largest relative error of loss, grad of hidden, grad of weight against float64 (small problems only).
+    max_rel_error_vs_float64: float | None = None
+
+
+def eager_loss(hidden, weight, targets, ce_weight, ref_hidden=None, ref_weight=None, kl_weight=None, *, with_ce=True):
+    """The baseline a user writes: materialised logits (at least fp32), F.cross_entropy and a forward KL."""
+    logits_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = (hidden @ weight.T).to(logits_dtype)  # [N, V]
+    loss = logits.new_zeros(())
+    if with_ce:
+        loss = loss + (ce_weight * F.cross_entropy(logits, targets, reduction="none")).sum()
+    if kl_weight is not None:
+        with torch.no_grad():
+            ref_log_probs = torch.log_softmax((ref_hidden @ ref_weight.T).to(logits_dtype), dim=-1)  # [N, V]
+        token_kl = F.kl_div(torch.log_softmax(logits, dim=-1), ref_log_probs, log_target=True, reduction="none")
+        loss = loss + (kl_weight * token_kl.sum(-1)).sum()
+    return loss
+
+
+def make_loss_fn(name: str, problem: Problem):
+    """The callable ``inputs -> scalar loss`` of an implementation, or ``Skipped`` with the reason."""
+    if name == "torch":
+        return lambda inputs: eager_loss(**inputs, with_ce=problem.has_ce)
+    if name == "torch.compile":
+        compiled = torch.compile(eager_loss, dynamic=False)
+        return lambda inputs: compiled(**inputs, with_ce=problem.has_ce)
+    if name in ("chunked", "triton"):
+        from dsunlearn.kernels import fused_linear_ce_kl
+
+        if name == "triton" and problem.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
+        return lambda inputs: fused_linear_ce_kl(**inputs, backend=name)
+    if name == "liger":
+        return _liger_loss_fn(problem)
+    if name == "cce":
+        return _cce_loss_fn(problem)
+    raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+
+
+# Implementations that run on CUDA only, with how the skip note names them.
+CUDA_ONLY = {"liger": "Liger-Kernel", "cce": "cut-cross-entropy"}
+
+
+def _require_cuda(name: str, problem: Problem) -> None:
+    if name in CUDA_ONLY and problem.device != "cuda":
+        raise Skipped(f"{CUDA_ONLY[name]} runs on CUDA only")
+
+
+def _liger_loss_fn(problem: Problem):
+    _require_cuda("liger", problem)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+    except ImportError:
+        raise Skipped("liger_kernel is not installed") from None
+    fused_ce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    try:
+        # β = 0 makes Liger's generalised JSD the forward KL(p_ref ‖ p_θ) (its teacher is the reference).
+        fused_kl = LigerFusedLinearJSD(jsd_beta=0.0)
+    except (AssertionError, ValueError) as error:
+        if problem.has_kl:
+            raise Skipped(f"this Liger-Kernel has no forward KL (jsd_beta=0): {error}") from None
+        fused_kl = None
+
+    def loss_fn(inputs):
+        # Two separate heads' passes: Liger has no single op for both terms. Its JSD averages over tokens
+        # ("batchmean"): scale back to a sum so the work and the value match the other rows.
+        loss = inputs["hidden"].new_zeros((), dtype=torch.float32)
+        if problem.has_ce:
+            loss = loss + fused_ce(inputs["weight"], inputs["hidden"], inputs["targets"])
+        if problem.has_kl:
+            kl = fused_kl(inputs["hidden"], inputs["weight"], inputs["ref_hidden"], inputs["ref_weight"])
+            loss = loss + kl * problem.num_tokens
+        return loss
+
+    return loss_fn
+
+
+def _cce_loss_fn(problem: Problem):
+    _require_cuda("cce", problem)
+    if problem.has_kl:
+        raise Skipped("cut-cross-entropy has no KL term")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        raise Skipped("cut_cross_entropy is not installed") from None
+    return lambda inputs: linear_cross_entropy(inputs["hidden"], inputs["weight"], inputs["targets"], reduction="sum")
+
+
+class _Timer:
+    """Elapsed milliseconds between marks: CUDA events on a GPU, the wall clock on the CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+
+def _clear_grads(inputs: dict) -> None:
+    for tensor in inputs.values():
+        tensor.grad = None
+
+
+def time_forward_backward(loss_fn, inputs: dict, device: str, warmup: int, repeats: int):
+    """Median forward, backward and forward+backward milliseconds; the last loss value."""
+    timer = _Timer(device)
+    forward, backward, total = [], [], []
+    for step in range(warmup + repeats):
+        _clear_grads(inputs)
+        start = timer.mark()
+        loss = loss_fn(inputs)
+        middle = timer.mark()
+        loss.backward()
+        end = timer.mark()
+        if step >= warmup:
+            forward.append(timer.elapsed_ms(start, middle))
+            backward.append(timer.elapsed_ms(middle, end))
+            total.append(timer.elapsed_ms(start, end))
+    return statistics.median(forward), statistics.median(backward), statistics.median(total), loss.item()
+
+
+def cuda_peak_extra_mib(loss_fn, inputs: dict) -> float:
+    """Peak allocated CUDA memory of one forward+backward over what was allocated before it (grads included)."""
+    _clear_grads(inputs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    loss_fn(inputs).backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def cpu_peak_extra_mib(loss_fn, inputs: dict) -> float:
+    """Peak resident memory of one forward+backward over the resident memory before it (grads included).
+
+    Run after a warm-up call, in a process started with ``MALLOC_MMAP_THRESHOLD_`` low so freed tensors go
+    back to the system; /proc/self/clear_refs resets the kernel's peak (VmHWM) to the current resident size.
+    """
+    _clear_grads(inputs)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    baseline = _proc_status_kib("VmRSS")
+    loss_fn(inputs).backward()
+    return (_proc_status_kib("VmHWM") - baseline) / 1024
+
+
+def float64_errors(inputs: dict, loss: torch.Tensor) -> float:
+    """Largest relative error of the loss and both gradients against the materialised float64 formula."""
+    hidden64 = inputs["hidden"].detach().double().requires_grad_()
+    weight64 = inputs["weight"].detach().double().requires_grad_()
+    reference_inputs = {k: v.detach().double() if v.is_floating_point() else v for k, v in inputs.items()}
+    with_ce = bool(inputs["ce_weight"].any())
+    expected = eager_loss(**dict(reference_inputs, hidden=hidden64, weight=weight64), with_ce=with_ce)
+    expected.backward()
+    errors = [abs(loss.item() - expected.item()) / max(abs(expected.item()), 1e-30)]
+    for actual, reference in ((inputs["hidden"].grad, hidden64.grad), (inputs["weight"].grad, weight64.grad)):
+        scale = reference.abs().max().clamp_min(1e-30)
+        errors.append(((actual.double() - reference).abs().max() / scale).item())
+    return max(errors)
+
+
+def run_implementation(name: str, problem: Problem, warmup: int, repeats: int) -> Row:
+    """Times and measures one implementation in this process."""
+    row = Row(name, size=[problem.num_tokens, problem.hidden_size, problem.vocab_size])
+    try:
+        loss_fn = make_loss_fn(name, problem)
+        inputs = problem.make_inputs()
+        # Warm-up outside the measurements: compilation, autotuning, lazy initialisation.
+        _clear_grads(inputs)
+        loss = loss_fn(inputs)
+        loss.backward()
+        if problem.num_tokens * problem.vocab_size <= REFERENCE_CHECK_MAX_LOGITS:
+            row.max_rel_error_vs_float64 = float64_errors(inputs, loss)
+        if problem.device == "cuda":
+            row.peak_extra_mib = cuda_peak_extra_mib(loss_fn, inputs)
+        else:
+            row.peak_extra_mib = cpu_peak_extra_mib(loss_fn, inputs)
+        row.forward_ms, row.backward_ms, row.forward_backward_ms, row.loss = time_forward_backward(
+            loss_fn, inputs, problem.device, max(warmup - 1, 0), repeats
+        )
+        row.tflops = problem.flops() / (row.forward_backward_ms * 1e-3) / 1e12
+    except Skipped as reason:
+        row.status, row.note = "skipped", str(reason)
+    except Exception as error:  # a failing implementation is reported, the others still run
+        row.status, row.note = "error", f"{type(error).__name__}: {error}"[:300]
+    return row
+
+
+def matmul_tflops(problem: Problem, repeats: int) -> float:
+    """The rate of torch.mm at the logits' shape and dtype: [N, H] @ [H, V]."""
+    dtype, device = DTYPES[problem.dtype], problem.device
+    generator = torch.Generator(device).manual_seed(problem.seed)
+    hidden = torch.randn(problem.num_tokens, problem.hidden_size, generator=generator, device=device).to(dtype)
+    weight = torch.randn(problem.vocab_size, problem.hidden_size, generator=generator, device=device).to(dtype)
+    timer = _Timer(device)
+    times = []
+    for step in range(repeats + 1):
+        start = timer.mark()
+        torch.mm(hidden, weight.T)
+        end = timer.mark()
+        if step > 0:
+            times.append(timer.elapsed_ms(start, end))
+    return 2 * problem.num_tokens * problem.hidden_size * problem.vocab_size / (statistics.median(times) * 1e-3) / 1e12
+
+
+def run_in_subprocess(name: str, problem: Problem, warmup: int, repeats: int) -> Row:
+    """One implementation in a fresh Python process (CPU memory is measured per process)."""
+    try:
+        _require_cuda(name, problem)
+    except Skipped as reason:
+        return Row(name, status="skipped", note=str(reason))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    if name == "triton":
+        env["TRITON_INTERPRET"] = "1"
+    command = [
+        sys.executable, "-m", "dsunlearn.kernels.bench", "--child", name,
+        "--n", str(problem.num_tokens), "--h", str(problem.hidden_size), "--v", str(problem.vocab_size),
+        "--dtype", problem.dtype, "--device", problem.device, "--terms", problem.terms, "--seed", str(problem.seed),
+        "--warmup", str(warmup), "--repeats", str(repeats),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return Row(name, status="error", note=f"subprocess exit {done.returncode}: {done.stderr.strip()[-300:]}")
+    return Row(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} ({platform.node()})"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({platform.node()})"
+
+
+def format_table(rows: list[Row]) -> str:
+    columns = [
+        ("implementation", "implementation", "{}"),
+        ("size", "N,H,V", "{}"),
+        ("forward_ms", "fwd ms", "{:.2f}"),
+        ("backward_ms", "bwd ms", "{:.2f}"),
+        ("forward_backward_ms", "fwd+bwd ms", "{:.2f}"),
+        ("peak_extra_mib", "peak MiB", "{:.0f}"),
+        ("tflops", "TFLOP/s", "{:.3g}"),
+        ("percent_of_matmul", "% mm", "{:.0f}"),
+        ("speedup_vs_torch", "x torch", "{:.2f}"),
+        ("memory_vs_torch", "mem/torch", "{:.3f}"),
+        ("max_rel_error_vs_float64", "err f64", "{:.1e}"),
+    ]
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        values = asdict(row)
+        if row.status != "ok":
+            cells.append([row.implementation, f"{row.status}: {row.note}"])
+            continue
+        values["size"] = ",".join(map(str, row.size))
+        cells.append(["-" if values[key] is None else fmt.format(values[key]) for key, _, fmt in columns])
+    widths = [max(len(line[i]) for line in cells if len(line) == len(columns)) for i in range(len(columns))]
+    lines = []
+    for line in cells:
+        if len(line) == len(columns):
+            lines.append("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+        else:
+            lines.append(f"{line[0].rjust(widths[0])}  {line[1]}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dsunlearn.kernels.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, help="tokens (default: 16384 on CUDA, 2048 on the CPU)")
+    parser.add_argument("--h", type=int, help="hidden size (default: 4096 on CUDA, 256 on the CPU)")
+    parser.add_argument("--v", type=int, help="vocabulary size (default: 128256 on CUDA, 16384 on the CPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--terms", choices=("ce", "kl", "both"), default="both")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated, from: " + ", ".join(IMPLEMENTATIONS))
+    parser.add_argument("--repeats", type=int, help="timed repeats (default: 5 on CUDA, 3 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
+    parser.add_argument("--interpreter-size", default="64,32,1013", help="N,H,V of the triton row on the CPU (interpreter)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="bench_fused_linear_ce_kl.json", help="where to write the results")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one implementation, print its row
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    default_size = GPU_DEFAULT_SIZE if args.device == "cuda" else CPU_DEFAULT_SIZE
+    args.n, args.h, args.v = (given or default for given, default in zip((args.n, args.h, args.v), default_size))
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.repeats = args.repeats or (5 if args.device == "cuda" else 3)
+    args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = sorted(set(args.impls) - set(IMPLEMENTATIONS))
+    if unknown:
+        parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLEMENTATIONS)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    problem = Problem(args.n, args.h, args.v, args.dtype, args.device, args.terms, args.seed)
+    if args.child:
+        print(json.dumps(asdict(run_implementation(args.child, problem, args.warmup, args.repeats))))
+        return {}
+
+    interpreter_problem = Problem(*map(int, args.interpreter_size.split(",")), args.dtype, "cpu", args.terms, args.seed)
+    rows = []
+    for name in args.impls:
+        if args.device == "cuda":
+            rows.append(run_implementation(name, problem, args.warmup, args.repeats))
+            torch.cuda.empty_cache()
+        else:
+            run_problem = interpreter_problem if name == "triton" else problem
+            row = run_in_subprocess(name, run_problem, args.warmup, args.repeats)
+            if name == "triton" and row.status == "ok":
+                row.note = "Triton interpreter on the CPU: correctness only, times are not meaningful"
+            rows.append(row)
+        print(f"{name}: {rows[-1].status} {rows[-1].note}", file=sys.stderr, flush=True)
+
+    matmul_rate = matmul_tflops(problem, args.repeats)
+    torch_row = next((row for row in rows if row.implementation == "torch" and row.status == "ok"), None)
+    for row in rows:
+        if row.status != "ok" or row.size != [problem.num_tokens, problem.hidden_size, problem.vocab_size]:
+            continue
+        row.percent_of_matmul = 100 * row.tflops / matmul_rate
+        if torch_row is not None:
+            row.speedup_vs_torch = torch_row.forward_backward_ms / row.forward_backward_ms
+            if torch_row.peak_extra_mib:
+                row.memory_vs_torch = row.peak_extra_mib / torch_row.peak_extra_mib
+
+    report = {
+        "command": "python -m dsunlearn.kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(args.device),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": _triton_version()},
+        "problem": asdict(problem),
+        "flops_counted": problem.flops(),
+        "matmul_tflops": matmul_rate,
+        "results": [asdict(row) for row in rows],
+    }
+    print(
+        f"{report['machine']}; N={problem.num_tokens} H={problem.hidden_size} V={problem.vocab_size} "
+        f"{problem.dtype} terms={problem.terms}; torch.mm at [N,H]@[H,V]: {matmul_rate:.3g} TFLOP/s"
+    )
+    print(format_table(rows))
+    with open(args.json, "w") as out:
+        json.dump(report, out, indent=2)
+    print(f"wrote {args.json}")
+    return report
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    main()
