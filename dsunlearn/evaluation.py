@@ -18,7 +18,9 @@ before and an after:
 * for the unlearned model, ``similarity_to_original``: mean ROUGE-L F1 between its generation and
   the original model's generation for the same prompt.
 
-Token-level means are over all response tokens of a set (sum of NLL / number of tokens).
+Token-level means are over all response tokens of a set (sum of NLL / number of tokens). A
+perplexity too large for a double (mean NLL above ~709 nats, after heavy gradient ascent) is
+written as ``Infinity``, which Python's ``json`` reads back as ``inf``.
 
 Under ``torchrun``/``deepspeed`` (``WORLD_SIZE`` > 1) both models are ZeRO-3 inference engines:
 each rank evaluates a contiguous shard of every set, every rank makes the same number of forward

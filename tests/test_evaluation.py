@@ -13,7 +13,7 @@ from dsunlearn.config import ConfigError, DataConfig
 from dsunlearn.data import DatasetSpec, PromptFormat, tokenize_pair, tokenize_prompt
 from dsunlearn.demo import demo_data_dir
 from dsunlearn.evaluation import EvalConfig, _shard, build_eval_sets, evaluate_models, main, run_evaluation
-from dsunlearn.metrics import perplexity
+from dsunlearn.metrics import distinct_n, perplexity, rouge_l_f1, rouge_l_recall
 from dsunlearn.tiny import build_tiny_causal_lm, save_tiny_model
 
 MAX_NEW_TOKENS = 6
@@ -156,6 +156,17 @@ def test_single_process_values_match_hand_computation(single_process_run, tiny_m
                 perplexity(generated_nll, generated_tokens), rel=1e-5
             )
             assert summary["unlearned"][set_name]["generation_tokens"] == pytest.approx(generated_tokens / len(pairs))
+            # The text metrics are the metric functions applied to each model's own generations.
+            for role in ("original", "unlearned"):
+                outputs = [row[f"{role}_output"] for row in rows]
+                values = summary[role][set_name]
+                recalls = [rouge_l_recall(output, pair.response) for output, pair in zip(outputs, pairs)]
+                assert values["rouge_l_recall"] == pytest.approx(sum(recalls) / len(recalls))
+                assert values["reproduction_rate"] == pytest.approx(sum(r >= 0.5 for r in recalls) / len(recalls))
+                assert values["distinct_1"] == pytest.approx(distinct_n(outputs, 1))
+                assert values["distinct_2"] == pytest.approx(distinct_n(outputs, 2))
+            similarity = [rouge_l_f1(row["unlearned_output"], row["original_output"]) for row in rows]
+            assert summary["unlearned"][set_name]["similarity_to_original"] == pytest.approx(sum(similarity) / 3)
 
 
 def test_harm_classifier_rate_matches_its_own_judgement(single_process_run, harm_classifier_dir):
