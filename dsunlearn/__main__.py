@@ -2,6 +2,7 @@
 
     train      unlearn a model (the same as ``deepspeed dsunlearn/train.py``); see ``train --help``
     eval       evaluate an unlearned model against the original; see ``eval --help``
+    compare    put several saved evaluations (eval.json) side by side in one report
     make-demo  build the embedded demo's "original" model (tiny Llama taught the demo data)
     bench      benchmark the fused loss implementations; see ``bench --help``
 """
@@ -22,6 +23,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         from dsunlearn.train import main as run
     elif command == "eval":
         from dsunlearn.evaluation import main as run
+    elif command == "compare":
+        from dsunlearn.report import main as run
     elif command == "make-demo":
         from dsunlearn.demo import main as run
     elif command == "bench":

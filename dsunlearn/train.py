@@ -205,6 +205,8 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
         engines.export_hf(policy_engine, policy_lm, tokenizer, final_dir)
         if is_main:
             logger.info("exported the unlearned model to %s", final_dir)
+    if cfg.output.evaluate:
+        evaluate_run(cfg, policy_lm, ref_engine, tokenizer, final_dir, rank, world_size)
     if is_main:
         logger.info("metrics: %s; checkpoints: %s", metrics_path, checkpoint_dir)
     return out_dir
@@ -239,6 +241,24 @@ def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
         batch.input_ids, batch.attention_mask, batch.token_index, mode="loss",
         targets=batch.targets, ce_weight=batch.ce_weight,
     )
+
+
+def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Path, rank: int, world_size: int):
+    """Original vs unlearned on forget-train, forget-held-out and normal-held-out prompts, with the engines already
+    built (generation runs on the sharded models with ``synced_gpus``); writes ``output.dir/eval``."""
+    from dsunlearn.evaluation import EvalConfig, build_eval_sets, evaluate_models
+
+    eval_cfg = EvalConfig.from_run(cfg, model_path=str(final_dir))
+    if ref_engine is None:  # a run without the KL term built no reference: load the original for the comparison
+        dtype = engines.PRECISION_DTYPES[cfg.model.precision]
+        ref_engine = engines.load_inference_engine(
+            eval_cfg.reference_path, engines.inference_ds_config(dtype, cfg.model.reference_offload), dtype
+        )
+        reference_lm = ref_engine.module
+    else:
+        reference_lm = ref_engine.module.lm
+    sets = build_eval_sets(cfg.data, eval_cfg.sets, eval_cfg.max_samples)
+    return evaluate_models(policy_lm, reference_lm, tokenizer, sets, eval_cfg, rank=rank, world_size=world_size)
 
 
 def _grad_norm(engine) -> Optional[float]:
