@@ -426,6 +426,22 @@ def main(argv=None) -> dict:
         return {}
 
     interpreter_problem = Problem(*map(int, args.interpreter_size.split(",")), args.dtype, "cpu", args.terms, args.seed)
+    matmul_rate = matmul_tflops(problem, args.repeats)
+    print(
+        f"{machine_description(args.device)}; N={problem.num_tokens} H={problem.hidden_size} V={problem.vocab_size} "
+        f"{problem.dtype} terms={problem.terms}; torch.mm at [N,H]@[H,V]: {matmul_rate:.3g} TFLOP/s",
+        flush=True,
+    )
+    report = {
+        "command": "python -m dsunlearn.kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(args.device),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": _triton_version()},
+        "problem": asdict(problem),
+        "flops_counted": problem.flops(),
+        "matmul_tflops": matmul_rate,
+        "results": [],
+    }
     rows = []
     for name in args.impls:
         if args.device == "cuda":
@@ -438,8 +454,19 @@ def main(argv=None) -> dict:
                 row.note = "Triton interpreter on the CPU: correctness only, times are not meaningful"
             rows.append(row)
         print(f"{name}: {rows[-1].status} {rows[-1].note}", file=sys.stderr, flush=True)
+        _add_ratios(rows, problem, matmul_rate)
+        # Written after every implementation, so a run cut short by a time limit still leaves its results.
+        report["results"] = [asdict(row) for row in rows]
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
 
-    matmul_rate = matmul_tflops(problem, args.repeats)
+    print(format_table(rows))
+    print(f"wrote {args.json}")
+    return report
+
+
+def _add_ratios(rows: list[Row], problem: Problem, matmul_rate: float) -> None:
+    """Share of the torch.mm rate, and speed and memory relative to the torch row, for rows at the problem's size."""
     torch_row = next((row for row in rows if row.implementation == "torch" and row.status == "ok"), None)
     for row in rows:
         if row.status != "ok" or row.size != [problem.num_tokens, problem.hidden_size, problem.vocab_size]:
@@ -449,26 +476,6 @@ def main(argv=None) -> dict:
             row.speedup_vs_torch = torch_row.forward_backward_ms / row.forward_backward_ms
             if torch_row.peak_extra_mib:
                 row.memory_vs_torch = row.peak_extra_mib / torch_row.peak_extra_mib
-
-    report = {
-        "command": "python -m dsunlearn.kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_description(args.device),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": _triton_version()},
-        "problem": asdict(problem),
-        "flops_counted": problem.flops(),
-        "matmul_tflops": matmul_rate,
-        "results": [asdict(row) for row in rows],
-    }
-    print(
-        f"{report['machine']}; N={problem.num_tokens} H={problem.hidden_size} V={problem.vocab_size} "
-        f"{problem.dtype} terms={problem.terms}; torch.mm at [N,H]@[H,V]: {matmul_rate:.3g} TFLOP/s"
-    )
-    print(format_table(rows))
-    with open(args.json, "w") as out:
-        json.dump(report, out, indent=2)
-    print(f"wrote {args.json}")
-    return report
 
 
 def _triton_version() -> str | None:
