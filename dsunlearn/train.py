@@ -30,11 +30,11 @@ def main(argv: Optional[list[str]] = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, resolved_yaml = parse_run_config(argv)
+        return train(cfg, resolved_yaml)
     except ConfigError as err:
-        # Every rank parses the same arguments, so every rank exits here: nothing waits in a collective.
+        # Settings are checked identically on every rank, so every rank exits here: nothing waits in a collective.
         print(f"dsunlearn: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(cfg, resolved_yaml)
 
 
 def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
