@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,14 @@ def make_loss_fn(name: str, problem: Problem):
         if name == "triton" and problem.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
         return lambda inputs: fused_linear_ce_kl(**inputs, backend=name)
+    if name.startswith("triton@"):
+        # The triton backend with a given chunk height (rows per chunk), to tune its default.
+        from dsunlearn.kernels.triton_ce_kl import triton_fused_linear_ce_kl
+
+        if problem.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
+        chunk_rows = int(name.split("@", 1)[1])
+        return lambda inputs: triton_fused_linear_ce_kl(**inputs, chunk_rows=chunk_rows)
     if name == "liger":
         return _liger_loss_fn(problem)
     if name == "cce":
@@ -335,7 +344,7 @@ def run_in_subprocess(name: str, problem: Problem, warmup: int, repeats: int) ->
     except Skipped as reason:
         return Row(name, status="skipped", note=str(reason))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    if name == "triton":
+    if name.startswith("triton"):
         env["TRITON_INTERPRET"] = "1"
     command = [
         sys.executable, "-m", "dsunlearn.kernels.bench", "--child", name,
@@ -395,7 +404,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--terms", choices=("ce", "kl", "both"), default="both")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated, from: " + ", ".join(IMPLEMENTATIONS))
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated, from: " + ", ".join(IMPLEMENTATIONS) + "; triton@ROWS sets triton's rows per chunk")
     parser.add_argument("--repeats", type=int, help="timed repeats (default: 5 on CUDA, 3 on the CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
     parser.add_argument("--interpreter-size", default="64,32,1013", help="N,H,V of the triton row on the CPU (interpreter)")
@@ -412,7 +421,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.repeats = args.repeats or (5 if args.device == "cuda" else 3)
     args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = sorted(set(args.impls) - set(IMPLEMENTATIONS))
+    unknown = sorted(name for name in args.impls if name not in IMPLEMENTATIONS and not re.fullmatch(r"triton@\d+", name))
     if unknown:
         parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLEMENTATIONS)}")
     return args
@@ -448,9 +457,9 @@ def main(argv=None) -> dict:
             rows.append(run_implementation(name, problem, args.warmup, args.repeats))
             torch.cuda.empty_cache()
         else:
-            run_problem = interpreter_problem if name == "triton" else problem
+            run_problem = interpreter_problem if name.startswith("triton") else problem
             row = run_in_subprocess(name, run_problem, args.warmup, args.repeats)
-            if name == "triton" and row.status == "ok":
+            if name.startswith("triton") and row.status == "ok":
                 row.note = "Triton interpreter on the CPU: correctness only, times are not meaningful"
             rows.append(row)
         print(f"{name}: {rows[-1].status} {rows[-1].note}", file=sys.stderr, flush=True)

@@ -65,7 +65,7 @@ step "gpu tests" 150 "$out_dir/pytest_gpu.txt" \
 
 step "bench ce+kl" 240 "$out_dir/bench_both.txt" \
     "$python" -m dsunlearn.kernels.bench --device cuda --dtype bf16 --n 16384 --h 4096 --v 128256 --terms both \
-    --impls torch,triton,chunked,liger,cce,torch.compile --repeats 5 --json "$out_dir/bench_both.json"
+    --impls torch,triton,triton@384,triton@1536,chunked,liger,cce,torch.compile --repeats 5 --json "$out_dir/bench_both.json"
 
 step "bench ce" 60 "$out_dir/bench_ce.txt" \
     "$python" -m dsunlearn.kernels.bench --device cuda --dtype bf16 --n 16384 --h 4096 --v 128256 --terms ce \

@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from dsunlearn.kernels.bench import IMPLEMENTATIONS, Problem, format_table, parse_args, Row
 
 
@@ -18,9 +20,11 @@ def test_flops_count_six_nhv_for_the_head_and_two_for_the_reference():
 
 
 def test_cpu_defaults_and_implementation_list():
-    args = parse_args(["--device", "cpu", "--impls", "torch, chunked"])
+    args = parse_args(["--device", "cpu", "--impls", "torch, chunked,triton@384"])
     assert (args.n, args.h, args.v, args.dtype) == (2048, 256, 16384, "fp32")
-    assert args.impls == ["torch", "chunked"]
+    assert args.impls == ["torch", "chunked", "triton@384"]
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--impls", "torch,triton@many"])
 
 
 def test_table_lists_skipped_rows_with_their_reason():
