@@ -9,6 +9,8 @@ compiled, through the ``gpu``-marked test, and the interpreter tests are skipped
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -239,15 +241,43 @@ def test_default_chunk_rows_stays_within_a_multiple_of_the_input():
     assert triton_ce_kl.default_chunk_rows(5, 4096, 128256, 2, has_kl=False) == 5
 
 
+# Compiled in a fresh process: in this one the kernel may be the interpreter's.
+COMPILE_FOR_SM90 = """
+import itertools, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsunlearn.kernels.triton_ce_kl import _ce_kl_rows_kernel, MAX_BLOCK_V
+pointers = ["logits_ptr", "ref_logits_ptr", "grad_logits_ptr", "targets_ptr", "ce_weight_ptr", "kl_weight_ptr",
+            "token_ce_ptr", "token_kl_ptr"]
+scalars = ["stride_logits", "stride_ref_logits", "stride_grad_logits", "vocab_size"]
+flags = ["HAS_KL", "HAS_SOFTCAP", "COMPUTE_GRAD"]
+signature = dict.fromkeys(pointers, "*fp32") | {"targets_ptr": "*i64", "grad_logits_ptr": "*bf16"}
+signature |= dict.fromkeys(scalars, "i32") | {"softcap": "fp32"} | dict.fromkeys(flags + ["BLOCK_V"], "constexpr")
+for values in itertools.product([False, True], repeat=3):
+    constexprs = dict(zip(flags, values), BLOCK_V=MAX_BLOCK_V)
+    source = ASTSource(fn=_ce_kl_rows_kernel, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert kernel.asm["cubin"], values
+print("compiled", 2**3)
+"""
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 8" in done.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("terms", ["both", "ce", "kl"])
-def test_cuda_matches_float64_reference(dtype, tolerance, terms):
+def test_cuda_matches_float64_reference(dtype, tolerance, terms, monkeypatch):
     if INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1 is set: the kernel is not compiled in this process")
     # TF32 would change fp32 products; the contract is fp32 accumulation of fp32 products.
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for seed, (num_tokens, hidden_size, vocab_size), chunk_rows, softcap in [
         (11, (37, 19, 1013), None, None),
         (12, (300, 64, 5003), 128, None),
