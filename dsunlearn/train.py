@@ -156,7 +156,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
 
         progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="unlearning", dynamic_ncols=True)
     gas = cfg.train.gradient_accumulation_steps
-    last_saved_step = start_step
+    stop_signal = _catch_stop_signals()
     for step in range(start_step, cfg.train.max_steps):
         started = time.perf_counter()
         lr = policy_engine.get_lr()[0]
@@ -172,7 +172,9 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
             step_loss += loss.detach() / gas
             step_tokens += batch.num_tokens
         # Per-rank sums and means -> global values (each rank holds the same number of sequences).
-        totals = torch.cat([sums, step_loss.view(1), step_tokens.view(1)])
+        # The stop flag rides along, so all ranks agree to stop after the same step.
+        stop = torch.tensor([float(stop_signal.received)], device=device)
+        totals = torch.cat([sums, step_loss.view(1), step_tokens.view(1), stop])
         torch.distributed.all_reduce(totals)
         elapsed = time.perf_counter() - started
         row = {"step": step + 1, **objective.term_means(totals[:8])}
@@ -189,15 +191,20 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
                 progress.set_postfix(_postfix(row), refresh=False)
         every = cfg.train.checkpoint_every
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps:
+        stopping = bool(totals[10] > 0)
+        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps or stopping:
             engines.save_checkpoint(
                 policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints
             )
-            last_saved_step = step + 1
+        if stopping:
+            if is_main:
+                progress.close()
+                logger.warning(
+                    "stopped by a signal after step %d; checkpoint saved: continue with --resume true", step + 1
+                )
+            raise SystemExit(143)
     if progress is not None:
         progress.close()
-    if last_saved_step != cfg.train.max_steps and start_step < cfg.train.max_steps:
-        engines.save_checkpoint(policy_engine, checkpoint_dir, cfg.train.max_steps, {"step": cfg.train.max_steps}, cfg.train.keep_checkpoints)
 
     # ---- outputs ----
     final_dir = out_dir / "final"
@@ -259,6 +266,24 @@ def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Pa
         reference_lm = ref_engine.module.lm
     sets = build_eval_sets(cfg.data, eval_cfg.sets, eval_cfg.max_samples)
     return evaluate_models(policy_lm, reference_lm, tokenizer, sets, eval_cfg, rank=rank, world_size=world_size)
+
+
+class _StopSignal:
+    received = False
+
+
+def _catch_stop_signals() -> _StopSignal:
+    """SIGTERM (SLURM preemption, ``scancel``, a job's time limit with ``--signal``) asks for a checkpoint at the end
+    of the current step instead of killing the run mid-step."""
+    import signal
+
+    flag = _StopSignal()
+
+    def handler(signum, frame):
+        flag.received = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
 
 
 def _grad_norm(engine) -> Optional[float]:

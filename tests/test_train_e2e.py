@@ -88,3 +88,28 @@ def test_more_ranks_than_forget_samples_exits_on_every_rank(tiny_model_dir, tmp_
     )
     assert code != 0
     assert "every rank needs at least one" in output
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path):
+    """A preempted job (SIGTERM, as SLURM sends) stops after the current step with a checkpoint of that step."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = demo_args(tiny_model_dir, run_dir)
+    args[args.index("--train.max_steps") + 1] = "500"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "dsunlearn", "train", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()[-4000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 143, output[-4000:]
+    last_step = read_metrics(run_dir)[-1]["step"]
+    assert 3 <= last_step < 500
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last_step:08d}"
+    assert "--resume true" in output

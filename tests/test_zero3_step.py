@@ -84,7 +84,7 @@ def _single_process_step(policy_dir, reference_dir, cfg):
     torch.stack(losses).mean().backward()
     grads = {"lm." + name: p.grad.clone() for name, p in policy.named_parameters()}
     weights = {"lm." + name: (p - LR * p.grad).detach() for name, p in policy.named_parameters()}
-    return [float(x) for x in losses], grads, weights
+    return [float(x.detach()) for x in losses], grads, weights
 
 
 def _relative_error(actual, expected):
