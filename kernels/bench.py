@@ -64,7 +64,7 @@ class Problem:
         return self.terms in ("kl", "both")
 
     def flops(self) -> int:
-        """Forward+backward flops counted for this loss: 6·N·H·V for the trained head, 2·N·H·V for the reference."""
+        """Forward+backward flops counted: 6·N·H·V for the trained head, 2·N·H·V for the reference logits."""
         one_product = 2 * self.num_tokens * self.hidden_size * self.vocab_size
         return one_product * (3 + self.has_kl)
 
@@ -404,10 +404,14 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--terms", choices=("ce", "kl", "both"), default="both")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated, from: " + ", ".join(IMPLEMENTATIONS) + "; triton@ROWS sets triton's rows per chunk")
+    parser.add_argument(
+        "--impls",
+        default=",".join(IMPLEMENTATIONS),
+        help=f"comma-separated, from: {', '.join(IMPLEMENTATIONS)}; triton@ROWS: triton with ROWS rows per chunk",
+    )
     parser.add_argument("--repeats", type=int, help="timed repeats (default: 5 on CUDA, 3 on the CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
-    parser.add_argument("--interpreter-size", default="64,32,1013", help="N,H,V of the triton row on the CPU (interpreter)")
+    parser.add_argument("--interpreter-size", default="64,32,1013", help="N,H,V of triton rows on the CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="bench_fused_linear_ce_kl.json", help="where to write the results")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one implementation, print its row
@@ -421,7 +425,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.repeats = args.repeats or (5 if args.device == "cuda" else 3)
     args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = sorted(name for name in args.impls if name not in IMPLEMENTATIONS and not re.fullmatch(r"triton@\d+", name))
+    unknown = [name for name in args.impls if name not in IMPLEMENTATIONS and not re.fullmatch(r"triton@\d+", name)]
     if unknown:
         parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLEMENTATIONS)}")
     return args

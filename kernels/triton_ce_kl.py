@@ -20,8 +20,9 @@ As in Liger-Kernel's fused linear cross-entropy, the gradients are made during t
 scales them by the upstream gradient; the loss is linear in that gradient, so this is exact for any value,
 negative weights included.
 
-Tokens whose two weights are 0 are dropped before any matrix product (``torch.nonzero``: one device-to-host
-synchronisation per call, which the Python loop over chunks needs anyway to know how many chunks to launch).
+Tokens whose two weights are 0 are dropped before any matrix product: a stable sort groups the rows and one
+device-to-host copy of the group sizes per call tells the Python loop how many chunks to launch (the one host
+synchronisation; a loop of cuBLAS calls cannot size itself on the device).
 """
 
 from __future__ import annotations
@@ -82,12 +83,13 @@ def _ce_kl_rows_kernel(
     cols_in_block = tl.arange(0, BLOCK_V)
 
     # Pass 1: per-lane online logsumexp (one running max and sum per lane, merged after the loop), so the loop body
-    # has no cross-lane reduction. The start value is finite so that exp(old_max − new_max) is never exp(−inf + inf).
+    # has no cross-lane reduction. The start value is finite so that exp(old_max − new_max) is never
+    # exp(−inf + inf).
     max_lanes = tl.full([BLOCK_V], -3.0e38, tl.float32)
     sum_lanes = tl.full([BLOCK_V], 0.0, tl.float32)
     ref_max_lanes = tl.full([BLOCK_V], -3.0e38, tl.float32)
     ref_sum_lanes = tl.full([BLOCK_V], 0.0, tl.float32)
-    # Σ_v exp(ref_z_v − ref_max)·(ref_z_v − z_v): after normalisation E_{p_ref}[ref_z − z], the cross term of the KL.
+    # Σ_v exp(ref_z_v − ref_max)·(ref_z_v − z_v): after normalisation E_{p_ref}[ref_z − z], the KL's cross term.
     cross_lanes = tl.full([BLOCK_V], 0.0, tl.float32)
     for block_start in range(0, vocab_size, BLOCK_V):
         cols = block_start + cols_in_block
@@ -127,7 +129,8 @@ def _ce_kl_rows_kernel(
         ref_lane_scale = tl.exp(ref_max_lanes - ref_row_max)
         ref_sum = tl.reduce(ref_sum_lanes * ref_lane_scale, 0, _sum_combine)
         ref_logsumexp = ref_row_max + tl.log(ref_sum)
-        # KL = Σ p_ref (ref_z − ref_lse − z + lse) = E_{p_ref}[ref_z − z] − ref_lse + lse; exactly 0 when ref_z == z.
+        # KL = Σ p_ref (ref_z − ref_lse − z + lse) = E_{p_ref}[ref_z − z] − ref_lse + lse, exactly 0 where
+        # ref_z == z.
         cross = tl.reduce(cross_lanes * ref_lane_scale, 0, _sum_combine) / ref_sum
         tl.store(token_kl_ptr + row, cross - ref_logsumexp + logsumexp)
 
@@ -289,7 +292,7 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
             grad_logits = torch.empty(logits.shape, dtype=grad_logits_dtype, device=device) if compute_grad else None
             # Chunk rows [0, kl_offset) have no KL term; rows [kl_offset, C) are rows [ref_start, ref_end) of the
             # reference inputs.
-            kl_offset = max(start, num_without_kl) - start
+            kl_offset = min(max(start, num_without_kl), end) - start
             ref_start, ref_end = start + kl_offset - num_without_kl, end - num_without_kl
 
             if kl_offset > 0:
@@ -395,29 +398,29 @@ def triton_fused_linear_ce_kl(
     vocab_size = weight.shape[0]
 
     ce_weight = ce_weight.detach().float()
-    if kl_weight is None:
-        rows_without_kl = (ce_weight != 0).nonzero().squeeze(1)  # [M]; the call's one host synchronisation
-        rows_with_kl = rows_without_kl[:0]
-    else:
+    # Group 0: CE only, 1: with KL, 2: both weights 0. A stable sort by group gives the row order the Function
+    # wants ([without KL; with KL], dropped rows last) and the group sizes cost the call's one host synchronisation.
+    group = torch.where(ce_weight != 0, 0, 2)  # [N]
+    if kl_weight is not None:
         kl_weight = kl_weight.detach().float()
-        with_kl = kl_weight != 0
-        rows_without_kl = ((ce_weight != 0) & ~with_kl).nonzero().squeeze(1)
-        rows_with_kl = with_kl.nonzero().squeeze(1)  # [K]
-    active_rows = torch.cat([rows_without_kl, rows_with_kl])  # [M]
+        group = torch.where(kl_weight != 0, 1, group)
+    order = torch.argsort(group, stable=True)  # [N]
+    num_without_kl, num_with_kl, _ = torch.bincount(group, minlength=3).tolist()
+    active_rows = order[: num_without_kl + num_with_kl]  # [M]
+    rows_with_kl = active_rows[num_without_kl:]  # [K]
     num_active = active_rows.numel()
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(
-            max(num_active, 1), hidden_size, vocab_size, hidden.element_size(), rows_with_kl.numel() > 0
+            max(num_active, 1), hidden_size, vocab_size, hidden.element_size(), num_with_kl > 0
         )
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
     grad_enabled = torch.is_grad_enabled()
     # The usual case (every token active, none or all with a KL term) needs no gathered copy of the inputs.
-    in_order = num_active == num_tokens and rows_with_kl.numel() in (0, num_tokens)
+    in_order = num_active == num_tokens and num_with_kl in (0, num_tokens)
     if kl_weight is not None:
-        all_kl = rows_with_kl.numel() == num_tokens
-        ref_hidden = ref_hidden.detach() if all_kl else ref_hidden.detach()[rows_with_kl]  # [K, H]
+        ref_hidden = ref_hidden.detach() if num_with_kl == num_tokens else ref_hidden.detach()[rows_with_kl]  # [K, H]
     else:
         ref_hidden = None
     loss, active_ce, active_kl = TritonFusedLinearCEKLFunction.apply(
@@ -428,7 +431,7 @@ def triton_fused_linear_ce_kl(
         ref_hidden,
         None if kl_weight is None else ref_weight.detach(),
         None if kl_weight is None else kl_weight[rows_with_kl],
-        rows_without_kl.numel(),
+        num_without_kl,
         softcap,
         chunk_rows,
         grad_enabled and hidden.requires_grad,

@@ -62,9 +62,11 @@ def make_problem(num_tokens, hidden_size, vocab_size, dtype, device, terms, seed
     targets = torch.randint(0, vocab_size, (num_tokens,), generator=generator)
     # Each weight is positive, negative or zero with equal odds; "both zero" rows must cost nothing.
     choice = torch.randint(0, 3, (num_tokens,), generator=generator)
-    ce_weight = torch.where(choice == 0, 0.0, torch.where(choice == 1, 0.7, -0.4)) * torch.rand(num_tokens, generator=generator)
+    magnitude = torch.rand(num_tokens, generator=generator)
+    ce_weight = torch.where(choice == 0, 0.0, torch.where(choice == 1, 0.7, -0.4)) * magnitude
     choice = torch.randint(0, 3, (num_tokens,), generator=generator)
-    kl_weight = torch.where(choice == 0, 0.0, torch.where(choice == 1, 1.3, -0.2)) * torch.rand(num_tokens, generator=generator)
+    magnitude = torch.rand(num_tokens, generator=generator)
+    kl_weight = torch.where(choice == 0, 0.0, torch.where(choice == 1, 1.3, -0.2)) * magnitude
     if terms == "ce":
         kl_weight = None
     elif terms == "kl":
@@ -127,10 +129,14 @@ def test_matches_float64_reference_fp32_odd_shapes(terms):
 
 
 @needs_interpreter
-def test_several_chunks_with_kl_rows_split_across_them():
-    # 9-row chunks put the boundary between rows without and with KL inside a chunk.
+@pytest.mark.parametrize("chunk_rows", [3, 11])
+def test_several_chunks_with_kl_rows_split_across_them(chunk_rows):
+    # Rows are ordered [CE only; with KL]; here 9 are CE only, so 3-row chunks have chunks without any KL row
+    # and 11-row chunks put the boundary inside the first chunk.
     inputs = make_problem(37, 19, 1013, torch.float32, "cpu", "both", seed=2)
-    check_against_reference(inputs, tolerance=1e-5, chunk_rows=9)
+    ce_only = (inputs["ce_weight"] != 0) & (inputs["kl_weight"] == 0)
+    assert 3 < ce_only.sum().item() < 11
+    check_against_reference(inputs, tolerance=1e-5, chunk_rows=chunk_rows)
 
 
 @needs_interpreter
@@ -140,9 +146,10 @@ def test_softcap_matches_reference():
 
 
 @needs_interpreter
-def test_bf16_inputs_within_1e_2():
-    inputs = make_problem(37, 19, 1013, torch.bfloat16, "cpu", "both", seed=4)
-    check_against_reference(inputs, tolerance=1e-2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_within_1e_2(dtype):
+    inputs = make_problem(37, 19, 1013, dtype, "cpu", "both", seed=4)
+    check_against_reference(inputs, tolerance=1e-2, softcap=4.0)
 
 
 @needs_interpreter
@@ -264,7 +271,8 @@ print("compiled", 2**3)
 
 def test_kernel_compiles_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", COMPILE_FOR_SM90]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compiled 8" in done.stdout
 
