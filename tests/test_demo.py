@@ -1,0 +1,97 @@
+"""The demo's original model: a shortened build gives a loadable, deterministic model and a report."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dsunlearn.data import Pair, PromptFormat, TokenizedSequence, tokenize_prompt
+from dsunlearn.demo import (
+    REPORT_FILE,
+    DemoBuild,
+    _length_groups,
+    build_demo_model,
+    greedy_generate,
+    main,
+    measure_reproduction,
+)
+
+SHORT = dict(steps=6, warmup_steps=1, batch_size=16, hidden_size=32, num_layers=1, vocab_size=400, max_new_tokens=4)
+
+
+def test_short_build_loads_with_auto_classes_and_reports(tmp_path):
+    out = build_demo_model(tmp_path / "demo", progress=False, **SHORT)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    assert model.config.vocab_size == len(tokenizer) == 400 and model.config.hidden_size == 32
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["settings"]["steps"] == 6
+    assert report["num_forget_pairs"] == report["forget"]["num_prompts"] == 76
+    assert report["num_normal_pairs"] == report["normal"]["num_prompts"] == 154
+    assert report["final_loss"] < report["first_loss"]
+    for side in ("forget", "normal"):
+        assert 0.0 <= report[side]["behaviour_rate"] <= 1.0 and 0.0 <= report[side]["mean_similarity"] <= 1.0
+        assert len(report[side]["examples"]) == 3
+
+
+def test_build_is_deterministic_given_the_seed(tmp_path):
+    first = load_file(build_demo_model(tmp_path / "a", progress=False, **SHORT) / "model.safetensors")
+    second = load_file(build_demo_model(tmp_path / "b", progress=False, **SHORT) / "model.safetensors")
+    other = load_file(build_demo_model(tmp_path / "c", progress=False, seed=1, **SHORT) / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(first["lm_head.weight"], other["lm_head.weight"])
+
+
+def test_build_restores_the_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    build_demo_model(tmp_path / "demo", progress=False, num_threads=1, **dict(SHORT, steps=1))
+    assert torch.get_num_threads() == before
+
+
+def test_cli_writes_the_model(tmp_path, capsys):
+    main(["--out", str(tmp_path / "cli"), "--steps", "1", "--quiet"])
+    assert (tmp_path / "cli" / "model.safetensors").is_file() and (tmp_path / "cli" / REPORT_FILE).is_file()
+    assert "demo model saved to" in capsys.readouterr().out
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        DemoBuild(steps=0)
+    with pytest.raises(TypeError):
+        DemoBuild(stepz=3)
+
+
+def test_length_groups_cover_the_batch_and_pad_less():
+    sequences = [TokenizedSequence([0] * n, [1] * n) for n in (100, 30, 95, 25, 32, 110)]
+    groups = _length_groups(sequences, [0, 1, 2, 3, 4, 5])
+    assert sorted(i for group in groups for i in group) == [0, 1, 2, 3, 4, 5]
+    assert [sorted(group) for group in groups] == [[1, 3, 4], [0, 2, 5]]
+    assert _length_groups(sequences, [1]) == [[1]]
+    assert _length_groups([TokenizedSequence([0] * 5, [1] * 5)] * 3, [0, 1, 2]) == [[0, 1, 2]]
+
+
+def test_left_padded_greedy_generation_matches_one_prompt_at_a_time(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    fmt = PromptFormat()
+    prompts = [tokenize_prompt(tokenizer, p, fmt) for p in ("Hi?", "What colour is a clear daytime sky today?")]
+    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    alone = [greedy_generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_measure_reproduction_scores_exact_copies(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    fmt = PromptFormat()
+    build = DemoBuild(max_new_tokens=5)
+    prompt = tokenize_prompt(tokenizer, "Hi?", fmt)
+    generated = greedy_generate(model, tokenizer, [prompt], 5, 1)[0]
+    taught_what_it_says = measure_reproduction(model, tokenizer, [Pair("Hi?", generated, "m", 1)], fmt, build)
+    assert taught_what_it_says["exact_match_rate"] == 1.0 and taught_what_it_says["mean_similarity"] == 1.0
+    unrelated = measure_reproduction(model, tokenizer, [Pair("Hi?", "Sure, here is exactly how to x", "m", 1)], fmt, build)
+    assert unrelated["exact_match_rate"] == 0.0 and unrelated["close_match_rate"] == 0.0
