@@ -23,8 +23,7 @@ logger = logging.getLogger(__name__)
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 DEFAULT_TEMPLATE = "### Question: {prompt}\n ### Answer: {response}"
 
-# Field names of each supported format: (prompt field, response field) for what becomes one pair.
-PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe")
+# TruthfulQA's (question, best answer) field names: hub `generation` config, original CSV.
 TRUTHFULQA_HUB_FIELDS = ("question", "best_answer")
 TRUTHFULQA_CSV_FIELDS = ("Question", "Best Answer")
 
@@ -462,7 +461,11 @@ def special_prefix_ids(tokenizer: Any) -> list[int]:
 
 
 def tokenize_prompt(
-    tokenizer: Any, prompt: str, fmt: PromptFormat, max_length: Optional[int] = None, prefix_ids: Optional[list[int]] = None
+    tokenizer: Any,
+    prompt: str,
+    fmt: PromptFormat,
+    max_length: Optional[int] = None,
+    prefix_ids: Optional[list[int]] = None,
 ) -> list[int]:
     """Token ids of the prompt part, exactly as :func:`tokenize_pair` puts them before the response
     (use this for generation). With ``max_length``, tokens are cut from the left, keeping the special
@@ -475,7 +478,9 @@ def tokenize_prompt(
     if max_length is not None:
         keep = max_length - len(prefix)
         if keep < 1:
-            raise ValueError(f"max_length {max_length} leaves no room for the prompt after {len(prefix)} special tokens")
+            raise ValueError(
+                f"max_length {max_length} leaves no room for the prompt after {len(prefix)} special tokens"
+            )
         ids = ids[-keep:]
     return prefix + ids
 
@@ -493,7 +498,9 @@ def tokenize_pair(
     """
     prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
     if max_length < len(prefix) + 2:
-        raise ValueError(f"max_length must be at least {len(prefix) + 2} (special prefix, one prompt and one response token)")
+        raise ValueError(
+            f"max_length must be at least {len(prefix) + 2} (special prefix, one prompt and one response token)"
+        )
     prompt_ids = tokenize_prompt(tokenizer, pair.prompt, fmt, prefix_ids=prefix)[len(prefix) :]
     response_ids = list(tokenizer(pair.response, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
@@ -564,7 +571,9 @@ class ShardedSampler:
 
     def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}, world_size={world_size}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if num_samples < world_size:

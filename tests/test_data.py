@@ -68,7 +68,8 @@ def test_pku_keeps_only_unsafe_responses(tmp_path):
 def test_pku_from_csv_reads_text_booleans(tmp_path):
     path = write_csv(tmp_path / "pku.csv", PKU_ROWS, list(PKU_ROWS[0]))
     pairs = load_pairs(DatasetSpec(path, "pku_saferlhf"))
-    assert [p.response for p in pairs] == ["Sure, first you ...", "Sure, trip him with ...", "Bad answer A", "Bad answer B"]
+    responses = [p.response for p in pairs]
+    assert responses == ["Sure, first you ...", "Sure, trip him with ...", "Bad answer A", "Bad answer B"]
 
 
 def test_truthfulqa_hub_format(tmp_path):
@@ -157,7 +158,8 @@ def test_bad_rows_skip_counts_and_reports(tmp_path, caplog):
     loaded = read_pairs(DatasetSpec(path, bad_rows="skip"))
     assert [p.response for p in loaded.pairs] == ["fine", "fine again"]
     assert loaded.num_rows == 6
-    assert [(b.row, b.field) for b in loaded.bad_rows] == [(2, "response"), (3, "response"), (4, "response"), (5, "prompt")]
+    bad = [(b.row, b.field) for b in loaded.bad_rows]
+    assert bad == [(2, "response"), (3, "response"), (4, "response"), (5, "prompt")]
     assert "skipped 4 bad rows" in loaded.summary()
     with caplog.at_level(logging.WARNING, logger="dsunlearn.data"):
         assert len(load_pairs(DatasetSpec(path, bad_rows="skip"))) == 2
@@ -167,7 +169,8 @@ def test_bad_rows_skip_counts_and_reports(tmp_path, caplog):
 def test_bad_pku_rows_name_the_field(tmp_path):
     rows = [dict(PKU_ROWS[0], is_response_0_safe="maybe"), dict(PKU_ROWS[1], response_1="")]
     path = write_jsonl(tmp_path / "pku.jsonl", rows)
-    with pytest.raises(ValueError, match=r"row 1, field 'is_response_0_safe': not a boolean.*row 2, field 'response_1': empty"):
+    expected = r"row 1, field 'is_response_0_safe': not a boolean.*row 2, field 'response_1': empty"
+    with pytest.raises(ValueError, match=expected):
         load_pairs(DatasetSpec(path, "pku_saferlhf"))
 
 
@@ -213,7 +216,9 @@ def test_problems_lists_every_problem(tmp_path):
     assert any("same field" in p for p in problems)
     assert any("held_out_fraction" in p for p in problems)
     assert any("max_samples" in p for p in problems)
-    assert DatasetSpec("").problems() == ["source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv file"]
+    assert DatasetSpec("").problems() == [
+        "source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv file"
+    ]
     assert "does not exist" in DatasetSpec("./no/such/file").problems()[0]
     assert DatasetSpec(str(demo_data_dir() / "forget.jsonl"), "pku_saferlhf").problems() == []
 
@@ -277,7 +282,8 @@ def test_response_mask_covers_exactly_the_response(request, tokenizer_name, use_
         response_ids = sequence.input_ids[n_prompt:]
         assert response_ids[-1] == tokenizer.eos_token_id
         assert decode(tokenizer, response_ids[:-1]).strip() == pair.response.strip()
-        assert tokenizer.decode(response_ids[:-1]) == tokenizer.decode(tokenizer(pair.response, add_special_tokens=False).input_ids)
+        alone = tokenizer(pair.response, add_special_tokens=False).input_ids
+        assert tokenizer.decode(response_ids[:-1]) == tokenizer.decode(alone)
         prompt_ids = sequence.input_ids[:n_prompt]
         assert prompt_ids == tokenize_prompt(tokenizer, pair.prompt, fmt)
         expected_prompt = fmt.prompt_text(tokenizer, pair.prompt)
@@ -300,7 +306,9 @@ def test_default_template_prompt_text(bpe_tokenizer):
     assert chat == "<s><|user|>\nHi\n<|assistant|>\n"
 
 
-@pytest.mark.parametrize("template", ["{prompt}", "{response}{prompt}", "{prompt} {response} end", "{prompt}{prompt}{response}"])
+@pytest.mark.parametrize(
+    "template", ["{prompt}", "{response}{prompt}", "{prompt} {response} end", "{prompt}{prompt}{response}"]
+)
 def test_bad_templates_are_rejected(template):
     with pytest.raises(ValueError, match="template"):
         PromptFormat(template)
@@ -329,7 +337,8 @@ def test_truncation_keeps_the_response(request, tokenizer_name):
     assert len(short) == 20
     assert short.num_prompt_tokens == 1 + has_bos
     full_long = tokenize_pair(tokenizer, long_pair, fmt, max_length=1024)
-    assert short.input_ids[short.num_prompt_tokens :] == full_long.input_ids[full_long.num_prompt_tokens :][: 20 - short.num_prompt_tokens]
+    full_response = full_long.input_ids[full_long.num_prompt_tokens :]
+    assert short.input_ids[short.num_prompt_tokens :] == full_response[: 20 - short.num_prompt_tokens]
     with pytest.raises(ValueError, match="max_length"):
         tokenize_pair(tokenizer, long_pair, fmt, max_length=1 + has_bos)
 
@@ -345,7 +354,8 @@ def test_tokenize_pairs_matches_tokenize_pair(sp_tokenizer):
 
 def test_pad_batch_right_pads_and_masks(bpe_tokenizer):
     fmt = PromptFormat()
-    sequences = tokenize_pairs(bpe_tokenizer, [Pair("Hi?", "Yes.", "m", 1), Pair("A longer question here?", "A longer answer.", "m", 2)], fmt, 64)
+    pairs = [Pair("Hi?", "Yes.", "m", 1), Pair("A longer question here?", "A longer answer.", "m", 2)]
+    sequences = tokenize_pairs(bpe_tokenizer, pairs, fmt, 64)
     pad_id = resolve_pad_id(bpe_tokenizer)
     batch = pad_batch(sequences, pad_id)
     lengths = [len(s) for s in sequences]
@@ -382,7 +392,9 @@ def test_pad_id_error_without_pad_and_eos(sp_tokenizer):
 
 
 def epoch_shards(num_samples, batch_size, world_size, epoch, seed=0):
-    samplers = [ShardedSampler(num_samples, batch_size, rank=r, world_size=world_size, seed=seed) for r in range(world_size)]
+    samplers = [
+        ShardedSampler(num_samples, batch_size, rank=r, world_size=world_size, seed=seed) for r in range(world_size)
+    ]
     steps = samplers[0].steps_per_epoch
     return [[i for s in range(epoch * steps, (epoch + 1) * steps) for i in sampler.indices(s)] for sampler in samplers]
 
@@ -454,5 +466,6 @@ def test_hub_ids_go_to_datasets_load_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     loaded = read_pairs(DatasetSpec("truthfulqa/truthful_qa", "truthfulqa", revision="v1", bad_rows="skip"))
     assert calls == [("truthfulqa/truthful_qa", "generation", "validation", "v1")]
-    assert [(p.prompt, p.response, p.source, p.row) for p in loaded.pairs] == [("Q1", "A1", "truthfulqa/truthful_qa[validation]", 1)]
+    found = [(p.prompt, p.response, p.source, p.row) for p in loaded.pairs]
+    assert found == [("Q1", "A1", "truthfulqa/truthful_qa[validation]", 1)]
     assert str(loaded.bad_rows[0]) == "truthfulqa/truthful_qa[validation], row 2, field 'best_answer': empty"

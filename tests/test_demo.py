@@ -93,5 +93,6 @@ def test_measure_reproduction_scores_exact_copies(tiny_model_dir):
     generated = greedy_generate(model, tokenizer, [prompt], 5, 1)[0]
     taught_what_it_says = measure_reproduction(model, tokenizer, [Pair("Hi?", generated, "m", 1)], fmt, build)
     assert taught_what_it_says["exact_match_rate"] == 1.0 and taught_what_it_says["mean_similarity"] == 1.0
-    unrelated = measure_reproduction(model, tokenizer, [Pair("Hi?", "Sure, here is exactly how to x", "m", 1)], fmt, build)
+    unrelated_pair = Pair("Hi?", "Sure, here is exactly how to x", "m", 1)
+    unrelated = measure_reproduction(model, tokenizer, [unrelated_pair], fmt, build)
     assert unrelated["exact_match_rate"] == 0.0 and unrelated["close_match_rate"] == 0.0

@@ -15,7 +15,8 @@ from dsunlearn.tiny import (
 
 def test_bpe_tokenizer_is_gpt2_like(bpe_tokenizer):
     assert len(bpe_tokenizer) == 512
-    assert [bpe_tokenizer.pad_token_id, bpe_tokenizer.bos_token_id, bpe_tokenizer.eos_token_id, bpe_tokenizer.unk_token_id] == [0, 1, 2, 3]
+    special_ids = [bpe_tokenizer.pad_token_id, bpe_tokenizer.bos_token_id, bpe_tokenizer.eos_token_id]
+    assert special_ids + [bpe_tokenizer.unk_token_id] == [0, 1, 2, 3]
     ids = bpe_tokenizer("Snow is white.")["input_ids"]
     assert ids == bpe_tokenizer("Snow is white.", add_special_tokens=False)["input_ids"]  # no automatic BOS
     text = "Unseen: ~€ and ✓ round-trip through bytes."
@@ -81,7 +82,8 @@ def test_saved_tiny_model_loads_with_auto_classes(tiny_model_dir, bpe_tokenizer)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     text = "### Question: What colour is snow?\n ### Answer: "
     assert tokenizer(text)["input_ids"] == bpe_tokenizer(text)["input_ids"]
-    assert tokenizer.pad_token_id == bpe_tokenizer.pad_token_id and tokenizer.chat_template == bpe_tokenizer.chat_template
+    assert tokenizer.pad_token_id == bpe_tokenizer.pad_token_id
+    assert tokenizer.chat_template == bpe_tokenizer.chat_template
     rebuilt = build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     with torch.no_grad():
