@@ -11,10 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from dsunlearn.data import DatasetSpec
+from dsunlearn.data import DEFAULT_TEMPLATE, DatasetSpec, PromptFormat
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEMPLATE = "### Question: {prompt}\n ### Answer: {response}"
 
 
 class ConfigError(ValueError):
@@ -89,10 +88,10 @@ class DataConfig:
     def problems(self) -> list[str]:
         found = [f"data.forget: {p}" for p in self.forget.problems()]
         found += [f"data.normal: {p}" for p in self.normal.problems()]
-        if not self.use_chat_template and ("{prompt}" not in self.template or "{response}" not in self.template):
-            found.append("data.template must contain both {prompt} and {response}")
-        elif not self.use_chat_template and not self.template.rstrip().endswith("{response}"):
-            found.append("data.template must end with {response}: the response is the tail of each sequence")
+        try:
+            PromptFormat(self.template, self.use_chat_template)
+        except ValueError as err:
+            found.append(f"data.template: {err}")
         if self.max_length < 8:
             found.append(f"data.max_length={self.max_length} is too small (at least 8)")
         return found

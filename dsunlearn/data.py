@@ -430,7 +430,19 @@ class PromptFormat:
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
         # str.replace, not str.format: prompts and templates may contain other braces.
-        return self.resolved_template[: -len("{response}")].replace("{prompt}", prompt)
+        return self._template_prompt_part.rstrip(" ").replace("{prompt}", prompt)
+
+    def response_text(self, response: str) -> str:
+        """The response as it is tokenised: with the template's space before ``{response}`` (byte-level BPE
+        tokenizers attach a space to the word after it, so "Answer:" + " Sure" is how they saw such text)."""
+        if self.use_chat_template:
+            return response
+        part = self._template_prompt_part
+        return part[len(part.rstrip(" ")) :] + response
+
+    @property
+    def _template_prompt_part(self) -> str:
+        return self.resolved_template[: -len("{response}")]
 
 
 @dataclass
@@ -502,7 +514,7 @@ def tokenize_pair(
             f"max_length must be at least {len(prefix) + 2} (special prefix, one prompt and one response token)"
         )
     prompt_ids = tokenize_prompt(tokenizer, pair.prompt, fmt, prefix_ids=prefix)[len(prefix) :]
-    response_ids = list(tokenizer(pair.response, add_special_tokens=False)["input_ids"])
+    response_ids = list(tokenizer(fmt.response_text(pair.response), add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         response_ids.append(tokenizer.eos_token_id)
     if not response_ids:

@@ -76,8 +76,10 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
                 f"every rank needs at least one (use fewer ranks or more data)"
             )
 
+    prefix_ids = data_lib.special_prefix_ids(tokenizer)
+
     def tokenize(pair):
-        return data_lib.tokenize_pair(tokenizer, pair, prompt_format, cfg.data.max_length)
+        return data_lib.tokenize_pair(tokenizer, pair, prompt_format, cfg.data.max_length, prefix_ids)
 
     forget_sequences = [tokenize(pair) for pair in forget_train] if use_forget else []
     normal_sequences = [tokenize(pair) for pair in normal_train] if use_normal else []

@@ -282,7 +282,7 @@ def test_response_mask_covers_exactly_the_response(request, tokenizer_name, use_
         response_ids = sequence.input_ids[n_prompt:]
         assert response_ids[-1] == tokenizer.eos_token_id
         assert decode(tokenizer, response_ids[:-1]).strip() == pair.response.strip()
-        alone = tokenizer(pair.response, add_special_tokens=False).input_ids
+        alone = tokenizer(fmt.response_text(pair.response), add_special_tokens=False).input_ids
         assert tokenizer.decode(response_ids[:-1]) == tokenizer.decode(alone)
         prompt_ids = sequence.input_ids[:n_prompt]
         assert prompt_ids == tokenize_prompt(tokenizer, pair.prompt, fmt)
@@ -300,8 +300,11 @@ def test_response_mask_covers_exactly_the_response(request, tokenizer_name, use_
 
 def test_default_template_prompt_text(bpe_tokenizer):
     fmt = PromptFormat()
-    assert fmt.prompt_text(bpe_tokenizer, "Why?") == "### Question: Why?\n ### Answer: "
-    assert PromptFormat("Q: {prompt} A: {response}").prompt_text(bpe_tokenizer, "x") == "Q: x A: "
+    # The space before {response} goes with the response, as byte-level BPE tokenizers saw such text.
+    assert fmt.prompt_text(bpe_tokenizer, "Why?") == "### Question: Why?\n ### Answer:"
+    assert fmt.response_text("Because.") == " Because."
+    assert PromptFormat("Q: {prompt} A: {response}").prompt_text(bpe_tokenizer, "x") == "Q: x A:"
+    assert PromptFormat("Q: {prompt}\nA:{response}").response_text("y") == "y"
     chat = PromptFormat(use_chat_template=True).prompt_text(bpe_tokenizer, "Hi")
     assert chat == "<s><|user|>\nHi\n<|assistant|>\n"
 
