@@ -86,8 +86,15 @@ if [[ $demo -eq 1 ]]; then
   if [[ $dry_run -eq 0 ]]; then
     echo
     echo "demo finished: outputs in $here/outputs/demo"
+    echo "  original model:  outputs/demo/original"
     echo "  unlearned model: outputs/demo/unlearned/final   metrics: outputs/demo/unlearned/metrics.jsonl"
-    [[ -f outputs/demo/unlearned/report.md ]] && echo "  report: outputs/demo/unlearned/report.md" && cat outputs/demo/unlearned/report.md
+    report=outputs/demo/unlearned/eval/report.md
+    if [[ -f $report ]]; then
+      echo "  evaluation:      $report (eval.json, samples.jsonl, PNG plots beside it)"
+      echo
+      # The before/after table of the report.
+      sed -n '/^## Metrics/,/^Metrics:/p' "$report" | sed '1d;$d'
+    fi
   fi
   exit 0
 fi

@@ -69,8 +69,8 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     use_forget = cfg.objective.forget_weight > 0
     use_random = cfg.objective.random_weight > 0
     use_normal = cfg.objective.normal_weight > 0
-    for name, pairs in (("forget", forget_train), ("normal", normal_train if use_normal or use_random else [1])):
-        if len(pairs) < world_size:
+    for name, pairs, used in (("forget", forget_train, True), ("normal", normal_train, use_normal or use_random)):
+        if used and len(pairs) < world_size:
             raise ValueError(
                 f"{name} train split has {len(pairs)} samples but the run has {world_size} ranks: "
                 f"every rank needs at least one (use fewer ranks or more data)"

@@ -10,18 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from launching import REPO, launch
+
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
-
-
-def launch(args, nproc=2, timeout=420):
-    """Run the trainer through the deepspeed launcher on CPU ranks; return (returncode, output)."""
-    deepspeed_bin = Path(sys.executable).with_name("deepspeed")
-    command = [str(deepspeed_bin), "--num_gpus", str(nproc), "--master_port", str(29800 + os.getpid() % 150),
-               "dsunlearn/train.py", *args]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{deepspeed_bin.parent}:{os.environ['PATH']}")
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return done.returncode, done.stdout + done.stderr
 
 
 def read_metrics(run_dir):

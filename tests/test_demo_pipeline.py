@@ -1,0 +1,29 @@
+"""The embedded demo, shortened, end to end: teach a tiny model the demo data, unlearn it on 2 CPU ranks under
+ZeRO-3, evaluate original vs unlearned. Thresholds leave a wide margin: the full demo's numbers are in the README."""
+
+import json
+
+import pytest
+
+from dsunlearn.demo import build_demo_model
+from launching import launch
+
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+
+
+def test_short_demo_unlearns_forget_and_keeps_normal(tmp_path):
+    original = build_demo_model(tmp_path / "original", progress=False, steps=120)
+    run_dir = tmp_path / "unlearned"
+    code, output = launch([
+        "--config", "configs/demo.yaml", "--model.name_or_path", str(original), "--output.dir", str(run_dir),
+        "--train.max_steps", "20", "--train.checkpoint_every", "0",
+        "--output.eval_max_samples", "6", "--output.eval_max_new_tokens", "64",
+    ])
+    assert code == 0, output[-4000:]
+    summary = json.loads((run_dir / "eval" / "eval.json").read_text())
+    before, after = summary["original"], summary["unlearned"]
+    assert before["forget_train"]["reproduction_rate"] >= 0.75  # the original learned the unwanted behaviour
+    assert after["forget_train"]["nll"] > before["forget_train"]["nll"] + 0.2  # and unlearned it
+    assert after["forget_held_out"]["nll"] > before["forget_held_out"]["nll"]  # also on prompts it never trained on
+    assert after["normal_held_out"]["kl"] < 0.3  # while staying close to the original on normal data
+    assert (run_dir / "eval" / "report.md").is_file() and (run_dir / "eval" / "objective_terms.png").is_file()
