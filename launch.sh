@@ -55,11 +55,17 @@ if [[ -n "${SLURM_JOB_ID:-}" && -z "$hostfile" ]]; then
   # --launcher slurm needs mpi4py and sets no RANK, so it is not used).
   master_addr="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
   master_port="${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}"
-  tasks_per_node="${nproc:-${SLURM_GPUS_ON_NODE:-$gpus}}"
+  cpu_env=()
+  if [[ "$gpus" -gt 0 ]]; then
+    tasks_per_node="${nproc:-${SLURM_GPUS_ON_NODE:-$gpus}}"
+  else
+    cpu_env=(env DS_ACCELERATOR=cpu)
+    tasks_per_node="${nproc:-${SLURM_NTASKS_PER_NODE:-2}}"
+  fi
   nodes="${SLURM_JOB_NUM_NODES:-1}"
   inner="export RANK=\$SLURM_PROCID WORLD_SIZE=\$SLURM_NTASKS LOCAL_RANK=\$SLURM_LOCALID"
   inner+=" MASTER_ADDR=$master_addr MASTER_PORT=$master_port; exec $python_bin dsunlearn/train.py"
-  run srun --nodes "$nodes" --ntasks-per-node "$tasks_per_node" --kill-on-bad-exit=1 \
+  run "${cpu_env[@]}" srun --nodes "$nodes" --ntasks-per-node "$tasks_per_node" --kill-on-bad-exit=1 \
     bash -c "$inner \"\$@\"" bash "${args[@]}"
   exit $?
 fi
