@@ -6,6 +6,7 @@ single ``ConfigError`` so a user fixes a bad config in one go instead of one err
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,9 +51,29 @@ class ModelConfig:
     """Backend of the fused loss: ``auto`` is triton on CUDA and chunked elsewhere."""
     reference_offload: bool = False
     """Keep the reference engine's parameter shards in CPU memory (ZeRO-3 ``offload_param``)."""
+    lora_rank: int = 0
+    """0: train every weight. > 0: train LoRA adapters of this rank (peft) and use the same engine with its adapters
+    disabled as the reference, so no second model is loaded. The export merges the adapters into the weights."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the weight update is lora_alpha / lora_rank * B @ A."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: Optional[list[str]] = None
+    """Names of the modules to adapt (None: every linear layer except the output head)."""
 
     def problems(self) -> list[str]:
         found = []
+        if self.lora_rank < 0:
+            found.append(f"model.lora_rank={self.lora_rank} must be >= 0")
+        if self.lora_rank > 0:
+            if self.lora_alpha <= 0:
+                found.append(f"model.lora_alpha={self.lora_alpha} must be > 0")
+            if not 0 <= self.lora_dropout < 1:
+                found.append(f"model.lora_dropout={self.lora_dropout} must lie in [0, 1)")
+            if self.reference_path and self.reference_path != self.name_or_path:
+                found.append("model.reference_path: with LoRA the reference is the base model itself (adapters off)")
+            if importlib.util.find_spec("peft") is None:
+                found.append("model.lora_rank > 0 needs peft: pip install 'dsunlearn[lora]'")
         if not self.name_or_path:
             found.append("model.name_or_path is empty: give a hub id or a local folder")
         for name in ("name_or_path", "reference_path"):

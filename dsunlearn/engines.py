@@ -8,6 +8,7 @@ gathered it; every rank calls the same modules the same number of times.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -254,6 +255,9 @@ def _attach_fused_loss(head: nn.Linear, softcap: Optional[float], backend: str) 
     def forward(self, hidden, targets=None, ce_weight=None, ref_hidden=None, ref_weight=None, kl_weight=None):
         if targets is None:
             return F.linear(hidden, self.weight)
+        if kl_weight is not None and ref_weight is None:
+            # LoRA: the reference is this model with its adapters off, and the head carries no adapter.
+            ref_weight = self.weight.detach()
         return fused_linear_ce_kl(
             hidden, self.weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight,
             softcap=softcap, backend=backend, return_token_terms=True,
@@ -293,12 +297,53 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> fl
     return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
+def lora_config(cfg: RunConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.model.lora_rank,
+        lora_alpha=cfg.model.lora_alpha,
+        lora_dropout=cfg.model.lora_dropout,
+        target_modules=cfg.model.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora_adapters(lm: nn.Module, cfg: RunConfig) -> nn.Module:
+    """Inject LoRA adapters into ``lm`` in place (base weights frozen) and return it: the causal LM itself, not
+    peft's wrapper, so the rest of the code sees the same module tree with or without LoRA."""
+    from peft import get_peft_model
+
+    return get_peft_model(lm, lora_config(cfg)).base_model.model
+
+
+@contextlib.contextmanager
+def reference_mode(lm: nn.Module):
+    """Run the LoRA-adapted ``lm`` as the reference: adapters off, dropout off, no gradients."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapted = [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            for module in adapted:
+                module.enable_adapters(False)
+            yield
+    finally:
+        for module in adapted:
+            module.enable_adapters(True)
+        lm.train(was_training)
+
+
 def build_policy_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
     import deepspeed
 
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
+    if cfg.model.lora_rank > 0:
+        lm = add_lora_adapters(lm, cfg)
     model = UnlearningModel(lm, cfg.model.head_path, cfg.model.loss_backend)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, ds_config)
     train = cfg.train
@@ -378,15 +423,47 @@ def load_latest_checkpoint(engine, checkpoint_dir: Path) -> Optional[dict]:
     return client_state
 
 
-def export_hf(engine, lm: nn.Module, tokenizer, out_dir: Path, prefix: str = "lm.") -> None:
+def export_hf(engine, lm: nn.Module, tokenizer, out_dir: Path, cfg: RunConfig, prefix: str = "lm.") -> None:
     """Write a Hugging Face folder (safetensors, config, tokenizer) that ``from_pretrained`` loads.
 
-    The consolidated state dict is gathered on every rank (a collective) and written by rank 0.
+    The consolidated state dict is gathered on every rank (a collective) and written by rank 0. LoRA adapters are
+    merged into the weights, so the export is a plain model.
     """
     state_dict = engine._zero3_consolidated_16bit_state_dict()
     if torch.distributed.get_rank() == 0:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         out_dir.mkdir(parents=True, exist_ok=True)
-        lm.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        if cfg.model.lora_rank > 0:
+            merged = merge_lora(state_dict, lm.config, cfg)
+            merged.save_pretrained(out_dir, safe_serialization=True)
+        else:
+            lm.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     torch.distributed.barrier()
+
+
+def merge_lora(state_dict: dict, config, cfg: RunConfig) -> nn.Module:
+    """A plain CPU model with the adapters of ``state_dict`` merged in, by peft's own merge (fan-in/fan-out layouts
+    and scaling as peft defines them). Rank 0 only: the full model is built in CPU memory."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(iter(state_dict.values())).dtype
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=dtype), lora_config(cfg))
+    adapted = peft_model.base_model.model
+    missing, unexpected = adapted.load_state_dict(state_dict, strict=False)
+    # Tied weights appear once in the consolidated state dict; anything else missing would be a silent bug.
+    missing = [k for k in missing if k not in _tied_keys(adapted)]
+    if missing or unexpected:
+        raise RuntimeError(f"LoRA export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return peft_model.merge_and_unload()
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.setdefault(id(param), name)
+    return tied

@@ -132,11 +132,15 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     )
     policy_engine = engines.build_policy_engine(engines.load_causal_lm(cfg.model.name_or_path, ds_config, cfg), cfg, ds_config)
     ref_engine = None
-    if use_normal:
+    if use_normal and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
         ref_ds_config = engines.build_reference_ds_config(ds_config, cfg.model.reference_offload)
         ref_path = cfg.model.reference_path or cfg.model.name_or_path
         ref_engine = engines.build_reference_engine(engines.load_causal_lm(ref_path, ref_ds_config, cfg), cfg, ref_ds_config)
     policy_lm = policy_engine.module.lm
+    if is_main and cfg.model.lora_rank > 0:
+        trainable = sum(p.ds_numel for p in policy_lm.parameters() if p.requires_grad)
+        logger.info("LoRA rank %d: %d trainable parameters; the reference is this model with its adapters off",
+                    cfg.model.lora_rank, trainable)
 
     start_step = 0
     if cfg.resume:
@@ -211,7 +215,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     # ---- outputs ----
     final_dir = out_dir / "final"
     if cfg.output.export:
-        engines.export_hf(policy_engine, policy_lm, tokenizer, final_dir)
+        engines.export_hf(policy_engine, policy_lm, tokenizer, final_dir, cfg)
         if is_main:
             logger.info("exported the unlearned model to %s", final_dir)
     if cfg.output.evaluate:
@@ -222,34 +226,42 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
 
 
 def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
-    """One policy forward over [forget; random; normal]; the reference's hidden states for the normal rows.
+    """One policy forward over [forget; random; normal]; before it, the reference's hidden states for the normal rows.
 
     The reference head weight is a ZeRO-3 shard: it is gathered (on every rank) only while the policy's fused loss
-    reads it, and never receives a gradient.
+    reads it, and never receives a gradient. Without a reference engine (LoRA) the policy engine with its adapters
+    off is the reference, and the head (which has no adapter) is shared.
     """
     import deepspeed
 
+    loss_inputs = {"targets": batch.targets, "ce_weight": batch.ce_weight}
+    ref_head = None
     if batch.kl_weight is not None:
-        with torch.no_grad():
-            ref_selected = ref_engine(
+        if ref_engine is None:
+            reference, reference_context = policy_engine, engines.reference_mode(policy_engine.module.lm)
+        else:
+            reference, reference_context = ref_engine, torch.no_grad()
+        with reference_context:
+            ref_selected = reference(
                 batch.ref_input_ids, batch.ref_attention_mask, batch.ref_token_index, mode="hidden"
             )  # [M_n, H]
-        # The fused loss wants one reference row per token: zeros for forget and random tokens (kl_weight 0 there).
-        num_tokens = batch.token_index.numel()
-        ref_hidden = ref_selected.new_zeros(num_tokens, ref_selected.shape[-1])
-        ref_hidden[num_tokens - ref_selected.shape[0]:] = ref_selected
-        ref_head = ref_engine.module.lm.get_output_embeddings()
-        with deepspeed.zero.GatheredParameters([ref_head.weight], modifier_rank=None):
-            ref_weight = ref_head.weight.detach()
-            return policy_engine(
-                batch.input_ids, batch.attention_mask, batch.token_index, mode="loss",
-                targets=batch.targets, ce_weight=batch.ce_weight,
-                ref_hidden=ref_hidden, ref_weight=ref_weight, kl_weight=batch.kl_weight,
-            )
-    return policy_engine(
-        batch.input_ids, batch.attention_mask, batch.token_index, mode="loss",
-        targets=batch.targets, ce_weight=batch.ce_weight,
-    )
+        loss_inputs.update(ref_hidden=_pad_reference_rows(ref_selected, batch), kl_weight=batch.kl_weight)
+        if ref_engine is not None:
+            ref_head = ref_engine.module.lm.get_output_embeddings()
+    gathered = [ref_head.weight] if ref_head is not None else []
+    with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=bool(gathered)):
+        if ref_head is not None:
+            loss_inputs["ref_weight"] = ref_head.weight.detach()
+        return policy_engine(batch.input_ids, batch.attention_mask, batch.token_index, mode="loss", **loss_inputs)
+
+
+def _pad_reference_rows(ref_selected: torch.Tensor, batch: objective.StepBatch) -> torch.Tensor:
+    """[M_n, H] reference states of the normal tokens -> [M, H], one row per token as the fused loss wants: zeros
+    for the forget and random tokens before them (their kl_weight is 0)."""
+    num_tokens = batch.token_index.numel()
+    ref_hidden = ref_selected.new_zeros(num_tokens, ref_selected.shape[-1])
+    ref_hidden[num_tokens - ref_selected.shape[0]:] = ref_selected
+    return ref_hidden
 
 
 def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Path, rank: int, world_size: int):

@@ -104,3 +104,24 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_pat
     assert 3 <= last_step < 500
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last_step:08d}"
     assert "--resume true" in output
+
+
+def test_lora_uses_the_base_model_as_reference_and_exports_merged_weights(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "lora"
+    args = demo_args(tiny_model_dir, run_dir, "--model.lora_rank", "4", "--model.lora_alpha", "8",
+                     "--train.lr", "1e-2", "--train.checkpoint_every", "0")
+    code, output = launch(args)
+    assert code == 0, output[-4000:]
+    assert "the reference is this model with its adapters off" in output
+    metrics = read_metrics(run_dir)
+    assert abs(metrics[0]["normal_kl"]) < 1e-6  # adapters start at B = 0: the model is the reference
+    assert metrics[-1]["normal_kl"] > 1e-6 and metrics[-1]["forget_ce"] > metrics[0]["forget_ce"]
+
+    from safetensors.torch import load_file
+
+    exported = load_file(run_dir / "final" / "model.safetensors")
+    original = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert set(exported) == set(original)  # merged: a plain model, no adapter tensors
+    assert torch.equal(exported["lm_head.weight"], original["lm_head.weight"])  # the head has no adapter
+    changed = [k for k in original if not torch.equal(exported[k], original[k])]
+    assert any("q_proj" in k for k in changed) and all("norm" not in k for k in changed)
