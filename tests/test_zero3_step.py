@@ -43,13 +43,13 @@ def rank_batch(rank: int, cfg: RunConfig):
     return build_step_batch(forget, random, normal, pad_id=0, objective=cfg.objective)
 
 
-def _tiny_llama(path: Path, seed: int):
+def _tiny_llama(path: Path, seed: int, tied: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, pad_token_id=0,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
@@ -92,10 +92,12 @@ def _relative_error(actual, expected):
 
 
 @pytest.mark.distributed
-def test_zero3_step_matches_single_process(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied_head", "tied_embeddings"])
+def test_zero3_step_matches_single_process(tmp_path, tied):
+    # Tied embeddings: the head weight is the embedding, a parameter used by two modules under ZeRO-3.
     policy_dir, reference_dir = tmp_path / "policy", tmp_path / "reference"
-    _tiny_llama(policy_dir, seed=0)
-    _tiny_llama(reference_dir, seed=1)  # a different reference, so the KL term has a non-zero gradient
+    _tiny_llama(policy_dir, seed=0, tied=tied)
+    _tiny_llama(reference_dir, seed=1, tied=tied)  # a different reference, so the KL term has a non-zero gradient
     out_file = tmp_path / "zero3.pt"
     worker = Path(__file__).parent / "workers" / "zero3_step.py"
     env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
