@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 
 import torch
 
@@ -72,6 +73,11 @@ def fused_linear_ce_kl(
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and importlib.util.find_spec("triton") is not None else "chunked"
     if backend == "triton":
+        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests); "
+                "use backend='auto' or 'chunked' on the CPU"
+            )
         from .triton_ce_kl import triton_fused_linear_ce_kl as implementation
     elif backend == "chunked":
         implementation = chunked_fused_linear_ce_kl

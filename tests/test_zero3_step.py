@@ -20,9 +20,9 @@ LR = 0.5
 VOCAB = 97
 
 
-def make_config(policy_dir: str, reference_dir: str) -> RunConfig:
+def make_config(policy_dir: str, reference_dir: str, backend: str = "chunked") -> RunConfig:
     return RunConfig(
-        model=ModelConfig(name_or_path=policy_dir, reference_path=reference_dir, precision="fp32", loss_backend="chunked"),
+        model=ModelConfig(name_or_path=policy_dir, reference_path=reference_dir, precision="fp32", loss_backend=backend),
         objective=ObjectiveConfig(forget_weight=0.5, random_weight=1.0, normal_weight=2.0, num_random_answers=2),
         train=TrainConfig(optimizer="sgd", lr=LR, lr_schedule="constant", max_steps=1, forget_batch_size=2, normal_batch_size=2),
     )
@@ -92,8 +92,13 @@ def _relative_error(actual, expected):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tied", [False, True], ids=["untied_head", "tied_embeddings"])
-def test_zero3_step_matches_single_process(tmp_path, tied):
+@pytest.mark.parametrize(
+    "tied, backend",
+    [(False, "chunked"), (True, "chunked"), (False, "triton")],
+    ids=["untied_head", "tied_embeddings", "triton_interpreter"],
+)
+def test_zero3_step_matches_single_process(tmp_path, tied, backend):
+    # The triton case runs the trainer's head path with the Triton kernel in Triton's CPU interpreter.
     # Tied embeddings: the head weight is the embedding, a parameter used by two modules under ZeRO-3.
     policy_dir, reference_dir = tmp_path / "policy", tmp_path / "reference"
     _tiny_llama(policy_dir, seed=0, tied=tied)
@@ -101,10 +106,11 @@ def test_zero3_step_matches_single_process(tmp_path, tied):
     out_file = tmp_path / "zero3.pt"
     worker = Path(__file__).parent / "workers" / "zero3_step.py"
     env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29700 + os.getpid() % 200), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(29700 + os.getpid() % 200), OMP_NUM_THREADS="1",
+               **({"TRITON_INTERPRET": "1"} if backend == "triton" else {}))
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(policy_dir), str(reference_dir), str(out_file)],
+            [sys.executable, str(worker), str(policy_dir), str(reference_dir), str(out_file), backend],
             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(WORLD_SIZE)

@@ -318,3 +318,10 @@ def test_clear_errors(change, message):
     change(arguments)
     with pytest.raises(ValueError, match=message):
         fused_linear_ce_kl(**arguments)
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        fused_linear_ce_kl(hidden, weight, torch.zeros(3, dtype=torch.long), torch.ones(3), backend="triton")
