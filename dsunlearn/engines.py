@@ -166,21 +166,28 @@ def _same(a: Any, b: Any) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_causal_lm(path: str, ds_config: dict, cfg: RunConfig):
-    """``from_pretrained`` with ZeRO-3 partitioned loading: each rank materialises only its shard."""
+def from_pretrained_partitioned(path: str, ds_config: dict, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with ZeRO-3 partitioned loading: each rank materialises only its
+    shard. A collective: call it on every rank."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    # transformers holds this in a weak reference: it must stay alive through from_pretrained.
+    # transformers holds this in a weak reference: it must stay alive through from_pretrained, and no longer (while
+    # it lives, every from_pretrained runs zero.Init collectives).
     hf_ds_config = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    del hf_ds_config
+    return model
+
+
+def load_causal_lm(path: str, ds_config: dict, cfg: RunConfig):
+    """The run's model (or reference) from ``path``, partitioned, with the run's precision and loading options."""
     kwargs: dict[str, Any] = {"dtype": PRECISION_DTYPES[cfg.model.precision], "trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.revision:
         kwargs["revision"] = cfg.model.revision
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    del hf_ds_config
-    return model
+    return from_pretrained_partitioned(path, ds_config, **kwargs)
 
 
 def unset_hf_deepspeed_config() -> None:
@@ -369,12 +376,8 @@ def build_reference_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
 def load_inference_engine(model_path: str, ds_config: dict, dtype: torch.dtype):
     """A causal LM from ``model_path`` as a ZeRO-3 inference engine; ``engine.module`` is the Hugging Face model."""
     import deepspeed
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
 
-    hf_ds_config = HfDeepSpeedConfig(ds_config)
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    del hf_ds_config
+    lm = from_pretrained_partitioned(model_path, ds_config, dtype=dtype)
     lm.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=lm, config=ds_config)
     engine.eval()

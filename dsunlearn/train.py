@@ -100,8 +100,9 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
 
     def micro_batch(micro_step: int) -> objective.StepBatch:
         """The micro-step's batch: a function of (seed, micro_step, rank) only, so a resumed run sees the same data."""
-        forget_pairs = [forget_train[i] for i in forget_sampler.indices(micro_step)]
-        forget = [forget_sequences[i] for i in forget_sampler.indices(micro_step)] if use_forget else []
+        forget_indices = forget_sampler.indices(micro_step)
+        forget_pairs = [forget_train[i] for i in forget_indices]
+        forget = [forget_sequences[i] for i in forget_indices] if use_forget else []
         random_sequences = []
         if use_random:
             # hash() of a tuple of ints is the same in every process (no PYTHONHASHSEED salt for ints).
