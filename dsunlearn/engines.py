@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsunlearn.config import ConfigError, RunConfig, resolve_path
+from dsunlearn.kernels import torch_ce_kl_from_logits
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +221,9 @@ class UnlearningModel(nn.Module):
     """The causal LM plus the entry points the objective needs, behind one ``forward`` that DeepSpeed wraps.
 
     ``mode="hidden"``: final hidden states at the flat positions ``token_index`` of the [B, L] grid, [M, H] (the state
-    at position t predicts token t+1). ``mode="logits"``: the model's own head on those states, [M, V]. ``mode="loss"``: the fused
-    loss, computed inside the head module's forward so ZeRO-3 gathers the head weight for it.
+    at position t predicts token t+1). ``mode="logits"``: the model's own logits there, [M, V]. ``mode="loss"``: the
+    loss; on the fused path it is computed inside the head module's forward so ZeRO-3 gathers the head weight for it,
+    on the logits path from the model's own logits (materialised: [B, L, V]).
     """
 
     def __init__(self, lm: nn.Module, head_path: str = "auto", loss_backend: str = "auto"):
@@ -239,16 +241,21 @@ class UnlearningModel(nn.Module):
             _attach_fused_loss(lm.get_output_embeddings(), self.softcap, loss_backend)
 
     def forward(self, input_ids, attention_mask, token_index, mode: str = "hidden", **loss_inputs):
+        if mode == "logits" or (mode == "loss" and self.head_path == "logits"):
+            # The model's own forward, so every head transformation (bias, scaling, softcap) is applied:
+            # logits [B, L, V] -> [B*L, V] -> the selected positions [M, V].
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, token_index)
+            if mode == "logits":
+                return logits
+            return torch_ce_kl_from_logits(logits, **loss_inputs, return_token_terms=True)
         # hidden: [B, L, H] -> [B*L, H] -> the selected positions [M, H]
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_index)
         if mode == "hidden":
             return hidden
-        head = self.lm.get_output_embeddings()
-        if mode == "logits":
-            return head(hidden)
         if mode == "loss":
-            return head(hidden, **loss_inputs)
+            return self.lm.get_output_embeddings()(hidden, **loss_inputs)
         raise ValueError(f"unknown mode {mode!r}")
 
 

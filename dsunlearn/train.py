@@ -242,12 +242,17 @@ def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
             reference, reference_context = policy_engine, engines.reference_mode(policy_engine.module.lm)
         else:
             reference, reference_context = ref_engine, torch.no_grad()
+        # Fused path: the reference's hidden states [M_n, H] (its head weight is read inside the loss); logits path:
+        # its own logits [M_n, V].
+        on_logits = policy_engine.module.head_path == "logits"
         with reference_context:
             ref_selected = reference(
-                batch.ref_input_ids, batch.ref_attention_mask, batch.ref_token_index, mode="hidden"
-            )  # [M_n, H]
-        loss_inputs.update(ref_hidden=_pad_reference_rows(ref_selected, batch), kl_weight=batch.kl_weight)
-        if ref_engine is not None:
+                batch.ref_input_ids, batch.ref_attention_mask, batch.ref_token_index,
+                mode="logits" if on_logits else "hidden",
+            )
+        ref_rows = _pad_reference_rows(ref_selected, batch)
+        loss_inputs.update({"ref_logits" if on_logits else "ref_hidden": ref_rows, "kl_weight": batch.kl_weight})
+        if ref_engine is not None and not on_logits:
             ref_head = ref_engine.module.lm.get_output_embeddings()
     gathered = [ref_head.weight] if ref_head is not None else []
     with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=bool(gathered)):
@@ -257,12 +262,12 @@ def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
 
 
 def _pad_reference_rows(ref_selected: torch.Tensor, batch: objective.StepBatch) -> torch.Tensor:
-    """[M_n, H] reference states of the normal tokens -> [M, H], one row per token as the fused loss wants: zeros
-    for the forget and random tokens before them (their kl_weight is 0)."""
+    """[M_n, D] reference rows of the normal tokens -> [M, D], one row per token as the loss wants: zeros for the
+    forget and random tokens before them (their kl_weight is 0)."""
     num_tokens = batch.token_index.numel()
-    ref_hidden = ref_selected.new_zeros(num_tokens, ref_selected.shape[-1])
-    ref_hidden[num_tokens - ref_selected.shape[0]:] = ref_selected
-    return ref_hidden
+    rows = ref_selected.new_zeros(num_tokens, ref_selected.shape[-1])
+    rows[num_tokens - ref_selected.shape[0]:] = ref_selected
+    return rows
 
 
 def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Path, rank: int, world_size: int):

@@ -18,9 +18,11 @@ import os
 import torch
 
 from .chunked import chunked_fused_linear_ce_kl
-from .reference import torch_fused_linear_ce_kl
+from .reference import torch_ce_kl_from_logits, torch_fused_linear_ce_kl
 
-__all__ = ["BACKENDS", "fused_linear_ce_kl", "torch_fused_linear_ce_kl", "chunked_fused_linear_ce_kl"]
+__all__ = [
+    "BACKENDS", "fused_linear_ce_kl", "torch_fused_linear_ce_kl", "chunked_fused_linear_ce_kl", "torch_ce_kl_from_logits"
+]
 
 BACKENDS = ("auto", "torch", "chunked", "triton")
 _FLOAT_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from dsunlearn.config import ConfigError, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig, parse_run_config
-from dsunlearn.engines import build_policy_ds_config, build_reference_ds_config, load_ds_config, lr_lambda
+from dsunlearn.engines import build_policy_ds_config, build_reference_ds_config, load_ds_config
 
 
 def test_every_problem_is_listed_in_one_error():
@@ -71,12 +71,6 @@ def test_ds_config_contradicting_the_settings_lists_every_field():
     message = str(info.value)
     assert "train_micro_batch_size_per_gpu=8" in message and "bf16.enabled=False" in message
     assert "stage" in message and "'optimizer' section" in message
-
-
-def test_linear_schedule_decays_to_zero_after_warmup():
-    assert [lr_lambda(s, 0, 4, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    assert [lr_lambda(s, 2, 6, "linear") for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
-    assert lr_lambda(3, 0, 4, "constant") == 1.0
 
 
 def _write(path, text):

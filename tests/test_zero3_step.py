@@ -20,9 +20,10 @@ LR = 0.5
 VOCAB = 97
 
 
-def make_config(policy_dir: str, reference_dir: str, backend: str = "chunked") -> RunConfig:
+def make_config(policy_dir: str, reference_dir: str, backend: str = "chunked", head_path: str = "auto") -> RunConfig:
     return RunConfig(
-        model=ModelConfig(name_or_path=policy_dir, reference_path=reference_dir, precision="fp32", loss_backend=backend),
+        model=ModelConfig(name_or_path=policy_dir, reference_path=reference_dir, precision="fp32", loss_backend=backend,
+                          head_path=head_path),
         objective=ObjectiveConfig(forget_weight=0.5, random_weight=1.0, normal_weight=2.0, num_random_answers=2),
         train=TrainConfig(optimizer="sgd", lr=LR, lr_schedule="constant", max_steps=1, forget_batch_size=2, normal_batch_size=2),
     )
@@ -93,12 +94,13 @@ def _relative_error(actual, expected):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "tied, backend",
-    [(False, "chunked"), (True, "chunked"), (False, "triton")],
-    ids=["untied_head", "tied_embeddings", "triton_interpreter"],
+    "tied, backend, head_path",
+    [(False, "chunked", "auto"), (True, "chunked", "auto"), (False, "triton", "auto"), (False, "torch", "logits")],
+    ids=["untied_head", "tied_embeddings", "triton_interpreter", "logits_path"],
 )
-def test_zero3_step_matches_single_process(tmp_path, tied, backend):
-    # The triton case runs the trainer's head path with the Triton kernel in Triton's CPU interpreter.
+def test_zero3_step_matches_single_process(tmp_path, tied, backend, head_path):
+    # The triton case runs the trainer's head path with the Triton kernel in Triton's CPU interpreter; the logits
+    # case the path for heads the fused loss cannot stand in for (the model's own logits, materialised).
     # Tied embeddings: the head weight is the embedding, a parameter used by two modules under ZeRO-3.
     policy_dir, reference_dir = tmp_path / "policy", tmp_path / "reference"
     _tiny_llama(policy_dir, seed=0, tied=tied)
@@ -110,7 +112,7 @@ def test_zero3_step_matches_single_process(tmp_path, tied, backend):
                **({"TRITON_INTERPRET": "1"} if backend == "triton" else {}))
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(policy_dir), str(reference_dir), str(out_file), backend],
+            [sys.executable, str(worker), str(policy_dir), str(reference_dir), str(out_file), backend, head_path],
             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(WORLD_SIZE)

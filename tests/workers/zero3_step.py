@@ -9,7 +9,7 @@ import sys
 import torch
 
 
-def main(policy_dir: str, reference_dir: str, out_file: str, backend: str) -> None:
+def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_path: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from dsunlearn import engines
@@ -19,7 +19,7 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str) -> No
     from test_zero3_step import make_config, rank_batch
 
     rank, world_size, _ = engines.init_distributed()
-    cfg = make_config(policy_dir, reference_dir, backend)
+    cfg = make_config(policy_dir, reference_dir, backend, head_path)
     from transformers import AutoConfig
 
     hidden_size = AutoConfig.from_pretrained(policy_dir).hidden_size
@@ -43,4 +43,4 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str) -> No
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
