@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -332,15 +333,45 @@ def build_parser():
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    """``dsunlearn eval --model_path RUN/final --reference_path ORIGINAL [--data.forget.source …] …``."""
+    """``dsunlearn eval --model_path RUN/final --reference_path ORIGINAL [--data.forget.source …] …``, or
+    ``dsunlearn eval --run_dir RUN [...]``: the run's export, original model, data settings and precision."""
+    import argparse
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_dir_parser = argparse.ArgumentParser(add_help=False)
+    run_dir_parser.add_argument("--run_dir")
+    known, argv = run_dir_parser.parse_known_args(argv)
     parser = build_parser()
+    parser.add_argument("--run_dir", help="a training run's output folder: its settings become the defaults")
+    if known.run_dir:
+        parser.set_defaults(_run_defaults(Path(known.run_dir)))
     namespace = parser.parse_args(argv)
+    namespace.pop("run_dir", None)
     namespace.pop("config", None)
     namespace.pop("local_rank", None)
     parsed = parser.instantiate(namespace)
     cfg = EvalConfig(**{name: parsed[name] for name in EvalConfig.__dataclass_fields__})
     return run_evaluation(cfg)
+
+
+def _run_defaults(run_dir: Path) -> dict:
+    """Flat ``{"data.forget.source": …}`` defaults from a training run's saved ``config.yaml``."""
+    from dsunlearn.config import parse_run_config
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise SystemExit(f"dsunlearn eval: --run_dir {run_dir}: no config.yaml there (is it a training run's output?)")
+    run, _ = parse_run_config(["--config", str(config_file)])
+    defaults = asdict(EvalConfig.from_run(run, model_path=str(run_dir / "final")))
+    defaults["output_dir"] = str(run_dir / "eval")
+
+    def flatten(prefix: str, value) -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(f"{prefix}{key}.", item).items()}
+        return {prefix[:-1]: value}
+
+    return flatten("", defaults)
 
 
 # ----------------------------------------------------------------------------------------------------

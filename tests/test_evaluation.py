@@ -344,3 +344,27 @@ def test_cli_parses_into_eval_config(tmp_path, tiny_model_dir, reference_dir):
     assert summary["num_samples"] == {"normal_held_out": 1}
     assert summary["config"]["reproduction_threshold"] == 0.25 and summary["name"] == "cli-run"
     assert "| set / metric | original | cli-run |" in (out_dir / "report.md").read_text()
+
+
+def test_run_dir_takes_the_runs_settings(tiny_model_dir, tmp_path):
+    """``dsunlearn eval --run_dir RUN``: the run's export, original model, data, split and precision."""
+    import shutil
+
+    from dsunlearn.config import parse_run_config
+    from dsunlearn.evaluation import main
+
+    run_dir = tmp_path / "run"
+    _, resolved = parse_run_config(["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir),
+                                    "--output.dir", str(run_dir), "--data.forget.held_out_fraction", "0.3"])
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(resolved)
+    shutil.copytree(tiny_model_dir, run_dir / "final")
+    (run_dir / "metrics.jsonl").write_text(
+        '{"step": 1, "forget_ce": 6.0, "random_ce": 6.1, "normal_kl": 0.0, "normal_ce": 6.2, "total": 3.1}\n'
+    )
+    summary = main(["--run_dir", str(run_dir), "--max_samples", "2", "--max_new_tokens", "4",
+                    "--sets", "[forget_held_out]", "--batch_size", "2"])
+    assert summary["model"] == str(run_dir / "final") and summary["reference"] == str(tiny_model_dir)
+    assert summary["config"]["dtype"] == "fp32"
+    assert summary["unlearned"]["forget_held_out"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert (run_dir / "eval" / "eval.json").is_file()
