@@ -19,6 +19,19 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_LOGITS_BYTES // (4 * vocab_size))
 
 
+def scale_precomputed_gradients(ctx, grad_loss: torch.Tensor):
+    """Backward of a fused loss whose gradients of ``hidden`` and ``weight`` were made in its forward (saved with
+    ``ctx.save_for_backward``; target dtypes in ``ctx.hidden_dtype``/``ctx.weight_dtype``): scale them by the
+    upstream gradient, which makes any upstream value (negative, ≠ 1) exact."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    # Out of place: the stored gradients must survive a second backward with retain_graph=True.
+    if grad_hidden is not None:
+        grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype)
+    if grad_weight is not None:
+        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+    return grad_hidden, grad_weight
+
+
 class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
     """Loss and per-token terms over compacted tokens; grads for ``hidden`` and ``weight`` made in the forward.
 
@@ -125,13 +138,7 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_token_ce, _grad_token_kl):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        # Out of place: the stored gradients must survive a second backward with retain_graph=True.
-        if grad_hidden is not None:
-            grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
+        return (*scale_precomputed_gradients(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
 
 
 def chunked_fused_linear_ce_kl(

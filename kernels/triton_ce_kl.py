@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked import scale_precomputed_gradients
+
 # Rows of the [C, V] chunk buffers are bounded so that they hold about this many times the bytes of the
 # [N, H] input: O(N·H) memory whatever V is.
 CHUNK_BYTES_PER_INPUT_BYTE = 8
@@ -357,19 +359,14 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
             # Hold the weight gradient in the weight's dtype until the backward, not in the fp32 accumulator.
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(token_ce, token_kl)
         return loss, token_ce, token_kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_token_ce, _grad_token_kl):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        # Out of place: the stored gradients must survive a second backward with retain_graph=True.
-        if grad_hidden is not None:
-            grad_hidden = (grad_hidden * grad_loss).to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
+        return (*scale_precomputed_gradients(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
 
 
 def triton_fused_linear_ce_kl(
