@@ -78,7 +78,7 @@ class ModelConfig:
             found.append("model.name_or_path is empty: give a hub id or a local folder")
         for name in ("name_or_path", "reference_path"):
             value = getattr(self, name)
-            if value and _looks_local(value) and not Path(value).is_dir():
+            if value and names_a_local_path(value) and not Path(value).expanduser().is_dir():
                 found.append(f"model.{name}: local folder {value!r} does not exist")
         return found
 
@@ -262,9 +262,9 @@ def resolve_path(path: str) -> Optional[Path]:
     return None
 
 
-def _looks_local(name: str) -> bool:
-    # Hub ids are "org/name" or "name"; anything path-like is meant as a local folder.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+def names_a_local_path(name: str) -> bool:
+    """Whether a model name means a local folder: hub ids are "org/name" or "name", anything path-like is local."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
 def build_parser():

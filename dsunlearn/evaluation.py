@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from dsunlearn import data as data_lib
 from dsunlearn import metrics
-from dsunlearn.config import ConfigError, DataConfig, RunConfig
+from dsunlearn.config import ConfigError, DataConfig, RunConfig, names_a_local_path
 from dsunlearn.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class EvalConfig:
             value = getattr(self, name)
             if not value:
                 found.append(f"{name} is empty: give a local model folder or a hub id")
-            elif _names_a_local_path(value) and not Path(value).expanduser().is_dir():
+            elif names_a_local_path(value) and not Path(value).expanduser().is_dir():
                 found.append(f"{name}: local folder {value!r} does not exist")
         return found + self.data.problems() + self.evaluation_problems()
 
@@ -156,11 +156,6 @@ class EvalConfig:
         if not self.name:
             found.append("name is empty")
         return found
-
-
-def _names_a_local_path(value: str) -> bool:
-    # Hub ids are "org/name" or "name"; anything path-like means a local folder.
-    return value.startswith((".", "/", "~")) or value.count("/") > 1 or Path(value).expanduser().exists()
 
 
 # ----------------------------------------------------------------------------------------------------
