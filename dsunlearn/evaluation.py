@@ -198,9 +198,9 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world_size > 1:
-        from dsunlearn import engines
+        from dsunlearn import distributed
 
-        rank, world_size, _ = engines.init_distributed()
+        rank, world_size, _ = distributed.init_distributed()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
     sets = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
     # The engines own the ZeRO-3 hooks of the models: they stay referenced until the evaluation is done.
@@ -219,8 +219,9 @@ def load_models(cfg: EvalConfig, world_size: int):
     dtype = DTYPES[cfg.dtype]
     if world_size > 1:
         from dsunlearn import engines
+        from dsunlearn.ds_config import inference_ds_config
 
-        ds_config = engines.inference_ds_config(dtype, offload=cfg.offload_param)
+        ds_config = inference_ds_config(dtype, offload=cfg.offload_param)
         model_engine = engines.load_inference_engine(cfg.model_path, ds_config, dtype)
         reference_engine = engines.load_inference_engine(cfg.reference_path, ds_config, dtype)
         return model_engine.module, reference_engine.module, (model_engine, reference_engine)

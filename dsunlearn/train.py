@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from dsunlearn import data as data_lib
-from dsunlearn import engines, objective
+from dsunlearn import checkpoints, distributed, ds_config, engines, export, objective
 from dsunlearn.config import ConfigError, RunConfig, parse_run_config
 
 logger = logging.getLogger("dsunlearn.train")
@@ -38,11 +38,11 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
-    rank, world_size, _ = engines.init_distributed()
+    rank, world_size, _ = distributed.init_distributed()
     is_main = rank == 0
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    device = engines.device()
+    device = distributed.device()
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
@@ -128,13 +128,15 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     hidden_size = AutoConfig.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     ).hidden_size
-    ds_config = engines.build_policy_ds_config(
-        engines.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
+    policy_ds_config = ds_config.build_policy_ds_config(
+        ds_config.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
     )
-    policy_engine = engines.build_policy_engine(engines.load_causal_lm(cfg.model.name_or_path, ds_config, cfg), cfg, ds_config)
+    policy_engine = engines.build_policy_engine(
+        engines.load_causal_lm(cfg.model.name_or_path, policy_ds_config, cfg), cfg, policy_ds_config
+    )
     ref_engine = None
     if use_normal and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
-        ref_ds_config = engines.build_reference_ds_config(ds_config, cfg.model.reference_offload)
+        ref_ds_config = ds_config.build_reference_ds_config(policy_ds_config, cfg.model.reference_offload)
         ref_path = cfg.model.reference_path or cfg.model.name_or_path
         ref_engine = engines.build_reference_engine(engines.load_causal_lm(ref_path, ref_ds_config, cfg), cfg, ref_ds_config)
     policy_lm = policy_engine.module.lm
@@ -145,7 +147,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
 
     start_step = 0
     if cfg.resume:
-        client_state = engines.load_latest_checkpoint(policy_engine, checkpoint_dir)
+        client_state = checkpoints.load_latest_checkpoint(policy_engine, checkpoint_dir)
         if client_state is not None:
             start_step = int(client_state["step"])
             if is_main:
@@ -200,7 +202,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
         every = cfg.train.checkpoint_every
         stopping = bool(totals[10] > 0)
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps or stopping:
-            engines.save_checkpoint(
+            checkpoints.save_checkpoint(
                 policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints
             )
         if stopping:
@@ -216,7 +218,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     # ---- outputs ----
     final_dir = out_dir / "final"
     if cfg.output.export:
-        engines.export_hf(policy_engine, policy_lm, tokenizer, final_dir, cfg)
+        export.export_hf(policy_engine, policy_lm, tokenizer, final_dir, cfg)
         if is_main:
             logger.info("exported the unlearned model to %s", final_dir)
     if cfg.output.evaluate:
@@ -279,7 +281,7 @@ def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Pa
     if ref_engine is None:  # a run without the KL term built no reference: load the original for the comparison
         dtype = engines.PRECISION_DTYPES[cfg.model.precision]
         ref_engine = engines.load_inference_engine(
-            eval_cfg.reference_path, engines.inference_ds_config(dtype, cfg.model.reference_offload), dtype
+            eval_cfg.reference_path, ds_config.inference_ds_config(dtype, cfg.model.reference_offload), dtype
         )
         reference_lm = ref_engine.module
     else:

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from dsunlearn.config import ConfigError, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig, parse_run_config
-from dsunlearn.engines import build_policy_ds_config, build_reference_ds_config, load_ds_config
+from dsunlearn.ds_config import build_policy_ds_config, build_reference_ds_config, load_ds_config
 
 
 def test_every_problem_is_listed_in_one_error():

@@ -15,6 +15,7 @@ from dsunlearn.demo import demo_data_dir
 from dsunlearn.evaluation import EvalConfig, _shard, build_eval_sets, evaluate_models, main, run_evaluation
 from dsunlearn.metrics import distinct_n, perplexity, rouge_l_f1, rouge_l_recall
 from dsunlearn.tiny import build_tiny_causal_lm, save_tiny_model
+from launching import free_port
 
 MAX_NEW_TOKENS = 6
 MAX_LENGTH = 96
@@ -308,7 +309,7 @@ def test_two_zero3_ranks_match_single_process(
         "--harm_classifier", str(harm_classifier_dir), "--output_dir", str(out_dir),
     ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29500 + os.getpid() % 200), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen([sys.executable, "-m", "dsunlearn.evaluation", *argv],
                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),

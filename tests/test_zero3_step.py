@@ -14,6 +14,7 @@ import torch
 from dsunlearn.data import TokenizedSequence
 from dsunlearn.config import ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
 from dsunlearn.objective import build_step_batch
+from launching import free_port
 
 WORLD_SIZE = 2
 LR = 0.5
@@ -108,7 +109,7 @@ def test_zero3_step_matches_single_process(tmp_path, tied, backend, head_path):
     out_file = tmp_path / "zero3.pt"
     worker = Path(__file__).parent / "workers" / "zero3_step.py"
     env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29700 + os.getpid() % 200), OMP_NUM_THREADS="1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                **({"TRITON_INTERPRET": "1"} if backend == "triton" else {}))
     procs = [
         subprocess.Popen(

@@ -12,20 +12,22 @@ import torch
 def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_path: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from dsunlearn import engines
+    from dsunlearn import distributed, ds_config as ds_configs, engines
     from dsunlearn.train import forward_loss
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     from test_zero3_step import make_config, rank_batch
 
-    rank, world_size, _ = engines.init_distributed()
+    rank, world_size, _ = distributed.init_distributed()
     cfg = make_config(policy_dir, reference_dir, backend, head_path)
     from transformers import AutoConfig
 
     hidden_size = AutoConfig.from_pretrained(policy_dir).hidden_size
-    ds_config = engines.build_policy_ds_config(engines.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size)
+    ds_config = ds_configs.build_policy_ds_config(
+        ds_configs.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
+    )
     policy = engines.build_policy_engine(engines.load_causal_lm(policy_dir, ds_config, cfg), cfg, ds_config)
-    ref_ds_config = engines.build_reference_ds_config(ds_config, offload=False)
+    ref_ds_config = ds_configs.build_reference_ds_config(ds_config, offload=False)
     reference = engines.build_reference_engine(engines.load_causal_lm(reference_dir, ref_ds_config, cfg), cfg, ref_ds_config)
 
     batch = rank_batch(rank, cfg)
