@@ -7,6 +7,13 @@ import socket
 
 import torch
 
+# Exit codes of every dsunlearn process, the same on every rank and through launch.sh (README: "Exit codes").
+EXIT_OK = 0  # finished (also when objective.stop_forget_ce ended the run early)
+EXIT_FAILED = 1  # an error on some rank: its message names the rank and the cause
+EXIT_USAGE = 2  # bad settings or input (data, model folder, rank count): one message, nothing started
+EXIT_DIVERGED = 3  # non-finite or collapsed training: stopped, the last good checkpoint kept, nothing exported
+EXIT_PREEMPTED = 75  # SIGTERM (SLURM pre-emption, scancel, time limit): the current step saved; resume with --resume
+
 
 def init_distributed() -> tuple[int, int, int]:
     """Start the process group (NCCL on GPUs, gloo on CPU ranks) and return (rank, world_size, local_rank).
