@@ -104,7 +104,7 @@ class DataConfig:
     max_length: int = 512
     """Longest token sequence; truncation drops prompt tokens from the left and keeps the response."""
     seed: int = 42
-    """Seed of the train/held-out splits, the shuffling and the random answers."""
+    """Seed of the train/held-out splits, the shuffling and the random answers (non-negative)."""
 
     def problems(self) -> list[str]:
         found = [f"data.forget: {p}" for p in self.forget.problems()]
@@ -115,6 +115,8 @@ class DataConfig:
             found.append(f"data.template: {err}")
         if self.max_length < 8:
             found.append(f"data.max_length={self.max_length} is too small (at least 8)")
+        if self.seed < 0:
+            found.append(f"data.seed={self.seed} must be >= 0")
         return found
 
 
@@ -132,7 +134,7 @@ class ObjectiveConfig:
     """K: random answers drawn independently for each forget prompt."""
     reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     """``sequence_mean``: mean over each sequence's response tokens, then over sequences (the authors' code);
-    ``token_mean``: mean over all response tokens of the term in the global batch."""
+    ``token_mean``: mean over all response tokens of the term in the whole optimizer step (every rank, micro-step)."""
 
     def problems(self) -> list[str]:
         found = []

@@ -26,7 +26,7 @@ from dsunlearn.data import (
     DatasetSpec,
     Pair,
     PromptFormat,
-    ShardedSampler,
+    StepSampler,
     TokenizedSequence,
     load_pairs,
     pad_batch,
@@ -126,7 +126,7 @@ def _teach(model, sequences: list[TokenizedSequence], pad_id: int, build: DemoBu
         return max(0.0, (build.steps - step) / max(1, build.steps - build.warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    sampler = ShardedSampler(len(sequences), min(build.batch_size, len(sequences)), seed=build.seed)
+    sampler = StepSampler(len(sequences), min(build.batch_size, len(sequences)), seed=build.seed)
     model.train()
     losses = []
     bar = tqdm(range(build.steps), desc="teaching the demo model", disable=not progress)

@@ -4,11 +4,13 @@ The policy runs ONE forward over the concatenated [forget; random; normal] batch
     forget  ce_weight = -e1 / (n_s * B_f)          (gradient ascent)
     random  ce_weight = +e2 / (n_s * B_f * K)
     normal  kl_weight = +e3 / (n_s * B_n)          (forward KL to the reference)
-with n_s the response tokens of its sequence and B the sequences of its term on this rank ("sequence_mean": mean
-over a sequence's response tokens, then over sequences, as in the authors' code). DeepSpeed averages gradients over
-ranks, and every rank holds the same number of sequences, so the ranks' mean is the global batch mean.
-"token_mean" instead divides by the term's response tokens in the global micro-batch (times the world size, to undo
-DeepSpeed's average). Prompt and padding positions get no weight at all.
+with n_s the response tokens of its sequence and B the sequences of its term in this micro-batch ("sequence_mean":
+mean over a sequence's response tokens, then over sequences, as in the authors' code). DeepSpeed averages gradients
+over ranks and micro-steps, and every micro-batch holds the same number of sequences, so that mean of means is the
+mean over the whole accumulated step.
+"token_mean" instead gives each response token e / T, T the term's response tokens of the whole accumulated step
+(summed over ranks and micro-steps), times the number of micro-batches DeepSpeed averages over (ranks x micro-steps),
+to undo that average. Prompt and padding positions get no weight at all.
 """
 
 from __future__ import annotations
@@ -66,13 +68,15 @@ def build_step_batch(
     normal: Sequence,
     pad_id: int,
     objective: ObjectiveConfig,
-    global_term_tokens: Optional[torch.Tensor] = None,
-    world_size: int = 1,
+    step_term_tokens: Optional[torch.Tensor] = None,
+    micro_batches_per_step: int = 1,
 ) -> StepBatch:
     """Concatenate [forget; random; normal] tokenised sequences (objects with ``input_ids`` and ``response_mask``
     lists) into one padded batch with the objective's per-token weights.
 
-    ``global_term_tokens`` ([3] response tokens per term summed over ranks) is needed for ``token_mean`` only.
+    ``token_mean`` only: ``step_term_tokens`` [3] holds each term's response tokens in the whole optimizer step
+    (every rank's and micro-step's, see :func:`term_token_counts`), and ``micro_batches_per_step`` the number of
+    micro-batches DeepSpeed averages the gradient over (world size x gradient accumulation steps).
     """
     from dsunlearn.data import pad_batch
 
@@ -93,9 +97,10 @@ def build_step_batch(
         sequences_of_term = torch.bincount(sequence_term, minlength=3).clamp(min=1)
         weight = epsilon[token_term] / (sequence_length[token_sequence] * sequences_of_term[token_term])
     else:
-        if global_term_tokens is None:
-            raise ValueError("token_mean needs the global response-token count of each term")
-        weight = epsilon[token_term] * world_size / global_term_tokens.clamp(min=1).to(torch.float32)[token_term]
+        if step_term_tokens is None:
+            raise ValueError("token_mean needs each term's response-token count of the whole step")
+        step_tokens = step_term_tokens.clamp(min=1).to(torch.float32)[token_term]
+        weight = epsilon[token_term] * micro_batches_per_step / step_tokens
     weight = weight.to(torch.float32)
     is_normal = token_term == NORMAL
     ce_weight = torch.where(is_normal, torch.zeros_like(weight), weight)
@@ -129,7 +134,8 @@ def build_step_batch(
 
 
 def term_token_counts(forget: Sequence, random: Sequence, normal: Sequence) -> torch.Tensor:
-    """Response tokens per term on this rank, [3] (for ``token_mean``: summed over ranks by the caller)."""
+    """Response tokens per term of one micro-batch, [3] (for ``token_mean``: the caller sums them over the step's
+    micro-batches and ranks)."""
     return torch.tensor([sum(sum(s.response_mask) for s in group) for group in (forget, random, normal)])
 
 

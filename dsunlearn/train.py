@@ -52,7 +52,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(resolved_yaml)
 
-    # ---- data: every rank loads the same pairs and splits them identically, then reads its own shard ----
+    # ---- data: every rank loads and splits the same pairs; each step reads its slots of one global example stream ----
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -84,45 +84,54 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     forget_sequences = [tokenize(pair) for pair in forget_train] if use_forget else []
     normal_sequences = [tokenize(pair) for pair in normal_train] if use_normal else []
     random_answer_pool = [pair.response for pair in normal_train]
-    forget_sampler = data_lib.ShardedSampler(
-        len(forget_train), cfg.train.forget_batch_size, rank=rank, world_size=world_size, seed=cfg.data.seed
+    gas = cfg.train.gradient_accumulation_steps
+    forget_sampler = data_lib.StepSampler(
+        len(forget_train), cfg.train.forget_batch_size, world_size=world_size, gradient_accumulation_steps=gas,
+        seed=cfg.data.seed,
     )
-    normal_sampler = data_lib.ShardedSampler(
-        len(normal_train), max(cfg.train.normal_batch_size, 1), rank=rank, world_size=world_size, seed=cfg.data.seed + 1
+    normal_sampler = data_lib.StepSampler(
+        len(normal_train), max(cfg.train.normal_batch_size, 1), world_size=world_size, gradient_accumulation_steps=gas,
+        seed=cfg.data.seed + 1,
     )
     if is_main:
         logger.info(
-            "data: %d forget and %d normal training pairs, %d ranks, %d forget + %d random + %d normal sequences per "
-            "micro-step and rank", len(forget_train), len(normal_train), world_size, cfg.train.forget_batch_size,
-            cfg.train.forget_batch_size * cfg.objective.num_random_answers * use_random,
+            "data: %d forget and %d normal training pairs, %d ranks x %d micro-steps, %d forget + %d random + "
+            "%d normal sequences per micro-step and rank", len(forget_train), len(normal_train), world_size, gas,
+            cfg.train.forget_batch_size, cfg.train.forget_batch_size * cfg.objective.num_random_answers * use_random,
             cfg.train.normal_batch_size * use_normal,
         )
 
-    def micro_batch(micro_step: int) -> objective.StepBatch:
-        """The micro-step's batch: a function of (seed, micro_step, rank) only, so a resumed run sees the same data."""
-        forget_indices = forget_sampler.indices(micro_step)
-        forget_pairs = [forget_train[i] for i in forget_indices]
+    def micro_sequences(step: int, micro: int) -> tuple[list, list, list]:
+        """The (forget, random, normal) sequences of this rank's slot in micro-step ``micro`` of step ``step``."""
+        forget_indices = forget_sampler.indices(step, rank, micro)
         forget = [forget_sequences[i] for i in forget_indices] if use_forget else []
         random_sequences = []
         if use_random:
-            # hash() of a tuple of ints is the same in every process (no PYTHONHASHSEED salt for ints).
-            generator = torch.Generator().manual_seed(hash((cfg.data.seed, micro_step, rank)) % (2**63))
             answers = data_lib.draw_random_answers(
-                random_answer_pool, len(forget_pairs), cfg.objective.num_random_answers, generator
+                random_answer_pool, forget_sampler.positions(step, rank, micro), cfg.objective.num_random_answers,
+                cfg.data.seed,
             )
             random_sequences = [
-                tokenize(dataclasses.replace(pair, response=answer))
-                for pair, prompt_answers in zip(forget_pairs, answers)
-                for answer in prompt_answers
+                tokenize(dataclasses.replace(forget_train[i], response=answer))
+                for i, example_answers in zip(forget_indices, answers)
+                for answer in example_answers
             ]
-        normal = [normal_sequences[i] for i in normal_sampler.indices(micro_step)] if use_normal else []
-        global_counts = None
+        normal = [normal_sequences[i] for i in normal_sampler.indices(step, rank, micro)] if use_normal else []
+        return forget, random_sequences, normal
+
+    def step_batches(step: int) -> list[objective.StepBatch]:
+        """This rank's micro-batches of optimizer step ``step``: a function of (data seed, step, slot) only, so a
+        resumed run sees the same data, and so does any split of the global batch into ranks x micro-steps."""
+        slots = [micro_sequences(step, micro) for micro in range(gas)]
+        step_term_tokens = None
         if cfg.objective.reduction == "token_mean":
-            global_counts = objective.term_token_counts(forget, random_sequences, normal).to(device)
-            torch.distributed.all_reduce(global_counts)
-        return objective.build_step_batch(
-            forget, random_sequences, normal, pad_id, cfg.objective, global_counts, world_size
-        ).to(device)
+            # token_mean divides by the tokens of the whole step: count every micro-batch up front, one all_reduce.
+            step_term_tokens = sum(objective.term_token_counts(*slot) for slot in slots).to(device)
+            torch.distributed.all_reduce(step_term_tokens)
+        return [
+            objective.build_step_batch(*slot, pad_id, cfg.objective, step_term_tokens, world_size * gas).to(device)
+            for slot in slots
+        ]
 
     # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
     hidden_size = AutoConfig.from_pretrained(
@@ -164,7 +173,6 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="unlearning", dynamic_ncols=True)
-    gas = cfg.train.gradient_accumulation_steps
     stop_signal = _catch_stop_signals()
     for step in range(start_step, cfg.train.max_steps):
         started = time.perf_counter()
@@ -172,8 +180,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
         sums = torch.zeros(8, device=device)
         step_loss = torch.zeros((), device=device)
         step_tokens = torch.zeros((), device=device)
-        for micro in range(gas):
-            batch = micro_batch(step * gas + micro)
+        for batch in step_batches(step):
             loss, token_ce, token_kl = forward_loss(policy_engine, ref_engine, batch)
             policy_engine.backward(loss)
             policy_engine.step()

@@ -1,4 +1,4 @@
-"""Data loading, splits, tokenisation masks, padding, sharding and random answers."""
+"""Data loading, splits, tokenisation masks, padding, the global example stream and random answers."""
 
 import csv
 import json
@@ -12,7 +12,7 @@ from dsunlearn.data import (
     DatasetSpec,
     Pair,
     PromptFormat,
-    ShardedSampler,
+    StepSampler,
     draw_random_answers,
     load_pairs,
     pad_batch,
@@ -391,52 +391,79 @@ def test_pad_id_error_without_pad_and_eos(sp_tokenizer):
         resolve_pad_id(NoSpecialTokens())
 
 
-# --------------------------------------------------------------------------- sharding
+# --------------------------------------------------------------------------- the global example stream
+
+TOPOLOGIES = [(1, 4), (2, 2), (4, 1)]  # (world size, gradient accumulation steps): the same global batch of 4 slots
 
 
-def epoch_shards(num_samples, batch_size, world_size, epoch, seed=0):
-    samplers = [
-        ShardedSampler(num_samples, batch_size, rank=r, world_size=world_size, seed=seed) for r in range(world_size)
-    ]
-    steps = samplers[0].steps_per_epoch
-    return [[i for s in range(epoch * steps, (epoch + 1) * steps) for i in sampler.indices(s)] for sampler in samplers]
+def step_slots(sampler, step):
+    """{(rank, micro-step): (stream positions, example indices)} of one optimizer step."""
+    return {
+        (rank, micro): (list(sampler.positions(step, rank, micro)), sampler.indices(step, rank, micro))
+        for rank in range(sampler.world_size)
+        for micro in range(sampler.gradient_accumulation_steps)
+    }
 
 
-def test_sampler_ranks_disjoint_and_cover_an_epoch():
-    shards = epoch_shards(num_samples=24, batch_size=2, world_size=3, epoch=0)
-    assert [len(s) for s in shards] == [8, 8, 8]
-    assert sorted(i for shard in shards for i in shard) == list(range(24))
+def step_in_slot_order(sampler, step):
+    """The step's (position, example) pairs in slot order j = micro_step * world_size + rank."""
+    slots = step_slots(sampler, step)
+    ordered = []
+    for micro in range(sampler.gradient_accumulation_steps):
+        for rank in range(sampler.world_size):
+            positions, examples = slots[rank, micro]
+            ordered += list(zip(positions, examples))
+    return ordered
 
 
-def test_sampler_uneven_data_gives_equal_counts_and_covers_all():
-    shards = epoch_shards(num_samples=10, batch_size=3, world_size=3, epoch=0)
-    assert [len(s) for s in shards] == [6, 6, 6]  # ceil(10 / 9) = 2 steps of 3 on every rank
-    assert set(i for shard in shards for i in shard) == set(range(10))
-    sampler = ShardedSampler(10, 3, rank=2, world_size=3)
-    assert all(len(sampler.indices(step)) == 3 for step in range(7))
+def test_a_step_reads_the_same_examples_on_every_topology_and_across_epochs():
+    # 13 examples, 4 slots of 3: 12 per step, so steps run across epoch boundaries (the 2nd step ends in epoch 1).
+    samplers = [StepSampler(13, 3, world_size=w, gradient_accumulation_steps=g, seed=5) for w, g in TOPOLOGIES]
+    for step in range(8):
+        reads = [step_in_slot_order(sampler, step) for sampler in samplers]
+        assert reads[0] == reads[1] == reads[2]
+        assert [position for position, _ in reads[0]] == list(range(12 * step, 12 * (step + 1)))
 
 
-def test_sampler_reshuffles_each_epoch_and_depends_on_seed():
-    epoch0, epoch1 = epoch_shards(20, 2, 2, 0), epoch_shards(20, 2, 2, 1)
-    assert epoch0 != epoch1
-    assert sorted(sum(epoch1, [])) == list(range(20))
-    assert epoch_shards(20, 2, 2, 0, seed=1) != epoch0
+def test_the_stream_is_one_permutation_per_epoch_reshuffled_and_seeded():
+    sampler = StepSampler(10, 2, world_size=2, gradient_accumulation_steps=1, seed=3)
+    stream = [example for step in range(10) for _, example in step_in_slot_order(sampler, step)]  # 4 epochs
+    epochs = [stream[i : i + 10] for i in range(0, 40, 10)]
+    assert all(sorted(epoch) == list(range(10)) for epoch in epochs)  # no padding, no example left out
+    assert len({tuple(epoch) for epoch in epochs}) == 4
+    other_seed = StepSampler(10, 2, world_size=2, seed=4)
+    assert [other_seed.example_at(i) for i in range(10)] != epochs[0]
 
 
 def test_sampler_is_resumable_by_step():
-    run = ShardedSampler(13, 2, rank=1, world_size=2, seed=7)
-    replayed = [run.indices(step) for step in range(20)]
-    resumed = ShardedSampler(13, 2, rank=1, world_size=2, seed=7)
-    assert [resumed.indices(step) for step in range(11, 20)] == replayed[11:]
+    run = StepSampler(13, 2, world_size=2, gradient_accumulation_steps=2, seed=7)
+    replayed = [step_slots(run, step) for step in range(20)]
+    resumed = StepSampler(13, 2, world_size=2, gradient_accumulation_steps=2, seed=7)
+    assert [step_slots(resumed, step) for step in range(11, 20)] == replayed[11:]
+
+
+def test_a_step_larger_than_the_data_repeats_examples():
+    sampler = StepSampler(3, 2, world_size=2, gradient_accumulation_steps=1)
+    examples = [example for _, example in step_in_slot_order(sampler, 0)]
+    assert len(examples) == 4 and set(examples) == {0, 1, 2}
 
 
 def test_sampler_errors():
-    with pytest.raises(ValueError, match="3 samples cannot be sharded over 4 ranks"):
-        ShardedSampler(3, 1, rank=0, world_size=4)
-    with pytest.raises(ValueError, match="rank"):
-        ShardedSampler(10, 1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="num_samples"):
+        StepSampler(0, 1)
     with pytest.raises(ValueError, match="batch_size"):
-        ShardedSampler(10, 0)
+        StepSampler(10, 0)
+    with pytest.raises(ValueError, match="world_size and gradient_accumulation_steps"):
+        StepSampler(10, 1, gradient_accumulation_steps=0)
+    with pytest.raises(ValueError, match="seed must be non-negative"):
+        StepSampler(10, 1, seed=-1)
+    sampler = StepSampler(10, 1, world_size=2, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="rank must be in"):
+        sampler.indices(0, rank=2)
+    with pytest.raises(ValueError, match="micro_step must be in"):
+        sampler.indices(0, micro_step=2)
+    with pytest.raises(ValueError, match="step must be non-negative"):
+        sampler.indices(-1)
 
 
 # --------------------------------------------------------------------------- random answers
@@ -444,17 +471,36 @@ def test_sampler_errors():
 
 def test_random_answers_k_per_prompt_from_pool_only_and_independent():
     pool = [f"answer {i}" for i in range(30)]
-    answers = draw_random_answers(pool, num_prompts=40, k=5, generator=torch.Generator().manual_seed(0))
+    answers = draw_random_answers(pool, range(40), k=5, seed=0)
     assert len(answers) == 40
     assert all(len(a) == 5 and len(set(a)) == 5 for a in answers)
     assert all(answer in pool for a in answers for answer in a)
     assert len({tuple(a) for a in answers}) > 30  # drawn independently, not one draw repeated
-    again = draw_random_answers(pool, num_prompts=40, k=5, generator=torch.Generator().manual_seed(0))
-    assert again == answers
-    small = draw_random_answers(["x", "y"], num_prompts=3, k=5, generator=torch.Generator().manual_seed(0))
+    assert draw_random_answers(pool, range(40), k=5, seed=0) == answers
+    assert draw_random_answers(pool, range(40), k=5, seed=1) != answers
+    small = draw_random_answers(["x", "y"], range(3), k=5, seed=0)
     assert all(len(a) == 5 and set(a) <= {"x", "y"} for a in small)
     with pytest.raises(ValueError, match="pool is empty"):
-        draw_random_answers([], 1, 5, torch.Generator())
+        draw_random_answers([], [0], 5, 0)
+
+
+def test_random_answers_of_a_step_are_the_same_on_every_topology():
+    pool = [f"answer {i}" for i in range(50)]
+    per_topology = []
+    for world_size, accumulation in TOPOLOGIES:
+        sampler = StepSampler(7, 2, world_size=world_size, gradient_accumulation_steps=accumulation, seed=0)
+        drawn = {}
+        for step in range(3):  # 8 examples a step from 7: every step after the first runs into a new epoch
+            for positions, examples in step_slots(sampler, step).values():
+                answers = draw_random_answers(pool, positions, k=3, seed=0)
+                drawn.update(zip(positions, zip(examples, map(tuple, answers))))
+        per_topology.append(drawn)
+    assert per_topology[0] == per_topology[1] == per_topology[2]
+    # An example that comes back in a later epoch gets new answers: they follow the stream position.
+    by_example = {}
+    for example, answers in per_topology[0].values():
+        by_example.setdefault(example, []).append(answers)
+    assert any(len(set(answers)) > 1 for answers in by_example.values())
 
 
 def test_hub_ids_go_to_datasets_load_dataset(monkeypatch):

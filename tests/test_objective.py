@@ -5,7 +5,16 @@ import torch
 
 from dsunlearn.config import ObjectiveConfig
 from dsunlearn.data import TokenizedSequence
-from dsunlearn.objective import FORGET, NORMAL, RANDOM, build_step_batch, response_positions, term_means, term_sums
+from dsunlearn.objective import (
+    FORGET,
+    NORMAL,
+    RANDOM,
+    build_step_batch,
+    response_positions,
+    term_means,
+    term_sums,
+    term_token_counts,
+)
 
 
 def seq(prompt, response):
@@ -46,15 +55,28 @@ def test_sequence_mean_weights_by_hand():
     assert batch.num_tokens == 4 + 2 + 3 + 5 + 2 + 2 + 5
 
 
-def test_token_mean_divides_by_global_token_counts():
+def test_token_mean_divides_by_the_tokens_of_the_whole_step():
     objective = ObjectiveConfig(forget_weight=1.0, random_weight=1.0, normal_weight=1.0, reduction="token_mean")
-    forget = [seq([1], [3, 4])]
-    random = [seq([1], [6])]
-    normal = [seq([1], [4, 4, 4])]
-    counts = torch.tensor([4, 2, 6])  # summed over 2 ranks
-    batch = build_step_batch(forget, random, normal, 0, objective, global_term_tokens=counts, world_size=2)
-    assert batch.ce_weight.tolist() == pytest.approx([-2 / 4, -2 / 4, 2 / 2, 0, 0, 0])
-    assert batch.kl_weight.tolist() == pytest.approx([0, 0, 0, 2 / 6, 2 / 6, 2 / 6])
+    # One step of 2 ranks x 2 micro-steps: 4 micro-batches of different lengths.
+    slots = [
+        ([seq([1], [3, 4])], [seq([1], [6])], [seq([1], [4, 4, 4])]),
+        ([seq([1], [3])], [seq([1], [6, 6])], [seq([1], [4])]),
+        ([seq([1], [3, 4, 5])], [seq([1], [6])], [seq([1], [4, 4])]),
+        ([seq([1], [3])], [seq([1], [6, 6, 6])], [seq([1], [4, 4])]),
+    ]
+    step_tokens = sum(term_token_counts(*slot) for slot in slots)
+    assert step_tokens.tolist() == [7, 7, 8]
+    batches = [build_step_batch(*slot, 0, objective, step_tokens, micro_batches_per_step=4) for slot in slots]
+    # DeepSpeed averages the 4 micro-batches' gradients: each token's weight / 4 is then e / (the term's step tokens).
+    assert batches[0].ce_weight.tolist() == pytest.approx([-4 / 7, -4 / 7, 4 / 7, 0, 0, 0])
+    assert batches[0].kl_weight.tolist() == pytest.approx([0, 0, 0, 4 / 8, 4 / 8, 4 / 8])
+    effective = [0.0, 0.0, 0.0]
+    for batch in batches:
+        term = batch.sequence_term[batch.token_sequence]
+        for t in (FORGET, RANDOM):
+            effective[t] += float(batch.ce_weight[term == t].sum()) / 4
+        effective[NORMAL] += float(batch.kl_weight[term == NORMAL].sum()) / 4
+    assert effective == pytest.approx([-1.0, 1.0, 1.0])
 
 
 def test_term_sums_are_sequence_means():
