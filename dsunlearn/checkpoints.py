@@ -25,6 +25,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,6 +38,7 @@ from dsunlearn.config import CHANGEABLE_ON_RESUME, ConfigError, RunConfig
 logger = logging.getLogger("dsunlearn.checkpoints")
 
 CHECKPOINT_PREFIX = "step_"
+TAG_PATTERN = re.compile(rf"{CHECKPOINT_PREFIX}\d+")
 MARKER_NAME = "complete.json"
 LATEST_NAME = "latest"
 SLURM_JOB_FILE = "slurm_job_id"
@@ -229,8 +231,10 @@ def choose_resume_checkpoint(checkpoint_dir: Path) -> tuple[Optional[Checkpoint]
         return newest, f"resuming from {newest.tag} (named in {latest_path})"
     if not named:
         why = f"{latest_path} is empty"
-    elif not (checkpoint_dir / named).is_dir() or "/" in named:
-        why = f"{latest_path} names {named!r}, which does not exist"
+    elif not TAG_PATTERN.fullmatch(named):
+        why = f"{latest_path} holds {named[:40]!r}, which is not a checkpoint tag"
+    elif not (checkpoint_dir / named).is_dir():
+        why = f"{latest_path} names {named}, which does not exist"
     elif read_marker(checkpoint_dir / named) is None:
         why = f"{latest_path} names {named}, which is incomplete"
     else:
@@ -264,16 +268,17 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
         fsync_tree(step_dir)
         fsync_dir(checkpoint_dir)
     except Exception as err:
+        message = _write_failure(step_dir, err)  # before the removal, which frees the space it measures
         shutil.rmtree(step_dir, ignore_errors=True)
-        raise CheckpointWriteError(_write_failure(step_dir, err)) from err
+        raise CheckpointWriteError(message) from err
     torch.distributed.barrier()
     failure = None
     if rank == 0:
         try:
             atomic_write_text(step_dir / MARKER_NAME, json.dumps({"step": step, **dataclasses.asdict(shape)}))
         except OSError as err:
-            shutil.rmtree(step_dir, ignore_errors=True)
             failure = _write_failure(step_dir, err)
+            shutil.rmtree(step_dir, ignore_errors=True)
         else:
             try:
                 atomic_write_text(checkpoint_dir / LATEST_NAME, tag + "\n")
