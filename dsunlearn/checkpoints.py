@@ -312,7 +312,7 @@ def _remove_checkpoint(step_dir: Path) -> None:
 
 def _write_failure(path: Path, err: BaseException) -> str:
     """One sentence: which path could not be written and why; a full filesystem is named as such."""
-    existing = Path(path)
+    existing = Path(path).parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     free = shutil.disk_usage(existing).free

@@ -26,9 +26,9 @@ def run_args(model_dir, out_dir, *extra):
             "--output.export", "false", "--output.evaluate", "false", *extra]
 
 
-def train_one_process(args, timeout=300):
+def train_one_process(args, timeout=300, **env_vars):
     """``python -m dsunlearn train`` as a world of one; returns (returncode, output)."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_vars)
     done = subprocess.run([sys.executable, "-m", "dsunlearn", "train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr
@@ -254,6 +254,22 @@ def test_resume_with_another_model_or_other_settings_is_refused_naming_each(copi
     assert (copied_run / "config.yaml").read_bytes() == config_before
 
 
+@pytest.mark.integration
+def test_a_requeued_slurm_job_resumes_its_own_run(reference_run, copied_run, tiny_model_dir):
+    """SLURM requeues a job with its id unchanged and SLURM_RESTART_COUNT raised; the same command line is run."""
+    shutil.rmtree(copied_run / "checkpoints" / "step_00000004")  # preempted after the step-2 checkpoint
+    (copied_run / "slurm_job_id").write_text("4242\n")  # as the job's first start recorded it
+    code, output = train_one_process(run_args(tiny_model_dir, copied_run), SLURM_JOB_ID="4242",
+                                     SLURM_RESTART_COUNT="0")
+    assert code == 2 and "holds a run" in output  # a second run inside the same allocation is no requeue
+    code, output = train_one_process(run_args(tiny_model_dir, copied_run), SLURM_JOB_ID="4242",
+                                     SLURM_RESTART_COUNT="1")
+    assert code == 0, output[-4000:]
+    assert "SLURM job 4242 was requeued (restart 1) into the folder it owns: resuming" in output
+    assert_same_metrics(read_metrics(copied_run), read_metrics(reference_run))
+    assert checkpoints.read_marker(copied_run / "checkpoints" / "step_00000004").shape.slurm_job_id == "4242"
+
+
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A real 1.4 MB tmpfs: the tiny model's first checkpoint (about 0.85 MB) fits, the second does not."""
@@ -276,7 +292,7 @@ def test_disk_full_names_the_cause_and_keeps_the_earlier_checkpoint(reference_ru
     code, output = train_one_process(run_args(tiny_model_dir, run_dir, "--train.checkpoint_every", "1"))
     assert code != 0
     assert "CheckpointWriteError: could not write" in output
-    assert f"No space left on device: the filesystem of {run_dir / 'checkpoints'}" in output
+    assert f"No space left on device: the filesystem of {run_dir / 'checkpoints'} has " in output
     checkpoint_dir = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoint_dir.glob("step_*")) == ["step_00000001"]  # the torn one is gone
     assert checkpoints.read_marker(checkpoint_dir / "step_00000001").step == 1
