@@ -258,8 +258,8 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
     step_dir = checkpoint_dir / tag
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        # A folder of this tag is the remains of a save killed before its marker (or, after a resume from an older
-        # checkpoint, a complete one this run is about to replace): unmark it first, so no kill leaves a mix.
+        # A folder of this tag is the remains of a save killed before its marker: DeepSpeed would write beside its
+        # stale files, so it goes first.
         if step_dir.exists():
             _remove_checkpoint(step_dir)
     torch.distributed.barrier()
