@@ -38,19 +38,21 @@ class ModelConfig:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Compute precision of both engines (fp16 only on GPUs; ZeRO keeps fp32 master weights)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute activations in the backward pass to save memory (may change on resume)."""
     attn_implementation: Optional[str] = None
-    """Attention implementation passed to ``from_pretrained`` (e.g. ``sdpa``, ``flash_attention_2``)."""
+    """Attention implementation passed to ``from_pretrained`` (e.g. ``sdpa``, ``flash_attention_2``; may change on
+    resume)."""
     trust_remote_code: bool = False
-    """Allow model code from the model folder or hub repository."""
+    """Allow model code from the model folder or hub repository (may change on resume)."""
     head_path: Literal["auto", "fused", "logits"] = "auto"
     """How the output head meets the loss: ``fused`` never materialises tokens x vocabulary logits (plain linear heads,
     optional softcap); ``logits`` runs the model's own head (any head: bias, logit scaling); ``auto`` picks fused when
-    the head allows it."""
+    the head allows it. May change on resume (the same numbers within float tolerance)."""
     loss_backend: Literal["auto", "torch", "chunked", "triton"] = "auto"
-    """Backend of the fused loss: ``auto`` is triton on CUDA and chunked elsewhere."""
+    """Backend of the fused loss: ``auto`` is triton on CUDA and chunked elsewhere (may change on resume)."""
     reference_offload: bool = False
-    """Keep the reference engine's parameter shards in CPU memory (ZeRO-3 ``offload_param``)."""
+    """Keep the reference engine's parameter shards in CPU memory (ZeRO-3 ``offload_param``; may change on
+    resume)."""
     lora_rank: int = 0
     """0: train every weight. > 0: train LoRA adapters of this rank (peft) and use the same engine with its adapters
     disabled as the reference, so no second model is loaded. The export merges the adapters into the weights."""
@@ -156,11 +158,12 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps (paper: 1000)."""
     forget_batch_size: int = 2
-    """Forget samples per rank per micro-step (paper: 2)."""
+    """Forget samples per rank per micro-step (paper: 2). May change on resume if the global batch (this x
+    gradient_accumulation_steps x ranks) stays the same."""
     normal_batch_size: int = 2
-    """Normal samples per rank per micro-step (paper: 2)."""
+    """Normal samples per rank per micro-step (paper: 2). May change on resume like ``forget_batch_size``."""
     gradient_accumulation_steps: int = 1
-    """Micro-steps per optimizer step."""
+    """Micro-steps per optimizer step. May change on resume if both global batches stay the same."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """Optimizer (AdamW as in the paper; plain SGD for checks)."""
     lr: float = 2e-6
@@ -177,13 +180,15 @@ class TrainConfig:
     """Clip the global gradient norm to this value (None: no clipping)."""
     deepspeed_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON for the trained model; its "auto" fields are filled from these settings, other fields must agree
-    with them. Relative paths are looked up from the working directory, then from the dsunlearn checkout."""
+    with them. Relative paths are looked up from the working directory, then from the dsunlearn checkout. On resume
+    the file may change, but its numbers must not (except memory knobs: bucket sizes, live parameters, ...)."""
     checkpoint_every: int = 200
-    """Save a DeepSpeed checkpoint every this many steps (0: only at the end)."""
+    """Save a DeepSpeed checkpoint every this many steps (0: only at the end; may change on resume)."""
     keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep (0: keep all)."""
+    """How many complete checkpoints to keep, the one just written included (0: keep all; may change on resume).
+    Only complete checkpoints older than the one just written are removed."""
     log_every: int = 1
-    """Update the progress bar every this many steps (metrics.jsonl gets every step)."""
+    """Update the progress bar every this many steps (metrics.jsonl gets every step; may change on resume)."""
     seed: int = 42
     """Seed of model-side randomness (dropout); data randomness uses data.seed."""
 
@@ -215,7 +220,9 @@ class OutputConfig:
     """Where results go."""
 
     dir: str = "outputs/run"
-    """Output folder: config.yaml, metrics.jsonl, checkpoints/, final/ (the Hugging Face export)."""
+    """Output folder: config.yaml, metrics.jsonl, checkpoints/, final/ (the Hugging Face export). A folder that
+    holds a run is refused unless ``resume`` or ``overwrite`` is set. Every ``output`` setting may change on
+    resume."""
     export: bool = True
     """Write the unlearned model in Hugging Face format (safetensors, config, tokenizer) to ``dir/final``."""
     evaluate: bool = False
@@ -241,10 +248,19 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     """Outputs."""
     resume: bool = False
-    """Continue from the newest checkpoint in ``output.dir/checkpoints`` (a fresh start if there is none)."""
+    """Continue from the newest complete checkpoint in ``output.dir/checkpoints`` (a fresh start if there is none).
+    Every setting must equal the checkpoint's (it is refused, naming each that differs) except those documented
+    "may change on resume": memory and speed switches, checkpointing, logging and outputs, and the split of the
+    global batch into ranks x micro-steps x per-rank batch. ``train.max_steps`` may not change: the learning-rate
+    schedule depends on it. A SLURM job that is requeued into the folder it owns resumes without this flag."""
+    overwrite: bool = False
+    """Start afresh in an ``output.dir`` that holds a run: its metrics, checkpoints and ``final/`` are removed
+    first. Without this (or ``resume``) such a folder is refused."""
 
     def __post_init__(self):
         found = self.model.problems() + self.data.problems() + self.objective.problems() + self.train.problems()
+        if self.resume and self.overwrite:
+            found.append("resume and overwrite are both true: continue the run in output.dir or replace it, not both")
         if self.objective.normal_weight > 0 and self.train.normal_batch_size == 0:
             found.append("train.normal_batch_size is 0 but objective.normal_weight > 0: the KL term needs normal data")
         if found:
@@ -252,6 +268,17 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Settings free to differ between a checkpoint and the run resuming it (a name covers the fields below it); every
+# other field must be equal. Per-rank batch sizes and accumulation are compared through the global batch instead.
+CHANGEABLE_ON_RESUME = (
+    "resume", "overwrite", "output",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.deepspeed_config",
+    "train.forget_batch_size", "train.normal_batch_size", "train.gradient_accumulation_steps",
+    "model.gradient_checkpointing", "model.attn_implementation", "model.trust_remote_code", "model.head_path",
+    "model.loss_backend", "model.reference_offload",
+)
 
 
 def resolve_path(path: str) -> Optional[Path]:

@@ -9,7 +9,6 @@ Reads top to bottom: settings -> process group -> data -> engines -> (resume) ->
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import sys
@@ -46,11 +45,12 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
+    # ---- the run folder: refused if it holds another run; a resume checks its checkpoint's settings first ----
     out_dir = Path(cfg.output.dir)
     checkpoint_dir = out_dir / "checkpoints"
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(resolved_yaml)
+    ds_template = ds_config.load_ds_config(cfg.train.deepspeed_config)
+    run_shape = checkpoints.RunShape.of(cfg, ds_template, world_size)
+    resume_from = checkpoints.prepare_run_folder(out_dir, cfg, run_shape, resolved_yaml)
 
     # ---- data: every rank loads and splits the same pairs; each step reads its slots of one global example stream ----
     from transformers import AutoConfig, AutoTokenizer
@@ -137,9 +137,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     hidden_size = AutoConfig.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     ).hidden_size
-    policy_ds_config = ds_config.build_policy_ds_config(
-        ds_config.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
-    )
+    policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, hidden_size)
     policy_engine = engines.build_policy_engine(
         engines.load_causal_lm(cfg.model.name_or_path, policy_ds_config, cfg), cfg, policy_ds_config
     )
@@ -155,17 +153,12 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
                     cfg.model.lora_rank, trainable)
 
     start_step = 0
-    if cfg.resume:
-        client_state = checkpoints.load_latest_checkpoint(policy_engine, checkpoint_dir)
-        if client_state is not None:
-            start_step = int(client_state["step"])
-            if is_main:
-                logger.info("resumed from %s at step %d", checkpoint_dir, start_step)
-        elif is_main:
-            logger.info("no checkpoint in %s: starting from step 0", checkpoint_dir)
+    if resume_from is not None:
+        start_step = int(checkpoints.load_checkpoint(policy_engine, checkpoint_dir, resume_from)["step"])
+        if is_main:
+            logger.info("resumed from %s at step %d", checkpoint_dir / resume_from.tag, start_step)
     metrics_path = out_dir / "metrics.jsonl"
-    if is_main:
-        _truncate_metrics(metrics_path, start_step)
+    metrics_log = checkpoints.MetricsLog(metrics_path, start_step) if is_main else None
 
     # ---- the loop ----
     progress = None
@@ -201,8 +194,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
             tokens_per_s=float(totals[9]) / elapsed,
         )
         if is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            metrics_log.append(row)
             progress.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
                 progress.set_postfix(_postfix(row), refresh=False)
@@ -210,7 +202,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
         stopping = bool(totals[10] > 0)
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps or stopping:
             checkpoints.save_checkpoint(
-                policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints
+                policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints, run_shape
             )
         if stopping:
             if is_main:
@@ -219,8 +211,9 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
                     "stopped by a signal after step %d; checkpoint saved: continue with --resume true", step + 1
                 )
             raise SystemExit(143)
-    if progress is not None:
+    if is_main:
         progress.close()
+        metrics_log.close()
 
     # ---- outputs ----
     final_dir = out_dir / "final"
@@ -325,14 +318,6 @@ def _grad_norm(engine) -> Optional[float]:
 def _postfix(row: dict) -> dict:
     shown = {"fgt": row["forget_ce"], "rdn": row["random_ce"], "kl": row["normal_kl"], "tok/s": row["tokens_per_s"]}
     return {k: f"{v:.3g}" for k, v in shown.items() if v is not None}
-
-
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Keep the metrics of the steps before ``start_step``; later rows belong to a run that is being replayed."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 if __name__ == "__main__":
