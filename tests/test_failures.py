@@ -83,7 +83,8 @@ def run_args(model_dir, out_dir, *extra, steps=6):
 
 
 def failure_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("dsunlearn: ")]
+    """dsunlearn's own messages (after a progress bar's carriage return, they may share its line)."""
+    return [line[line.index("dsunlearn: "):] for line in output.splitlines() if "dsunlearn: " in line]
 
 
 # ---- the guards and the JSON, without processes ----
