@@ -322,3 +322,35 @@ def test_master_port_in_use_is_named(tiny_model_dir, tmp_path):
     output = ranks.output()
     assert codes == {0: EXIT_FAILED, 1: EXIT_FAILED}, output[-4000:]
     assert f"MASTER_PORT: 127.0.0.1:{port} is already in use" in output, output[-4000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_ranks_stop_when_the_deepspeed_runner_dies(tiny_model_dir, tmp_path):
+    """The runner does not forward SIGTERM to the ranks: they notice it is gone, save the step and exit."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    deepspeed_bin = Path(sys.executable).with_name("deepspeed")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    with open(tmp_path / "runner.log", "w") as log:
+        runner = subprocess.Popen([str(deepspeed_bin), "--num_gpus", "2", "--master_port", str(free_port()),
+                                   "dsunlearn/train.py", *run_args(tiny_model_dir, run_dir, steps=500)],
+                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while len(metric_rows(run_dir)) < 2:
+            assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "runner.log").read_text()[-4000:]
+            time.sleep(0.2)
+        ranks = [p for p in psutil.Process(runner.pid).children(recursive=True)
+                 if any(arg.startswith("--local_rank") for arg in p.cmdline())]
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=HANG_LIMIT_S)
+        gone, alive = psutil.wait_procs(ranks, timeout=HANG_LIMIT_S)
+    finally:
+        for process in psutil.Process().children(recursive=True):
+            process.kill()
+    assert len(ranks) == 2 and not alive  # the ranks are launch.py's children: their codes are not ours to read
+    saved = metric_rows(run_dir)[-1]["step"]
+    assert f"stopped by SIGTERM after step {saved}" in (tmp_path / "runner.log").read_text()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{saved:08d}"
