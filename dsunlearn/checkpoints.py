@@ -33,6 +33,8 @@ from typing import Any, Optional
 
 import torch
 
+from dsunlearn.strict_json import to_json
+
 from dsunlearn.config import CHANGEABLE_ON_RESUME, ConfigError, RunConfig
 
 logger = logging.getLogger("dsunlearn.checkpoints")
@@ -451,7 +453,7 @@ class MetricsLog:
         self._file = self.path.open("a")
 
     def append(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(to_json(row) + "\n")
         self._file.flush()
 
     def close(self) -> None:

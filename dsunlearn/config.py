@@ -137,9 +137,14 @@ class ObjectiveConfig:
     reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     """``sequence_mean``: mean over each sequence's response tokens, then over sequences (the authors' code);
     ``token_mean``: mean over all response tokens of the term in the whole optimizer step (every rank, micro-step)."""
+    stop_forget_ce: Optional[float] = None
+    """The authors' stopping rule: once the forget cross-entropy of a step exceeds this, unlearning is done (the run
+    checkpoints, exports, evaluates and exits 0). None: run all ``train.max_steps``."""
 
     def problems(self) -> list[str]:
         found = []
+        if self.stop_forget_ce is not None and not self.stop_forget_ce > 0:
+            found.append(f"objective.stop_forget_ce={self.stop_forget_ce} must be > 0 (or null: off)")
         for name in ("forget_weight", "random_weight", "normal_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -191,9 +196,29 @@ class TrainConfig:
     """Update the progress bar every this many steps (metrics.jsonl gets every step; may change on resume)."""
     seed: int = 42
     """Seed of model-side randomness (dropout); data randomness uses data.seed."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective, the connection to MASTER_ADDR:MASTER_PORT, or a rank without heartbeat (stopped, frozen)
+    may take before every rank ends with a message naming the cause. Raise it if one rank legitimately works alone
+    for longer (e.g. loading a huge model from slow storage)."""
+    max_fp16_skips: Optional[int] = 10
+    """fp16: consecutive steps DeepSpeed may skip for overflow (lowering the loss scale each time) before the run stops
+    as diverged (exit 3). None: no limit. In bf16 and fp32 any skipped step (non-finite gradient) stops the run."""
+    max_normal_kl: Optional[float] = 5.0
+    """Collapse guard: stop as diverged (exit 3) when the normal KL of a step (nats per token against the original
+    model) exceeds this; a healthy run stays well below 1. None: off."""
+    max_zero_grad_steps: Optional[int] = 3
+    """Collapse guard: stop as diverged (exit 3) after this many consecutive steps with gradient norm exactly 0 (the
+    model stopped learning, e.g. saturated to a uniform output). None: off."""
 
     def problems(self) -> list[str]:
         found = []
+        if not self.collective_timeout_s > 0:
+            found.append(f"train.collective_timeout_s={self.collective_timeout_s} must be > 0")
+        for name in ("max_fp16_skips", "max_zero_grad_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                found.append(f"train.{name}={getattr(self, name)} must be >= 1 (or null: off)")
+        if self.max_normal_kl is not None and not self.max_normal_kl > 0:
+            found.append(f"train.max_normal_kl={self.max_normal_kl} must be > 0 (or null: off)")
         for name in ("max_steps", "forget_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 found.append(f"train.{name}={getattr(self, name)} must be >= 1")
@@ -278,6 +303,8 @@ CHANGEABLE_ON_RESUME = (
     "train.forget_batch_size", "train.normal_batch_size", "train.gradient_accumulation_steps",
     "model.gradient_checkpointing", "model.attn_implementation", "model.trust_remote_code", "model.head_path",
     "model.loss_backend", "model.reference_offload",
+    "train.collective_timeout_s", "train.max_fp16_skips", "train.max_normal_kl", "train.max_zero_grad_steps",
+    "objective.stop_forget_ce",
 )
 
 

@@ -20,7 +20,7 @@ before and an after:
 
 Token-level means are over all response tokens of a set (sum of NLL / number of tokens). A
 perplexity too large for a double (mean NLL above ~709 nats, after heavy gradient ascent) is
-written as ``Infinity``, which Python's ``json`` reads back as ``inf``.
+written as ``null`` (``Infinity`` is not JSON); the report shows it as "–".
 
 Under ``torchrun``/``deepspeed`` (``WORLD_SIZE`` > 1) both models are ZeRO-3 inference engines:
 each rank evaluates a contiguous shard of every set, every rank makes the same number of forward
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from dsunlearn import data as data_lib
 from dsunlearn import metrics
 from dsunlearn.config import ConfigError, DataConfig, RunConfig, names_a_local_path
+from dsunlearn.strict_json import to_json
 from dsunlearn.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -306,10 +307,10 @@ def write_outputs(cfg: EvalConfig, summary: dict, samples: list[dict]) -> Path:
     """Write ``eval.json``, ``samples.jsonl`` and ``report.md`` (+ PNGs) to ``cfg.output_dir``; return the folder."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "eval.json").write_text(to_json(summary, indent=2) + "\n")
     with open(out_dir / "samples.jsonl", "w") as handle:
         for row in samples:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.write(to_json(row, ensure_ascii=False) + "\n")
     report = write_report(out_dir, [(cfg.name, summary, cfg.metrics_jsonl)])
     logger.info("evaluation written to %s (eval.json, samples.jsonl, %s)", out_dir, report.name)
     return out_dir

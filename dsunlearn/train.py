@@ -8,10 +8,11 @@ Reads top to bottom: settings -> process group -> data -> engines -> (resume) ->
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,25 +20,34 @@ from typing import Optional
 import torch
 
 from dsunlearn import data as data_lib
-from dsunlearn import checkpoints, distributed, ds_config, engines, export, objective
-from dsunlearn.config import ConfigError, RunConfig, parse_run_config
+from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, objective
+from dsunlearn.config import RunConfig, parse_run_config
 
 logger = logging.getLogger("dsunlearn.train")
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
+    """Every way out is the same on every rank (distributed.py: exit codes): a failure anywhere ends all ranks within
+    seconds with one message, a clean end tears the process group down."""
+    watchdog = distributed.Watchdog()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg, resolved_yaml = parse_run_config(argv)
-        return train(cfg, resolved_yaml)
-    except ConfigError as err:
-        # Settings are checked identically on every rank, so every rank exits here: nothing waits in a collective.
-        print(f"dsunlearn: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        # Every rank parses the same flags: a wrong one is reported by rank 0 alone (jsonargparse prints, then exits).
+        quiet = contextlib.redirect_stderr(io.StringIO()) if watchdog.rank else contextlib.nullcontext()
+        with quiet:
+            cfg, resolved_yaml = parse_run_config(argv)
+        out_dir = train(cfg, resolved_yaml, watchdog)
+    except SystemExit:  # --help, or jsonargparse's message about a wrong flag
+        raise
+    except BaseException as err:
+        watchdog.fail(err)
+    watchdog.close()
+    return out_dir
 
 
-def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
-    rank, world_size, _ = distributed.init_distributed()
+def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) -> Path:
+    rank, world_size, _ = distributed.init_distributed(cfg.train.collective_timeout_s)
+    watchdog.connect(world_size, cfg.train.collective_timeout_s)
     is_main = rank == 0
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -60,18 +70,18 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
     )
     pad_id = data_lib.resolve_pad_id(tokenizer)
     prompt_format = data_lib.PromptFormat(cfg.data.template, cfg.data.use_chat_template)
-    forget_train, _ = data_lib.split_pairs(
-        data_lib.load_pairs(cfg.data.forget), cfg.data.forget.held_out_fraction, cfg.data.seed
-    )
-    normal_train, _ = data_lib.split_pairs(
-        data_lib.load_pairs(cfg.data.normal), cfg.data.normal.held_out_fraction, cfg.data.seed
-    )
+    try:
+        forget_pairs, normal_pairs = data_lib.load_pairs(cfg.data.forget), data_lib.load_pairs(cfg.data.normal)
+    except (OSError, ValueError) as err:  # bad user input, not a bug: one message, EXIT_USAGE
+        raise distributed.UsageError(f"data: {err}") from None
+    forget_train, _ = data_lib.split_pairs(forget_pairs, cfg.data.forget.held_out_fraction, cfg.data.seed)
+    normal_train, _ = data_lib.split_pairs(normal_pairs, cfg.data.normal.held_out_fraction, cfg.data.seed)
     use_forget = cfg.objective.forget_weight > 0
     use_random = cfg.objective.random_weight > 0
     use_normal = cfg.objective.normal_weight > 0
     for name, pairs, used in (("forget", forget_train, True), ("normal", normal_train, use_normal or use_random)):
         if used and len(pairs) < world_size:
-            raise ValueError(
+            raise distributed.UsageError(
                 f"{name} train split has {len(pairs)} samples but the run has {world_size} ranks: "
                 f"every rank needs at least one (use fewer ranks or more data)"
             )
@@ -166,10 +176,12 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="unlearning", dynamic_ncols=True)
-    stop_signal = _catch_stop_signals()
+    step_guards = guards.StepGuards(cfg)
+    watchdog.defer_stop(True)  # SIGTERM from here on: finish the step, save it, exit EXIT_PREEMPTED
     for step in range(start_step, cfg.train.max_steps):
         started = time.perf_counter()
         lr = policy_engine.get_lr()[0]
+        skipped_before = policy_engine.skipped_steps
         sums = torch.zeros(8, device=device)
         step_loss = torch.zeros((), device=device)
         step_tokens = torch.zeros((), device=device)
@@ -182,7 +194,7 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
             step_tokens += batch.num_tokens
         # Per-rank sums and means -> global values (each rank holds the same number of sequences).
         # The stop flag rides along, so all ranks agree to stop after the same step.
-        stop = torch.tensor([float(stop_signal.received)], device=device)
+        stop = torch.tensor([float(watchdog.stop_requested)], device=device)
         totals = torch.cat([sums, step_loss.view(1), step_tokens.view(1), stop])
         torch.distributed.all_reduce(totals)
         elapsed = time.perf_counter() - started
@@ -198,22 +210,27 @@ def train(cfg: RunConfig, resolved_yaml: str = "") -> Path:
             progress.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
                 progress.set_postfix(_postfix(row), refresh=False)
+        # Raises RunDiverged before anything of this step is saved; True: the authors' stopping rule says done.
+        done = step_guards.check(row, skipped=policy_engine.skipped_steps > skipped_before)
         every = cfg.train.checkpoint_every
         stopping = bool(totals[10] > 0)
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps or stopping:
+        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps or stopping or done:
             checkpoints.save_checkpoint(
                 policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints, run_shape
             )
         if stopping:
+            raise distributed.Preempted(
+                f"stopped by SIGTERM after step {step + 1}; checkpoint saved: continue with --resume true"
+            )
+        if done:
             if is_main:
-                progress.close()
-                logger.warning(
-                    "stopped by a signal after step %d; checkpoint saved: continue with --resume true", step + 1
-                )
-            raise SystemExit(143)
+                logger.info("forget CE %.4g > objective.stop_forget_ce=%g: unlearning done at step %d",
+                            row["forget_ce"], cfg.objective.stop_forget_ce, step + 1)
+            break
     if is_main:
         progress.close()
         metrics_log.close()
+    watchdog.defer_stop(False)  # every step is saved: from here SIGTERM ends the run at once
 
     # ---- outputs ----
     final_dir = out_dir / "final"
@@ -288,24 +305,6 @@ def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Pa
         reference_lm = ref_engine.module.lm
     sets = build_eval_sets(cfg.data, eval_cfg.sets, eval_cfg.max_samples)
     return evaluate_models(policy_lm, reference_lm, tokenizer, sets, eval_cfg, rank=rank, world_size=world_size)
-
-
-class _StopSignal:
-    received = False
-
-
-def _catch_stop_signals() -> _StopSignal:
-    """SIGTERM (SLURM preemption, ``scancel``, a job's time limit with ``--signal``) asks for a checkpoint at the end
-    of the current step instead of killing the run mid-step."""
-    import signal
-
-    flag = _StopSignal()
-
-    def handler(signum, frame):
-        flag.received = True
-
-    signal.signal(signal.SIGTERM, handler)
-    return flag
 
 
 def _grad_norm(engine) -> Optional[float]:
