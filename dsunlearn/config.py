@@ -229,8 +229,8 @@ class OutputConfig:
     max_shard_size: str = "5GB"
     """Largest safetensors file of the export, written as Hugging Face does ("5GB", "500MB"; KB/MB/GB are powers of
     10, KiB/MiB/GiB of 2): model.safetensors, or model-0000i-of-0000N.safetensors and an index when it takes several.
-    The export gathers one module at a time and rank 0 holds one shard in CPU memory (about twice that while writing
-    it), never the whole model."""
+    The export gathers one module at a time and rank 0 holds one shard and one module in CPU memory, never the whole
+    model."""
     evaluate: bool = False
     """Run the evaluation (original vs unlearned) at the end and write eval.json and report.md."""
     eval_max_samples: Optional[int] = None

@@ -133,13 +133,17 @@ def _kept_names(lm: nn.Module, entries: list[tuple[str, nn.Module, bool]]) -> di
         for key in (getattr(module, "_tied_weights_keys", None) or {})
     ]
     names: dict[int, list[str]] = {}
+    merged_weights = []
     for prefix, module, is_lora in entries:
         owned = module.get_base_layer() if is_lora else module
         for name, param in owned.named_parameters(recurse=False):
             names.setdefault(id(param), []).append(f"{prefix}{name}")
-            if is_lora and param is owned.weight and len(names[id(param)]) > 1:
-                raise ValueError(f"LoRA export: {prefix}weight is tied to {names[id(param)][0]}; merging an adapter "
-                                 f"into it would change both")
+        if is_lora:
+            merged_weights.append(id(owned.weight))
+    for param_id in merged_weights:
+        if len(names[param_id]) > 1:
+            raise ValueError(f"LoRA export: {' and '.join(names[param_id])} are one tied weight; merging an adapter "
+                             f"into it would change both")
     kept = {}
     for param_id, candidates in names.items():
         sources = [name for name in candidates if not any(re.search(pattern, name) for pattern in tied_copies)]
