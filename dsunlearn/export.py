@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from dsunlearn.checkpoints import fsync_dir, fsync_tree
 from dsunlearn.config import RunConfig, parse_size
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -250,14 +251,12 @@ def publish(staging: Path, out_dir: Path) -> None:
 
     A kill at any point leaves ``out_dir`` complete (old or new) or absent, never partly written.
     """
-    for path in staging.rglob("*"):
-        _fsync(path)
-    _fsync(staging)
+    fsync_tree(staging)
     set_aside = staging.with_name(staging.name.replace(".tmp-", ".old-", 1))
     if out_dir.exists():
         os.rename(out_dir, set_aside)
     os.rename(staging, out_dir)
-    _fsync(out_dir.parent)
+    fsync_dir(out_dir.parent)
     if set_aside.exists():
         shutil.rmtree(set_aside)
 
@@ -268,10 +267,3 @@ def _chmod_as_mkdir(folder: Path) -> None:
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
 
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
