@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -250,12 +251,24 @@ class OutputConfig:
     resume."""
     export: bool = True
     """Write the unlearned model in Hugging Face format (safetensors, config, tokenizer) to ``dir/final``."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file of the export, written as Hugging Face does ("5GB", "500MB"; KB/MB/GB are powers of
+    10, KiB/MiB/GiB of 2): model.safetensors, or model-0000i-of-0000N.safetensors and an index when it takes several.
+    The export gathers one module at a time and rank 0 holds one shard and one module in CPU memory, never the whole
+    model."""
     evaluate: bool = False
     """Run the evaluation (original vs unlearned) at the end and write eval.json and report.md."""
     eval_max_samples: Optional[int] = None
     """Cap on prompts per evaluation set (None: all)."""
     eval_max_new_tokens: int = 48
     """Greedy generation length in the end-of-run evaluation."""
+
+    def problems(self) -> list[str]:
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as err:
+            return [f"output.max_shard_size: {err}"]
+        return []
 
 
 @dataclass
@@ -284,6 +297,7 @@ class RunConfig:
 
     def __post_init__(self):
         found = self.model.problems() + self.data.problems() + self.objective.problems() + self.train.problems()
+        found += self.output.problems()
         if self.resume and self.overwrite:
             found.append("resume and overwrite are both true: continue the run in output.dir or replace it, not both")
         if self.objective.normal_weight > 0 and self.train.normal_batch_size == 0:
@@ -306,6 +320,19 @@ CHANGEABLE_ON_RESUME = (
     "train.collective_timeout_s", "train.max_fp16_skips", "train.max_normal_kl", "train.max_zero_grad_steps",
     "objective.stop_forget_ce",
 )
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "5GB", "500MB" or "1.5GiB" (Hugging Face's ``max_shard_size`` units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", text, flags=re.IGNORECASE)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size: a number and a unit, e.g. 5GB, 500MB or 2GiB")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size < 1:
+        raise ValueError(f"{text!r} must be at least 1 byte")
+    return size
 
 
 def resolve_path(path: str) -> Optional[Path]:
