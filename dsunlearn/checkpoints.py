@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from dsunlearn import checkpoint_reshape
+
 CHECKPOINT_PREFIX = "step_"
 
 
@@ -28,7 +30,10 @@ def load_latest_checkpoint(engine, checkpoint_dir: Path) -> Optional[dict]:
     one); return its client state, or None when there is none."""
     if not (checkpoint_dir / "latest").is_file():
         return None
-    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir))
+    tag = (checkpoint_dir / "latest").read_text().strip()
+    if checkpoint_reshape.saved_world_size(checkpoint_dir / tag) != torch.distributed.get_world_size():
+        return checkpoint_reshape.load_resharded(engine, checkpoint_dir, tag)
+    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint named in {checkpoint_dir / 'latest'}")
     return client_state
