@@ -10,12 +10,13 @@ resume on another world size reuses it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +39,8 @@ def saved_world_size(step_dir: Path) -> int:
     model_states = step_dir / _MODEL_STATES_RANK0
     if not model_states.is_file():
         raise FileNotFoundError(f"{step_dir} is not a ZeRO-3 checkpoint: {model_states.name} is missing")
-    world_size = int(torch.load(model_states, map_location="cpu", weights_only=False)["dp_world_size"])
+    # mmap: with frozen parameters (LoRA) this file also holds rank 0's shard of them, which is not needed here.
+    world_size = int(torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)["dp_world_size"])
     shard_ranks = {int(m.group(1)) for p in step_dir.iterdir() if (m := _OPTIM_SHARD.match(p.name))}
     if shard_ranks != set(range(world_size)):
         raise RuntimeError(
@@ -76,24 +78,22 @@ def load_resharded(engine, checkpoint_dir: Path, tag: str) -> dict:
 
 def convert_to_universal(step_dir: Path, universal_dir: Path) -> None:
     """Write the universal form of the ZeRO-3 checkpoint ``step_dir`` to ``universal_dir``, atomically: it is
-    built in a temporary folder and renamed when complete, so a crash mid-way leaves no folder a resume would trust."""
-    from deepspeed.checkpoint import ds_to_universal
+    built in a temporary folder and renamed when complete, so a crash mid-way leaves no folder a resume would trust.
 
+    DeepSpeed's converter runs as its own process, so the memory it takes (one rank's whole optimizer shard while
+    extracting) is returned when it ends. It runs serially: with 2 merge workers its process pool hung here (torch
+    2.13, forked workers idle for minutes).
+    """
     partial_dir = universal_dir.with_name(universal_dir.name + _PARTIAL_SUFFIX)
     shutil.rmtree(partial_dir, ignore_errors=True)  # left by a conversion that was killed
     logger.info("converting %s (%d ranks) to a universal checkpoint", step_dir, saved_world_size(step_dir))
-    ds_to_universal.main(
-        argparse.Namespace(
-            input_folder=str(step_dir),
-            output_folder=str(partial_dir),
-            # Worker processes would be forked from a training process (possibly with CUDA initialised).
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=False,
-        )
+    done = subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
+         "--output_folder", str(partial_dir), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"DeepSpeed's ds_to_universal exited with {done.returncode}:\n{done.stdout[-4000:]}")
     # The converter also names its output in a ``latest_universal`` file beside it; we always load by tag.
     (partial_dir.parent / "latest_universal").unlink(missing_ok=True)
     _fsync_tree(partial_dir)
