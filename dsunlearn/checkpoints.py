@@ -33,9 +33,9 @@ from typing import Any, Optional
 
 import torch
 
-from dsunlearn.strict_json import to_json
-
+from dsunlearn import checkpoint_reshape
 from dsunlearn.config import CHANGEABLE_ON_RESUME, ConfigError, RunConfig
+from dsunlearn.strict_json import to_json
 
 logger = logging.getLogger("dsunlearn.checkpoints")
 
@@ -337,13 +337,13 @@ def _exception_chain(err: Optional[BaseException]):
 
 def load_checkpoint(engine, checkpoint_dir: Path, checkpoint: Checkpoint) -> dict:
     """Load ``checkpoint`` into ``engine`` on every rank and return its client state. The one way checkpoints are
-    loaded: a checkpoint saved on another number of ranks cannot be read by DeepSpeed's per-rank loader."""
+    loaded: one saved on another number of ranks (SLURM handed the resumed job another allocation) goes through
+    DeepSpeed's universal checkpoint, which DeepSpeed's per-rank loader cannot read otherwise."""
     world_size = torch.distributed.get_world_size()
     if checkpoint.shape.world_size != world_size:
-        raise ConfigError([
-            f"{checkpoint_dir / checkpoint.tag} was saved by {checkpoint.shape.world_size} ranks and this run has "
-            f"{world_size}: resume it on {checkpoint.shape.world_size} ranks"
-        ])
+        logger.info("%s was saved by %d ranks and this run has %d: loading it through a universal checkpoint",
+                    checkpoint_dir / checkpoint.tag, checkpoint.shape.world_size, world_size)
+        return checkpoint_reshape.load_resharded(engine, checkpoint_dir, checkpoint.tag)
     load_path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=checkpoint.tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint_dir / checkpoint.tag}")
