@@ -162,7 +162,9 @@ if [[ -n "${SLURM_JOB_ID:-}" && -z "$hostfile" ]]; then
   inner+=" MASTER_ADDR=$master_addr MASTER_PORT=$master_port; exec $(printf '%q %q' "$python_bin" "$train_script")"
   stop_target=slurm
   code=0
-  run "${cpu_env[@]}" srun --nodes "$nodes" --ntasks-per-node "$tasks_per_node" --kill-on-bad-exit=1 \
+  # Not --kill-on-bad-exit: after a pre-emption the first rank to exit 75 would have srun signal the others while
+  # they still save or exit (they then die by the signal). A failing rank ends the others itself (dsunlearn/train.py).
+  run "${cpu_env[@]}" srun --nodes "$nodes" --ntasks-per-node "$tasks_per_node" --kill-on-bad-exit=0 \
     bash -c "$inner \"\$@\"" bash "${args[@]}" || code=$?
   exit "$code"
 fi

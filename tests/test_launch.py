@@ -80,7 +80,7 @@ def test_slurm_allocation_uses_srun_with_ranks_from_slurm(tmp_path):
     (tmp_path / "x.yaml").write_text("{}\n")
     [command] = dry_run(tmp_path, "--config", "x.yaml", env=env, cwd=tmp_path)
     srun = command.index("srun")
-    assert command[srun:srun + 6] == ["srun", "--nodes", "2", "--ntasks-per-node", "4", "--kill-on-bad-exit=1"]
+    assert command[srun:srun + 6] == ["srun", "--nodes", "2", "--ntasks-per-node", "4", "--kill-on-bad-exit=0"]
     inner = command[command.index("-c") + 1]
     for variable in ("RANK=$SLURM_PROCID", "WORLD_SIZE=$SLURM_NTASKS", "LOCAL_RANK=$SLURM_LOCALID", "MASTER_ADDR=node-a"):
         assert variable in inner

@@ -53,6 +53,10 @@ class Job:
     restarts: int
     nodes: str
 
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
 
 class SlurmCluster:
     """Start with ``start()``, stop with ``stop()`` (idempotent: it undoes whatever ``start()`` got to)."""
@@ -94,7 +98,7 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.job(job_id)
-            if job.state in FINISHED_STATES and job.restarts >= restarts:
+            if job.finished and job.restarts >= restarts:
                 return job
             time.sleep(0.5)
         self.command("scancel", job_id, check=False)

@@ -90,7 +90,7 @@ def test_scancel_term_saves_the_step_and_a_resubmitted_job_finishes_bit_equal(
     first_log = tmp_path / "first.out"
     job_id = slurm_cluster.sbatch("--nodes", "2", "--ntasks-per-node", "1", "--output", str(first_log),
                                   str(LAUNCH_SH), *run_args, "--output.dir", str(out), cwd=folder, env=job_env)
-    wait_for_steps(out, 2, lambda: slurm_cluster.job(job_id).state != "RUNNING")
+    wait_for_steps(out, 2, lambda: slurm_cluster.job(job_id).finished)
     slurm_cluster.command("scancel", "--signal=TERM", job_id)
     job = slurm_cluster.wait(job_id)
     log = first_log.read_text()
@@ -116,7 +116,7 @@ def test_requeued_job_resumes_by_itself(slurm_cluster, job_env, run_args, one_no
     job_id = slurm_cluster.sbatch("--requeue", "--open-mode=append", "--nodes", "2", "--ntasks-per-node", "1",
                                   "--output", str(log), str(LAUNCH_SH), *run_args, "--output.dir", str(out),
                                   cwd=folder, env=job_env)
-    wait_for_steps(out, 2, lambda: slurm_cluster.job(job_id).state != "RUNNING")
+    wait_for_steps(out, 2, lambda: slurm_cluster.job(job_id).finished)
     slurm_cluster.command("scontrol", "requeue", job_id)
     # SLURM holds a requeued job back for two minutes (its BeginTime): release it as soon as it is pending again.
     deadline = time.monotonic() + 120
