@@ -111,7 +111,9 @@ request_stop() {
   [[ $stop_requested -eq 1 ]] && return
   stop_requested=1
   case "$stop_target" in
-    slurm) scancel --signal=TERM "$SLURM_JOB_ID" || true ;;
+    # In the background: when SLURM itself is ending the job (scancel, requeue, time limit) it has signalled the
+    # ranks already, and scancel keeps retrying "job can not be altered now" until the job is gone.
+    slurm) scancel --signal=TERM "$SLURM_JOB_ID" & ;;
     runner) kill -TERM "$child" 2>/dev/null || true ;;
     ranks)
       # runner -> deepspeed.launcher.launch -> ranks

@@ -2,12 +2,17 @@
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from dsunlearn.distributed import EXIT_USAGE
-from launching import REPO
+import psutil
+import pytest
+
+from dsunlearn.distributed import EXIT_PREEMPTED, EXIT_USAGE
+from launching import REPO, free_port
 
 
 def launch_sh(tmp_path, *args, env=None, cwd=REPO, script=REPO / "launch.sh"):
@@ -112,3 +117,40 @@ def test_sbatch_from_a_folder_without_the_checkout_uses_the_installed_package(tm
         inner = command[command.index("-c") + 1]
         assert shlex.join([sys.executable, str(REPO / "dsunlearn" / "train.py")]) in inner  # the editable install
         assert command[-2:] == ["--config", str(expected)]
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_sigterm_to_launch_sh_reaches_every_rank(tmp_path, tiny_model_dir):
+    # The deepspeed runner dies on SIGTERM and leaves its ranks running: launch.sh must signal the ranks themselves.
+    out = tmp_path / "run"
+    log = (tmp_path / "launch.log").open("w")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHON=sys.executable,
+               OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    process = subprocess.Popen(
+        ["bash", "launch.sh", "--nproc", "2", "--config", "configs/demo.yaml", "--model.name_or_path",
+         str(tiny_model_dir), "--output.dir", str(out), "--train.max_steps", "30", "--output.evaluate", "false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert process.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no training step within 300 s"
+            time.sleep(0.2)
+        ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
+                 if any(arg.startswith("--local_rank") for arg in child.cmdline())]  # the launcher appends it
+        assert len(ranks) == 2
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = (tmp_path / "launch.log").read_text()
+    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, "ranks left running after launch.sh exited"
+    stopped_at = len(metrics.read_text().splitlines())
+    assert stopped_at < 30, "the signal came after the run had finished"
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
