@@ -109,6 +109,25 @@ def test_scancel_term_saves_the_step_and_a_resubmitted_job_finishes_bit_equal(
     assert_same_run(out, one_node_run)
 
 
+def test_signal_to_the_batch_script_reaches_every_rank(slurm_cluster, job_env, run_args, tmp_path):
+    # What `#SBATCH --signal=B:TERM@300` does before the time limit: SIGTERM to the batch shell only, which runs
+    # launch.sh (the README's script); launch.sh passes the stop on to the ranks.
+    out = tmp_path / "run"
+    script = tmp_path / "unlearn.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n"
+                      f"exec {subprocess.list2cmdline(['bash', str(LAUNCH_SH), *run_args, '--output.dir', str(out)])}\n")
+    log = tmp_path / "job.out"
+    job_id = slurm_cluster.sbatch("--output", str(log), str(script), cwd=submit_folder(tmp_path), env=job_env)
+    wait_for_steps(out, 2, lambda: slurm_cluster.job(job_id).finished)
+    slurm_cluster.command("scancel", "--batch", "--signal=TERM", job_id)
+    job = slurm_cluster.wait(job_id)
+    assert job.exit_code == EXIT_PREEMPTED, log.read_text()[-4000:]
+    for task, node in enumerate(slurm_cluster.nodes):
+        assert f"{node}: task {task}: Exited with exit code {EXIT_PREEMPTED}" in log.read_text(), log.read_text()[-4000:]
+    stopped_at = len(metrics(out))
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+
+
 def test_requeued_job_resumes_by_itself(slurm_cluster, job_env, run_args, one_node_run, tmp_path):
     folder = submit_folder(tmp_path)
     out = tmp_path / "run"
