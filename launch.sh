@@ -150,7 +150,9 @@ gpus="$(gpu_count)"
 if [[ -n "${SLURM_JOB_ID:-}" && -z "$hostfile" ]]; then
   # srun starts one task per GPU; each task reads its rank from SLURM's variables (the deepspeed launcher's
   # --launcher slurm needs mpi4py and sets no RANK, so it is not used).
-  master_addr="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+  # All of scontrol's output is read: `| head -n 1` would make it die of SIGPIPE, and pipefail end this script.
+  mapfile -t job_nodes < <(scontrol show hostnames "${SLURM_JOB_NODELIST}")
+  master_addr="${job_nodes[0]}"
   master_port="${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}"
   cpu_env=()
   if [[ "$gpus" -gt 0 ]]; then
@@ -164,8 +166,9 @@ if [[ -n "${SLURM_JOB_ID:-}" && -z "$hostfile" ]]; then
   inner+=" MASTER_ADDR=$master_addr MASTER_PORT=$master_port; exec $(printf '%q %q' "$python_bin" "$train_script")"
   stop_target=slurm
   code=0
-  # Not --kill-on-bad-exit: after a pre-emption the first rank to exit 75 would have srun signal the others while
-  # they still save or exit (they then die by the signal). A failing rank ends the others itself (dsunlearn/train.py).
+  # --kill-on-bad-exit=0 (whatever the site's KillOnBadExit): after a pre-emption the first rank to exit 75 would
+  # have srun signal the others while they still save or exit, and they would die by that signal. A rank that fails
+  # ends the others itself (dsunlearn/train.py).
   run "${cpu_env[@]}" srun --nodes "$nodes" --ntasks-per-node "$tasks_per_node" --kill-on-bad-exit=0 \
     bash -c "$inner \"\$@\"" bash "${args[@]}" || code=$?
   exit "$code"

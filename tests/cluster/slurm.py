@@ -7,6 +7,7 @@ here, on a socket of its own. /etc/hosts names the nodes while the cluster is up
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
@@ -27,6 +28,8 @@ FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
                    "DEADLINE", "PREEMPTED"}
 HOSTS_FILE = Path("/etc/hosts")
 HOSTS_MARK = "# dsunlearn test cluster"
+# The bridge, namespaces and node names are fixed: a second test session on this machine waits for the first.
+LOCK_FILE = Path("/run/lock/dsunlearn-slurm-cluster.lock")
 
 
 class ClusterError(RuntimeError):
@@ -71,6 +74,7 @@ class SlurmCluster:
         self.nodes = list(NODES)
         self._hosts_before: str | None = None
         self._daemon_pid_files: list[Path] = []
+        self._lock = None
 
     # ---- clients ----
     def env(self, **extra) -> dict:
@@ -113,6 +117,9 @@ class SlurmCluster:
 
     # ---- start and stop ----
     def start(self, timeout: float = 60) -> None:
+        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = LOCK_FILE.open("w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._remove_network()  # left by a session that was killed before its clean-up
         self._start_munge()
         self._make_network()
@@ -145,6 +152,9 @@ class SlurmCluster:
         if self._hosts_before is not None:
             HOSTS_FILE.write_text(self._hosts_before)
             self._hosts_before = None
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     def _start_munge(self) -> None:
         munge = self.root / "munge"
