@@ -107,13 +107,14 @@ EOF
 # launch.py exits with the ranks' code once they are gone); with ssh/pdsh the runner, whose handler stops the nodes.
 stop_target=ranks
 stop_requested=0
+forwarder=""
 request_stop() {
   [[ $stop_requested -eq 1 ]] && return
   stop_requested=1
   case "$stop_target" in
     # In the background: when SLURM itself is ending the job (scancel, requeue, time limit) it has signalled the
     # ranks already, and scancel keeps retrying "job can not be altered now" until the job is gone.
-    slurm) scancel --signal=TERM "$SLURM_JOB_ID" & ;;
+    slurm) scancel --signal=TERM "$SLURM_JOB_ID" & forwarder=$! ;;
     runner) kill -TERM "$child" 2>/dev/null || true ;;
     ranks)
       # runner -> deepspeed.launcher.launch -> ranks
@@ -142,6 +143,8 @@ run() {
   done
   local code=0
   wait "$child" || code=$?  # bash keeps the status of the child it reaped
+  # A forwarding scancel still retrying must not outlive this attempt: after a requeue it would stop the next one.
+  [[ -z "$forwarder" ]] || kill "$forwarder" 2>/dev/null || true
   trap - TERM INT
   return "$code"
 }
