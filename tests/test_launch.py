@@ -2,23 +2,35 @@
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from launching import REPO
+import psutil
+import pytest
+
+from dsunlearn.distributed import EXIT_PREEMPTED, EXIT_USAGE
+from launching import REPO, free_port
 
 
-def dry_run(tmp_path, *args, env=None):
-    # A fake `scontrol` (SLURM's) and no GPU: torch here is the CPU build.
+def launch_sh(tmp_path, *args, env=None, cwd=REPO, script=REPO / "launch.sh"):
+    """Run launch.sh as a user would, with a fake `scontrol` (SLURM's) on PATH and no GPU (torch here is the CPU
+    build); return the finished process."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
     (fake_bin / "scontrol").write_text("#!/bin/sh\necho node-a\necho node-b\n")
     (fake_bin / "scontrol").chmod(0o755)
     path = f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    done = subprocess.run(["bash", "launch.sh", "--dry-run", *args], cwd=REPO, capture_output=True, text=True,
-                          env=dict(clean, PATH=path, PYTHON=sys.executable, **(env or {})), check=True)
+    return subprocess.run(["bash", str(script), *args], cwd=cwd, capture_output=True, text=True,
+                          env=dict(clean, PATH=path, PYTHON=sys.executable, **(env or {})))
+
+
+def dry_run(tmp_path, *args, **kwargs):
+    done = launch_sh(tmp_path, "--dry-run", *args, **kwargs)
+    assert done.returncode == 0, done.stderr
     return [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
 
 
@@ -38,17 +50,107 @@ def test_no_arguments_builds_the_demo_model_then_trains_on_the_demo_config(tmp_p
 
 
 def test_hostfile_uses_the_deepspeed_multi_node_launcher(tmp_path):
-    [command] = dry_run(tmp_path, "--hostfile", "hosts", "--nproc", "8", "--config", "x.yaml")
-    assert command[:5] == ["deepspeed", "--hostfile", "hosts", "--num_gpus", "8"]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two nodes\nlocalhost slots=8\n\n127.0.0.1 slots=8\n")
+    [command] = dry_run(tmp_path, "--hostfile", str(hosts), "--nproc", "8", "--config", "configs/demo.yaml")
+    assert command[:7] == ["env", "DS_ACCELERATOR=cpu", "deepspeed", "--hostfile", str(hosts), "--num_gpus", "8"]
+    assert command[command.index("--master_port") + 1] == "29500"  # every node's launcher must agree on it
+
+
+def test_node_rank_starts_this_nodes_share_without_ssh(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    [command] = dry_run(tmp_path, "--hostfile", str(hosts), "--node-rank", "1", "--config", "configs/demo.yaml")
+    at = command.index("--no_ssh")
+    assert command[at:at + 5] == ["--no_ssh", "--node_rank", "1", "--master_addr", "localhost"]
+
+
+def test_hostfile_naming_an_unknown_host_stops_before_launching(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=1\nno-such-node.invalid slots=1\n")
+    done = launch_sh(tmp_path, "--hostfile", str(hosts), "--config", "configs/demo.yaml")
+    assert done.returncode == EXIT_USAGE
+    assert "no-such-node.invalid" in done.stderr and "does not resolve" in done.stderr
+    assert "deepspeed" not in done.stdout + done.stderr.replace("launch.sh", "")
+
+
+def test_missing_config_is_named_before_launching(tmp_path):
+    done = launch_sh(tmp_path, "--config", "nowhere.yaml")
+    assert done.returncode == EXIT_USAGE and "--config nowhere.yaml: no such file" in done.stderr
 
 
 def test_slurm_allocation_uses_srun_with_ranks_from_slurm(tmp_path):
     env = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_NUM_NODES": "2",
            "SLURM_NTASKS_PER_NODE": "4"}
-    [command] = dry_run(tmp_path, "--config", "x.yaml", env=env)
+    (tmp_path / "x.yaml").write_text("{}\n")
+    [command] = dry_run(tmp_path, "--config", "x.yaml", env=env, cwd=tmp_path)
     srun = command.index("srun")
-    assert command[srun:srun + 6] == ["srun", "--nodes", "2", "--ntasks-per-node", "4", "--kill-on-bad-exit=1"]
+    assert command[srun:srun + 6] == ["srun", "--nodes", "2", "--ntasks-per-node", "4", "--kill-on-bad-exit=0"]
     inner = command[command.index("-c") + 1]
     for variable in ("RANK=$SLURM_PROCID", "WORLD_SIZE=$SLURM_NTASKS", "LOCAL_RANK=$SLURM_LOCALID", "MASTER_ADDR=node-a"):
         assert variable in inner
-    assert command[-2:] == ["--config", "x.yaml"]
+    assert command[-2:] == ["--config", str(tmp_path / "x.yaml")]
+
+
+def test_sbatch_spool_copy_finds_the_checkout_through_the_submit_folder(tmp_path):
+    # sbatch runs a copy of the script from slurmd's spool folder, with nothing beside it.
+    spool = tmp_path / "spool" / "job00003"
+    spool.mkdir(parents=True)
+    (spool / "slurm_script").write_text((REPO / "launch.sh").read_text())
+    env = {"SLURM_JOB_ID": "3", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_SUBMIT_DIR": str(REPO)}
+    [command] = dry_run(tmp_path, "--config", "configs/demo.yaml", env=env, cwd=spool, script=spool / "slurm_script")
+    inner = command[command.index("-c") + 1]
+    assert inner.endswith("exec " + shlex.join([sys.executable, "dsunlearn/train.py"]) + ' "$@"')
+    assert command[-2:] == ["--config", "configs/demo.yaml"]
+
+
+def test_sbatch_from_a_folder_without_the_checkout_uses_the_installed_package(tmp_path):
+    spool = tmp_path / "spool" / "job00004"
+    spool.mkdir(parents=True)
+    (spool / "slurm_script").write_text((REPO / "launch.sh").read_text())
+    submit = tmp_path / "experiments"
+    submit.mkdir()
+    (submit / "mine.yaml").write_text("{}\n")
+    env = {"SLURM_JOB_ID": "4", "SLURM_JOB_NODELIST": "node-a", "SLURM_SUBMIT_DIR": str(submit)}
+    for config, expected in (("mine.yaml", submit / "mine.yaml"), ("configs/demo.yaml", REPO / "configs/demo.yaml")):
+        [command] = dry_run(tmp_path, "--config", config, env=env, cwd=submit, script=spool / "slurm_script")
+        inner = command[command.index("-c") + 1]
+        assert shlex.join([sys.executable, str(REPO / "dsunlearn" / "train.py")]) in inner  # the editable install
+        assert command[-2:] == ["--config", str(expected)]
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_sigterm_to_launch_sh_reaches_every_rank(tmp_path, tiny_model_dir):
+    # The deepspeed runner dies on SIGTERM and leaves its ranks running: launch.sh must signal the ranks themselves.
+    out = tmp_path / "run"
+    log = (tmp_path / "launch.log").open("w")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHON=sys.executable,
+               OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    process = subprocess.Popen(
+        ["bash", "launch.sh", "--nproc", "2", "--config", "configs/demo.yaml", "--model.name_or_path",
+         str(tiny_model_dir), "--output.dir", str(out), "--train.max_steps", "30", "--output.evaluate", "false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert process.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no training step within 300 s"
+            time.sleep(0.2)
+        ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
+                 if any(arg.startswith("--local_rank") for arg in child.cmdline())]  # the launcher appends it
+        assert len(ranks) == 2
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = (tmp_path / "launch.log").read_text()
+    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, "ranks left running after launch.sh exited"
+    stopped_at = len(metrics.read_text().splitlines())
+    assert stopped_at < 30, "the signal came after the run had finished"
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()

@@ -1,0 +1,70 @@
+"""The SLURM test cluster (slurm.py) for the whole session, and the runs the cluster tests compare against.
+
+Without root or SLURM the tests skip with the reason; under CI (CI=true) a cluster that cannot start fails them.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from launching import REPO, launch
+from slurm import ClusterError, SlurmCluster, missing_requirements
+
+# One run's settings, shared by every cluster test and its one-node baseline: long enough to be interrupted mid-run.
+MAX_STEPS = 30
+
+
+def _cannot_run(reason: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run the SLURM cluster tests, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    reason = missing_requirements()
+    if reason:
+        _cannot_run(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except (ClusterError, OSError) as err:
+        cluster.stop()
+        _cannot_run(f"the SLURM test cluster did not start: {err}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def run_args(tiny_model_dir):
+    """The training flags of every cluster run, absolute paths only (jobs start in other folders)."""
+    return [
+        "--config", "configs/demo.yaml",
+        "--model.name_or_path", str(tiny_model_dir),
+        "--data.forget.source", str(REPO / "dsunlearn/assets/demo/forget.jsonl"),
+        "--data.normal.source", str(REPO / "dsunlearn/assets/demo/normal.jsonl"),
+        "--train.max_steps", str(MAX_STEPS),
+        "--train.checkpoint_every", "10",
+        "--output.evaluate", "false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def one_node_run(tmp_path_factory, run_args):
+    """The same run on one node with two ranks (the deepspeed launcher): what every cluster run must reproduce."""
+    out = tmp_path_factory.mktemp("one_node") / "run"
+    code, output = launch([*run_args, "--output.dir", str(out)], nproc=2)
+    assert code == 0, output[-4000:]
+    return out
+
+
+@pytest.fixture
+def job_env(slurm_cluster):
+    """What a user's shell holds when submitting: the project's Python and launcher on PATH, one thread per rank."""
+    bin_dir = Path(sys.executable).parent
+    return slurm_cluster.env(PYTHON=sys.executable, OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{os.environ['PATH']}")
+
