@@ -92,7 +92,8 @@ demo=0
 if [[ ${#args[@]} -eq 0 ]]; then
   [[ -n "$checkout" ]] || usage_error "the demo (no arguments) needs the checkout; give --config FILE"
   demo=1
-  args=(--config configs/demo.yaml)
+  # The demo starts afresh each time (a folder holding a run is otherwise refused).
+  args=(--config configs/demo.yaml --overwrite true)
 fi
 
 gpu_count() {

@@ -44,7 +44,7 @@ def test_no_arguments_builds_the_demo_model_then_trains_on_the_demo_config(tmp_p
     commands = dry_run(tmp_path, "--nproc", "3")
     train = commands[-1]
     assert train[train.index("--num_gpus") + 1] == "3"
-    assert train[-3:] == ["dsunlearn/train.py", "--config", "configs/demo.yaml"]
+    assert train[-5:] == ["dsunlearn/train.py", "--config", "configs/demo.yaml", "--overwrite", "true"]
     if not (REPO / "outputs/demo/original/config.json").exists():
         assert commands[0][1:] == ["-m", "dsunlearn", "make-demo", "--out", "outputs/demo/original"]
 
