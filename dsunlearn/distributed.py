@@ -245,8 +245,9 @@ class Watchdog:
     def _run(self) -> None:
         last_beat_seen, neighbour_beats = time.monotonic(), -1
         while not self._closing.is_set():
-            if signal.sigtimedwait({signal.SIGTERM}, self._interval_s) is not None:
-                self._stop_requested("SIGTERM")
+            received = signal.sigtimedwait({signal.SIGTERM}, self._interval_s)
+            if received is not None:
+                self._stop_requested(f"SIGTERM from {_process_name(received.si_pid)}")
             for pid, process in self._launchers:
                 if not _alive(process):
                     self._stop_requested(f"the launcher (pid {pid}) exited")
@@ -276,6 +277,7 @@ class Watchdog:
             if self._failing:
                 return
         posted = json.loads(store.get(f"{_KEY}failure"))
+        store.add(f"{_KEY}read", 1)  # rank 0 serves the store and waits for this before it exits
         print(f"dsunlearn: {self.identity} stopping: {posted['source']} ended the run (see its message)",
               file=sys.stderr)
         _exit(posted["code"])
@@ -286,9 +288,20 @@ class Watchdog:
             first = self._store.add(f"{_KEY}failed", 1) == 1
             if first:
                 self._store.set(f"{_KEY}failure", json.dumps({"source": self.identity, "code": code}))
+                if self.rank == 0:
+                    self._wait_until_the_post_is_read()
+            else:
+                self._store.add(f"{_KEY}read", 1)
             return first
         except (RuntimeError, OSError):
             return True
+
+    def _wait_until_the_post_is_read(self) -> None:
+        """Rank 0 serves the store: if it exited at once, the others would find no post (only a broken collective)
+        and each print a failure of its own. Give their watchdogs a few polls to read it."""
+        deadline = time.monotonic() + 4 * self._interval_s + 3
+        while self._store.add(f"{_KEY}read", 0) < self._world_size - 1 and time.monotonic() < deadline:
+            time.sleep(self._interval_s / 4)
 
     def _wait_for_root_cause(self) -> None:
         """A collective broke, often because a peer left or stopped: give the rank that broke it a moment to post
@@ -328,10 +341,14 @@ class Watchdog:
 
     def _stop_requested(self, why: str) -> None:
         with self._lock:
+            first = not self.stop_requested
             self.stop_requested = True
             deferred = self._defer_stop
         if not deferred:
             self._preempt(why)
+        elif first:
+            # Said on the rank that got it: the others stop because the flag is all-reduced after the step.
+            print(f"dsunlearn: {self.identity}: {why}: stopping after the current step", file=sys.stderr, flush=True)
 
     def _preempt(self, why: str) -> None:
         message = (f"dsunlearn: {self.identity}: {why} outside a training step: stopped at once; the last "
@@ -341,6 +358,16 @@ class Watchdog:
         if self._store is None or self._post(EXIT_PREEMPTED, message):
             print(message, file=sys.stderr)
         _exit(EXIT_PREEMPTED)
+
+
+def _process_name(pid: int) -> str:
+    """``pid 123 (scancel ...)``: who sent a signal, for the log."""
+    import psutil
+
+    try:
+        return f"pid {pid} ({' '.join(psutil.Process(pid).cmdline())[:120]})"
+    except psutil.Error:
+        return f"pid {pid}"
 
 
 def _exit(code: int) -> None:

@@ -206,7 +206,12 @@ def run_evaluation(cfg: EvalConfig) -> dict:
     sets = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
     # The engines own the ZeRO-3 hooks of the models: they stay referenced until the evaluation is done.
     model, reference, _engines = load_models(cfg, world_size)
-    return evaluate_models(model, reference, tokenizer, sets, cfg, rank=rank, world_size=world_size)
+    summary = evaluate_models(model, reference, tokenizer, sets, cfg, rank=rank, world_size=world_size)
+    if world_size > 1:
+        # Without the teardown, exit can abort in C++ now and then ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
 
 
 def load_models(cfg: EvalConfig, world_size: int):

@@ -109,6 +109,7 @@ def main() -> None:
             torch.save(state_dict, args.run_dir / "reference.pt")
             (args.run_dir / "memory.json").write_text(json.dumps(memory))
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _peft_merged(state_dict: dict, config, cfg) -> dict:

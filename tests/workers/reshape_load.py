@@ -53,6 +53,7 @@ def main(out_file: str, tag: str, *run_args: str) -> None:
             out_file,
         )
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
     if rank == 0:
         torch.save({"names": names, "grads": grads, "weights": weights, "losses": [float(x) for x in losses]}, out_file)
     torch.distributed.barrier()
+    # Without the teardown, exit can abort in C++ now and then ("terminate called without an active exception").
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
