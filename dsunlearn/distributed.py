@@ -236,8 +236,7 @@ class Watchdog:
             if self.rank == 0 or code == EXIT_FAILED:
                 print(message, file=sys.stderr)
             _exit(code)
-        if self._post(code, message):
-            print(message, file=sys.stderr)
+        self._post_and_print(code, message)
         _exit(code)
 
     # ---- the thread ----
@@ -282,26 +281,32 @@ class Watchdog:
               file=sys.stderr)
         _exit(posted["code"])
 
-    def _post(self, code: int, message: str) -> bool:
-        """Post this rank's failure; True when it is the first (the one whose message is printed)."""
+    def _post_and_print(self, code: int, message: str) -> None:
+        """Post this rank's failure and print ``message`` if it is the first (the others print one line pointing at
+        it). Printed before rank 0 lingers for the others: another thread of this process may end it meanwhile."""
         try:
             first = self._store.add(f"{_KEY}failed", 1) == 1
             if first:
                 self._store.set(f"{_KEY}failure", json.dumps({"source": self.identity, "code": code}))
-                if self.rank == 0:
-                    self._wait_until_the_post_is_read()
             else:
                 self._store.add(f"{_KEY}read", 1)
-            return first
         except (RuntimeError, OSError):
-            return True
+            first = True
+        if not first:
+            return
+        print(message, file=sys.stderr, flush=True)
+        if self.rank == 0:
+            self._wait_until_the_post_is_read()
 
     def _wait_until_the_post_is_read(self) -> None:
         """Rank 0 serves the store: if it exited at once, the others would find no post (only a broken collective)
         and each print a failure of its own. Give their watchdogs a few polls to read it."""
         deadline = time.monotonic() + 4 * self._interval_s + 3
-        while self._store.add(f"{_KEY}read", 0) < self._world_size - 1 and time.monotonic() < deadline:
-            time.sleep(self._interval_s / 4)
+        try:
+            while self._store.add(f"{_KEY}read", 0) < self._world_size - 1 and time.monotonic() < deadline:
+                time.sleep(self._interval_s / 4)
+        except (RuntimeError, OSError):
+            pass
 
     def _wait_for_root_cause(self) -> None:
         """A collective broke, often because a peer left or stopped: give the rank that broke it a moment to post
@@ -335,7 +340,9 @@ class Watchdog:
                    f"stopped or frozen ({cause}); ending the run from {self.identity}")
         with self._lock:
             self._failing = True
-        if not post or self._post(EXIT_FAILED, message):
+        if post:
+            self._post_and_print(EXIT_FAILED, message)
+        else:
             print(message, file=sys.stderr)
         _exit(EXIT_FAILED)
 
@@ -355,8 +362,10 @@ class Watchdog:
                    f"checkpoint holds every finished step: continue with --resume true")
         with self._lock:
             self._failing = True
-        if self._store is None or self._post(EXIT_PREEMPTED, message):
+        if self._store is None:
             print(message, file=sys.stderr)
+        else:
+            self._post_and_print(EXIT_PREEMPTED, message)
         _exit(EXIT_PREEMPTED)
 
 
