@@ -38,6 +38,23 @@ def final_weights(run_dir: Path) -> dict:
     assert weights, f"no exported weights in {run_dir / 'final'}"
     return weights
 
+# A SIGTERM whose sender is outside this machine's PID namespace (si_pid 0: not SLURM, launch.sh or the test) now and
+# then stops a rank of these jobs here; the rank logs "SIGTERM from pid 0". Such a job is a real pre-emption: it is
+# finished as a user would, by resubmitting with --resume true (the resumed run must still equal the reference).
+OUTSIDE_STOP = "SIGTERM from pid 0"
+
+
+def finish(slurm_cluster, job_id: str, log: Path, resubmit):
+    """Wait for the job; while it was stopped from outside (see OUTSIDE_STOP), ``resubmit()`` it (up to twice)."""
+    job = slurm_cluster.wait(job_id)
+    for _ in range(2):
+        if job.exit_code != EXIT_PREEMPTED or OUTSIDE_STOP not in log.read_text():
+            break
+        print(f"job {job_id} was stopped from outside ({OUTSIDE_STOP}): resubmitting it with --resume true")
+        job = slurm_cluster.wait(resubmit())
+    return job
+
+
 
 def submit_folder(tmp_path: Path) -> Path:
     """Jobs are submitted from a folder that is not the repository."""
@@ -62,9 +79,11 @@ def wait_for_steps(run_dir: Path, steps: int, ended, timeout: float = 300):
 def test_sbatch_launch_sh_trains_across_both_nodes(slurm_cluster, job_env, run_args, one_node_run, tmp_path):
     folder = submit_folder(tmp_path)
     out = tmp_path / "run"
-    job_id = slurm_cluster.sbatch("--nodes", "2", "--ntasks-per-node", "1", "--output", str(tmp_path / "job.out"),
-                                  str(LAUNCH_SH), *run_args, "--output.dir", str(out), cwd=folder, env=job_env)
-    job = slurm_cluster.wait(job_id)
+    submit = ["--nodes", "2", "--ntasks-per-node", "1", "--open-mode=append", "--output", str(tmp_path / "job.out"),
+              str(LAUNCH_SH), *run_args, "--output.dir", str(out)]
+    job_id = slurm_cluster.sbatch(*submit, cwd=folder, env=job_env)
+    job = finish(slurm_cluster, job_id, tmp_path / "job.out",
+                 lambda: slurm_cluster.sbatch(*submit, "--resume", "true", cwd=folder, env=job_env))
     log = (tmp_path / "job.out").read_text()
     assert (job.state, job.exit_code) == ("COMPLETED", 0), log[-4000:]
     assert job.nodes == "node[1-2]"
@@ -74,10 +93,11 @@ def test_sbatch_launch_sh_trains_across_both_nodes(slurm_cluster, job_env, run_a
 def test_sbatch_wrap_trains_across_both_nodes(slurm_cluster, job_env, run_args, one_node_run, tmp_path):
     folder = submit_folder(tmp_path)
     out = tmp_path / "run"
-    command = subprocess.list2cmdline(["bash", str(LAUNCH_SH), *run_args, "--output.dir", str(out)])
-    job_id = slurm_cluster.sbatch("--nodes", "2", "--ntasks-per-node", "1", "--output", str(tmp_path / "job.out"),
-                                  "--wrap", command, cwd=folder, env=job_env)
-    job = slurm_cluster.wait(job_id)
+    command = ["bash", str(LAUNCH_SH), *run_args, "--output.dir", str(out)]
+    submit = ["--nodes", "2", "--ntasks-per-node", "1", "--open-mode=append", "--output", str(tmp_path / "job.out")]
+    job_id = slurm_cluster.sbatch(*submit, "--wrap", subprocess.list2cmdline(command), cwd=folder, env=job_env)
+    job = finish(slurm_cluster, job_id, tmp_path / "job.out", lambda: slurm_cluster.sbatch(
+        *submit, "--wrap", subprocess.list2cmdline([*command, "--resume", "true"]), cwd=folder, env=job_env))
     assert (job.state, job.exit_code) == ("COMPLETED", 0), (tmp_path / "job.out").read_text()[-4000:]
     assert_same_run(out, one_node_run)
 
@@ -101,10 +121,11 @@ def test_scancel_term_saves_the_step_and_a_resubmitted_job_finishes_bit_equal(
     assert 2 <= stopped_at < len(metrics(one_node_run)), "the signal came after the run had finished"
     assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
 
-    job_id = slurm_cluster.sbatch("--nodes", "2", "--ntasks-per-node", "1", "--output", str(tmp_path / "second.out"),
-                                  str(LAUNCH_SH), *run_args, "--output.dir", str(out), "--resume", "true",
-                                  cwd=folder, env=job_env)
-    job = slurm_cluster.wait(job_id)
+    resume = ["--nodes", "2", "--ntasks-per-node", "1", "--open-mode=append", "--output", str(tmp_path / "second.out"),
+              str(LAUNCH_SH), *run_args, "--output.dir", str(out), "--resume", "true"]
+    job_id = slurm_cluster.sbatch(*resume, cwd=folder, env=job_env)
+    job = finish(slurm_cluster, job_id, tmp_path / "second.out",
+                 lambda: slurm_cluster.sbatch(*resume, cwd=folder, env=job_env))
     assert (job.state, job.exit_code) == ("COMPLETED", 0), (tmp_path / "second.out").read_text()[-4000:]
     assert_same_run(out, one_node_run)
 
