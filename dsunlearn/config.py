@@ -36,6 +36,14 @@ class ModelConfig:
     """Frozen reference for the KL term; defaults to ``name_or_path`` (the original model)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of the model."""
+    reference_revision: Optional[str] = None
+    """Hub revision of the reference. None: ``revision`` when the reference is the model itself (``reference_path``
+    unset or equal to ``name_or_path``), else the default branch of ``reference_path`` (another repository's
+    revisions are its own)."""
+    disable_dropout: bool = True
+    """Set every dropout probability of the trained model to 0 (``nn.Dropout`` modules and the dropout rates models
+    read from their config in ``forward``), as TRL does for reference-KL training: with dropout the KL is not 0 at
+    step 0 and the logged terms are noisy. LoRA's ``lora_dropout`` is a setting of its own and is kept."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Compute precision of both engines (fp16 only on GPUs; ZeRO keeps fp32 master weights)."""
     gradient_checkpointing: bool = False
@@ -75,6 +83,8 @@ class ModelConfig:
                 found.append(f"model.lora_dropout={self.lora_dropout} must lie in [0, 1)")
             if self.reference_path and self.reference_path != self.name_or_path:
                 found.append("model.reference_path: with LoRA the reference is the base model itself (adapters off)")
+            if self.reference_revision:
+                found.append("model.reference_revision: with LoRA the reference is the base model itself (adapters off)")
             if importlib.util.find_spec("peft") is None:
                 found.append("model.lora_rank > 0 needs peft: pip install 'dsunlearn[lora]'")
         if not self.name_or_path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import types
 from typing import Any, Optional
 
@@ -44,13 +45,26 @@ def from_pretrained_partitioned(path: str, ds_config: dict, **kwargs):
     return model
 
 
-def load_causal_lm(path: str, ds_config: dict, cfg: RunConfig):
-    """The run's model (or reference) from ``path``, partitioned, with the run's precision and loading options."""
-    kwargs: dict[str, Any] = {"dtype": PRECISION_DTYPES[cfg.model.precision], "trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.revision:
-        kwargs["revision"] = cfg.model.revision
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
+def pretrained_source(cfg: RunConfig, reference: bool = False) -> tuple[str, dict[str, Any]]:
+    """Where the run's model (or, ``reference=True``, its reference) comes from: the path and the keyword arguments
+    of its ``from_pretrained``. The reference takes the policy's revision only when it is the same repository."""
+    model = cfg.model
+    path, revision = model.name_or_path, model.revision
+    if reference:
+        path = model.reference_path or model.name_or_path
+        same_repository = path == model.name_or_path
+        revision = model.reference_revision or (model.revision if same_repository else None)
+    kwargs: dict[str, Any] = {"dtype": PRECISION_DTYPES[model.precision], "trust_remote_code": model.trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    return path, kwargs
+
+
+def load_causal_lm(ds_config: dict, cfg: RunConfig, reference: bool = False):
+    """The run's model (or its reference), partitioned, with the run's precision and loading options."""
+    path, kwargs = pretrained_source(cfg, reference)
     return from_pretrained_partitioned(path, ds_config, **kwargs)
 
 
@@ -61,23 +75,51 @@ def unset_hf_deepspeed_config() -> None:
     unset()
 
 
-def fused_head_problem(lm: nn.Module) -> Optional[str]:
-    """Why the fused loss cannot stand in for this model's head (None when it can, exactly)."""
+# A rate a model reads in forward (attention_dropout, hidden_dropout_prob, resid_pdrop, summary_first_dropout, ...).
+DROPOUT_RATE_NAME = re.compile(r"dropout|pdrop")
+
+
+def disable_dropout(lm: nn.Module) -> None:
+    """Set every dropout probability of ``lm`` to 0: ``nn.Dropout`` modules, and the rates that modules copied from
+    the config at construction or read from it in ``forward`` (``F.dropout(p=config.attention_dropout)``)."""
+    from transformers import PretrainedConfig
+
+    configs = [lm.config, *(value for value in vars(lm.config).values() if isinstance(value, PretrainedConfig))]
+    for owner in [*configs, *lm.modules()]:
+        if isinstance(owner, nn.modules.dropout._DropoutNd):
+            owner.p = 0.0
+            continue
+        for name, value in vars(owner).items():
+            if DROPOUT_RATE_NAME.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(owner, name, 0.0)
+
+
+def head_structure_problem(lm: nn.Module) -> Optional[str]:
+    """Why the fused loss, which computes ``hidden @ W^T``, cannot stand in for this head, seen from its structure."""
     head = lm.get_output_embeddings()
-    config = lm.config
     if not isinstance(head, nn.Linear):
         return f"the output head is a {type(head).__name__}, not a plain linear layer"
     if head.bias is not None:
         return "the output head has a bias"
-    for name in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
-        scale = getattr(config, name, None)
-        if scale not in (None, 1, 1.0):
-            return f"the model scales its logits ({name}={scale})"
     return None
 
 
-def head_softcap(lm: nn.Module) -> Optional[float]:
-    return getattr(lm.config, "final_logit_softcapping", None) or None
+def head_softcap(config) -> Optional[float]:
+    """The final-logit softcap, on the config or on its text config (Gemma 3 keeps it in ``text_config``)."""
+    sources = [config, getattr(config, "text_config", None)]
+    if hasattr(config, "get_text_config"):
+        sources.append(config.get_text_config())
+    for source in sources:
+        softcap = getattr(source, "final_logit_softcapping", None)
+        if softcap:
+            return float(softcap)
+    return None
+
+
+# Largest difference between the model's own logits and the fused loss's, relative to the largest logit, that is
+# rounding: the two run the same matmul on the same hidden states, so anything beyond is another head.
+HEAD_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+HEAD_PROBE_TOKENS = 8
 
 
 class UnlearningModel(nn.Module):
@@ -86,22 +128,64 @@ class UnlearningModel(nn.Module):
     ``mode="hidden"``: final hidden states at the flat positions ``token_index`` of the [B, L] grid, [M, H] (the state
     at position t predicts token t+1). ``mode="logits"``: the model's own logits there, [M, V]. ``mode="loss"``: the
     loss; on the fused path it is computed inside the head module's forward so ZeRO-3 gathers the head weight for it,
-    on the logits path from the model's own logits (materialised: [B, L, V]).
+    on the logits path from the model's own logits (materialised: [B, L, V]). The path is the logits path until
+    ``choose_head_path`` has probed the head.
     """
 
     def __init__(self, lm: nn.Module, head_path: str = "auto", loss_backend: str = "auto"):
         super().__init__()
         self.lm = lm
-        problem = fused_head_problem(lm)
-        if head_path == "fused" and problem:
-            raise ValueError(f"model.head_path=fused is not exact for this model: {problem}; use auto or logits")
-        self.head_path = "logits" if head_path == "logits" or problem else "fused"
-        if head_path == "auto" and problem:
-            logger.warning("%s: the loss runs on materialised logits (model.head_path=logits)", problem)
+        self.requested_head_path = head_path
+        self.head_path = "logits"
         self.loss_backend = loss_backend
-        self.softcap = head_softcap(lm)
-        if self.head_path == "fused":
-            _attach_fused_loss(lm.get_output_embeddings(), self.softcap, loss_backend)
+        self.softcap = head_softcap(lm.config)
+
+    def choose_head_path(self) -> None:
+        """Take the fused path where it computes the model's own logits, checked on a fixed short input, else the
+        logits path (saying why). Runs the model's forward: under ZeRO-3 a collective, so call it on every rank,
+        after ``deepspeed.initialize``."""
+        if self.requested_head_path == "logits":
+            return
+        problem = head_structure_problem(self.lm) or self._head_probe_problem()
+        if problem and self.requested_head_path == "fused":
+            from dsunlearn.distributed import UsageError
+
+            raise UsageError(f"model.head_path=fused is not exact for this model: {problem}; use auto or logits")
+        if problem:
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                logger.warning("%s: the loss runs on materialised logits (model.head_path=logits)", problem)
+            return
+        self.head_path = "fused"
+        _attach_fused_loss(self.lm.get_output_embeddings(), self.softcap, self.loss_backend)
+
+    def _head_probe_problem(self) -> Optional[str]:
+        """Compare the model's own logits on a few tokens with ``softcap(hidden @ W^T)``, which the fused loss would
+        compute; None when they agree to the head dtype's rounding."""
+        head = self.lm.get_output_embeddings()
+        device = next(self.lm.parameters()).device
+        # The same tokens on every rank (spread over the vocabulary), so every rank runs the same collectives.
+        input_ids = torch.linspace(0, head.out_features - 1, HEAD_PROBE_TOKENS, device=device).long()[None]  # [1, T]
+        was_training = self.lm.training
+        self.lm.eval()  # no dropout (LoRA's included): both forwards must see the same model
+        try:
+            with torch.no_grad():
+                logits = self.lm(input_ids=input_ids, use_cache=False).logits[0].float()  # [T, V]
+                hidden = self.lm.base_model(input_ids=input_ids, use_cache=False)[0][0]  # [T, H]
+                fused = head(hidden).float()  # the head module's own call, so ZeRO-3 gathers its weight: [T, V]
+        finally:
+            self.lm.train(was_training)
+        if self.softcap:
+            fused = self.softcap * torch.tanh(fused / self.softcap)
+        scale = float(logits.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
+        difference = float((logits - fused).abs().max()) / scale
+        if difference <= HEAD_PROBE_TOLERANCE[head.weight.dtype]:
+            return None
+        # Least-squares factor: names a logit multiplier (Falcon-H1's lm_head_multiplier, Cohere's logit_scale).
+        factor = float((logits * fused).sum() / (fused * fused).sum().clamp_min(torch.finfo(torch.float32).tiny))
+        if float((logits - factor * fused).abs().max()) / scale <= HEAD_PROBE_TOLERANCE[head.weight.dtype]:
+            return f"the model's logits are {factor:.3g} x hidden @ W^T"
+        softcap = f" with softcap {self.softcap:g}" if self.softcap else ""
+        return f"the model's logits differ from hidden @ W^T{softcap} by {difference:.3g} of their largest value"
 
     def forward(self, input_ids, attention_mask, token_index, mode: str = "hidden", **loss_inputs):
         if mode == "logits" or (mode == "loss" and self.head_path == "logits"):
@@ -125,20 +209,26 @@ class UnlearningModel(nn.Module):
 def _attach_fused_loss(head: nn.Linear, softcap: Optional[float], backend: str) -> None:
     """Give the head a forward that, called with loss inputs, returns the fused loss instead of logits.
 
-    Called without them it is the plain linear layer, so ``generate`` and evaluation still work.
+    Called without them it is the plain linear layer, so ``generate`` and evaluation still work. ``ref_head`` is the
+    reference engine's head: its weight [V, H] is a ZeRO-3 shard, gathered here, where the loss reads it, and
+    released when the loss is done (the loss keeps no reference to it for the backward pass).
     """
+    import deepspeed
+
     from dsunlearn.kernels import fused_linear_ce_kl
 
-    def forward(self, hidden, targets=None, ce_weight=None, ref_hidden=None, ref_weight=None, kl_weight=None):
+    def forward(self, hidden, targets=None, ce_weight=None, ref_hidden=None, ref_head=None, kl_weight=None):
         if targets is None:
             return F.linear(hidden, self.weight)
-        if kl_weight is not None and ref_weight is None:
-            # LoRA: the reference is this model with its adapters off, and the head carries no adapter.
-            ref_weight = self.weight.detach()
-        return fused_linear_ce_kl(
-            hidden, self.weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight,
-            softcap=softcap, backend=backend, return_token_terms=True,
-        )
+        # LoRA passes no reference head: the reference is this model with its adapters off, and the head has none.
+        ref_weight_owner = self if ref_head is None else ref_head
+        gathered = [ref_head.weight] if ref_head is not None and kl_weight is not None else []
+        with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=bool(gathered)):
+            ref_weight = ref_weight_owner.weight.detach() if kl_weight is not None else None
+            return fused_linear_ce_kl(
+                hidden, self.weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight,
+                softcap=softcap, backend=backend, return_token_terms=True,
+            )
 
     head.forward = types.MethodType(forward, head)
 
@@ -219,6 +309,8 @@ def build_policy_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
+    if cfg.model.disable_dropout:  # before the adapters: their lora_dropout is the user's own setting
+        disable_dropout(lm)
     if cfg.model.lora_rank > 0:
         lm = add_lora_adapters(lm, cfg)
     model = UnlearningModel(lm, cfg.model.head_path, cfg.model.loss_backend)
@@ -228,6 +320,7 @@ def build_policy_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
         optimizer, lambda step: lr_lambda(step, train.warmup_steps, train.max_steps, train.lr_schedule)
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    model.choose_head_path()
     engine.train()
     return engine
 

@@ -148,14 +148,12 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     ).hidden_size
     policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, hidden_size)
-    policy_engine = engines.build_policy_engine(
-        engines.load_causal_lm(cfg.model.name_or_path, policy_ds_config, cfg), cfg, policy_ds_config
-    )
+    policy_engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     ref_engine = None
     if use_normal and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
         ref_ds_config = ds_config.build_reference_ds_config(policy_ds_config, cfg.model.reference_offload)
-        ref_path = cfg.model.reference_path or cfg.model.name_or_path
-        ref_engine = engines.build_reference_engine(engines.load_causal_lm(ref_path, ref_ds_config, cfg), cfg, ref_ds_config)
+        ref_lm = engines.load_causal_lm(ref_ds_config, cfg, reference=True)
+        ref_engine = engines.build_reference_engine(ref_lm, cfg, ref_ds_config)
     policy_lm = policy_engine.module.lm
     if is_main and cfg.model.lora_rank > 0:
         trainable = sum(p.ds_numel for p in policy_lm.parameters() if p.requires_grad)
@@ -248,14 +246,12 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
 def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
     """One policy forward over [forget; random; normal]; before it, the reference's hidden states for the normal rows.
 
-    The reference head weight is a ZeRO-3 shard: it is gathered (on every rank) only while the policy's fused loss
-    reads it, and never receives a gradient. Without a reference engine (LoRA) the policy engine with its adapters
-    off is the reference, and the head (which has no adapter) is shared.
+    On the fused path the reference's head goes into the loss inputs: its weight, a ZeRO-3 shard, is gathered (on
+    every rank) inside the policy head's forward, only while the fused loss reads it, and never receives a gradient.
+    Without a reference engine (LoRA) the policy engine with its adapters off is the reference, and the head (which
+    has no adapter) is shared.
     """
-    import deepspeed
-
     loss_inputs = {"targets": batch.targets, "ce_weight": batch.ce_weight}
-    ref_head = None
     if batch.kl_weight is not None:
         if ref_engine is None:
             reference, reference_context = policy_engine, engines.reference_mode(policy_engine.module.lm)
@@ -272,12 +268,8 @@ def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
         ref_rows = _pad_reference_rows(ref_selected, batch)
         loss_inputs.update({"ref_logits" if on_logits else "ref_hidden": ref_rows, "kl_weight": batch.kl_weight})
         if ref_engine is not None and not on_logits:
-            ref_head = ref_engine.module.lm.get_output_embeddings()
-    gathered = [ref_head.weight] if ref_head is not None else []
-    with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=bool(gathered)):
-        if ref_head is not None:
-            loss_inputs["ref_weight"] = ref_head.weight.detach()
-        return policy_engine(batch.input_ids, batch.attention_mask, batch.token_index, mode="loss", **loss_inputs)
+            loss_inputs["ref_head"] = ref_engine.module.lm.get_output_embeddings()
+    return policy_engine(batch.input_ids, batch.attention_mask, batch.token_index, mode="loss", **loss_inputs)
 
 
 def _pad_reference_rows(ref_selected: torch.Tensor, batch: objective.StepBatch) -> torch.Tensor:

@@ -78,8 +78,7 @@ def main() -> None:
     policy_ds_config = ds_config.build_policy_ds_config(
         ds_config.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
     )
-    engine = engines.build_policy_engine(engines.load_causal_lm(args.model_dir, policy_ds_config, cfg), cfg,
-                                         policy_ds_config)
+    engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     lm = engine.module.lm
     if args.train_step:
         # Any loss that moves every weight (the head included) will do: the export must hold the trained values.

@@ -25,9 +25,7 @@ def main(out_file: str, tag: str, *run_args: str) -> None:
     policy_ds_config = ds_config.build_policy_ds_config(
         ds_config.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
     )
-    engine = engines.build_policy_engine(
-        engines.load_causal_lm(cfg.model.name_or_path, policy_ds_config, cfg), cfg, policy_ds_config
-    )
+    engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     client_state = checkpoint_reshape.load_resharded(engine, Path(cfg.output.dir) / "checkpoints", tag)
 
     states = {

@@ -26,9 +26,10 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
     ds_config = ds_configs.build_policy_ds_config(
         ds_configs.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
     )
-    policy = engines.build_policy_engine(engines.load_causal_lm(policy_dir, ds_config, cfg), cfg, ds_config)
+    policy = engines.build_policy_engine(engines.load_causal_lm(ds_config, cfg), cfg, ds_config)
     ref_ds_config = ds_configs.build_reference_ds_config(ds_config, offload=False)
-    reference = engines.build_reference_engine(engines.load_causal_lm(reference_dir, ref_ds_config, cfg), cfg, ref_ds_config)
+    reference = engines.build_reference_engine(engines.load_causal_lm(ref_ds_config, cfg, reference=True), cfg,
+                                          ref_ds_config)
 
     batch = rank_batch(rank, cfg)
     loss, _, _ = forward_loss(policy, reference, batch)
