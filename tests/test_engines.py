@@ -183,3 +183,30 @@ def test_linear_schedule_decays_to_zero_after_warmup():
     assert [lr_lambda(s, 0, 4, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     assert [lr_lambda(s, 2, 6, "linear") for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
     assert lr_lambda(3, 0, 4, "constant") == 1.0
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_a_model_with_dropout_trains_with_a_kl_of_zero_at_step_one(bpe_tokenizer, tmp_path):
+    """A tiny GPT-2 with dropout 0.1 (its default) through the trainer on 2 ranks: the policy is the reference at
+    step 1, so its KL is 0 unless dropout makes the two forwards differ."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dsunlearn.tiny import save_tiny_model
+    from launching import launch
+
+    config = GPT2Config(vocab_size=len(bpe_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=bpe_tokenizer.bos_token_id, eos_token_id=bpe_tokenizer.eos_token_id,
+                        pad_token_id=bpe_tokenizer.pad_token_id)
+    assert config.attn_pdrop == config.resid_pdrop == config.embd_pdrop == 0.1
+    torch.manual_seed(0)
+    model_dir = save_tiny_model(GPT2LMHeadModel(config), bpe_tokenizer, tmp_path / "gpt2")
+    run_dir = tmp_path / "run"
+    code, output = launch(["--config", "configs/demo.yaml", "--model.name_or_path", str(model_dir),
+                           "--output.dir", str(run_dir), "--train.max_steps", "1", "--output.evaluate", "false",
+                           "--output.export", "false"])
+    assert code == 0, output[-4000:]
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["normal_kl"]) < 1e-6

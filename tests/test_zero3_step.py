@@ -122,6 +122,11 @@ def test_zero3_step_matches_single_process(tmp_path, tied, backend, head_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs[-1].splitlines()[-40:])
 
     result = torch.load(out_file)
+    assert result["head_path"] == ("logits" if head_path == "logits" else "fused")  # the probe passes a plain head
+    if result["head_path"] == "fused":
+        # The reference head [V, H] is gathered only inside the policy head's fused loss, not through the layers.
+        assert set(result["ref_head_status"]["policy_layers"]) == {"NOT_AVAILABLE"}
+        assert result["ref_head_status"]["fused_loss"] == ["AVAILABLE"]
     cfg = make_config(str(policy_dir), str(reference_dir))
     losses, grads, weights = _single_process_step(policy_dir, reference_dir, cfg)
     assert result["losses"] == pytest.approx(losses, rel=1e-5)

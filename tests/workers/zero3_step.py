@@ -26,10 +26,27 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
     ds_config = ds_configs.build_policy_ds_config(
         ds_configs.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
     )
+    ref_head_status = {"policy_layers": [], "fused_loss": []}  # the reference head weight's ZeRO-3 status, seen there
+
+    def ref_head_status_at(place):
+        ref_head_status[place].append(reference.module.lm.get_output_embeddings().weight.ds_status.name)
+
+    import dsunlearn.kernels
+
+    fused_linear_ce_kl = dsunlearn.kernels.fused_linear_ce_kl
+
+    def recording_fused_linear_ce_kl(*args, **kwargs):
+        ref_head_status_at("fused_loss")
+        return fused_linear_ce_kl(*args, **kwargs)
+
+    dsunlearn.kernels.fused_linear_ce_kl = recording_fused_linear_ce_kl  # the policy head binds it when it is built
     policy = engines.build_policy_engine(engines.load_causal_lm(ds_config, cfg), cfg, ds_config)
     ref_ds_config = ds_configs.build_reference_ds_config(ds_config, offload=False)
     reference = engines.build_reference_engine(engines.load_causal_lm(ref_ds_config, cfg, reference=True), cfg,
                                           ref_ds_config)
+
+    for layer in policy.module.lm.model.layers:
+        layer.register_forward_pre_hook(lambda *_: ref_head_status_at("policy_layers"))
 
     batch = rank_batch(rank, cfg)
     loss, _, _ = forward_loss(policy, reference, batch)
@@ -41,7 +58,8 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
     losses = [torch.zeros(()) for _ in range(world_size)]
     torch.distributed.all_gather(losses, loss.detach().reshape(()))
     if rank == 0:
-        torch.save({"names": names, "grads": grads, "weights": weights, "losses": [float(x) for x in losses]}, out_file)
+        torch.save({"names": names, "grads": grads, "weights": weights, "losses": [float(x) for x in losses],
+                    "head_path": policy.module.head_path, "ref_head_status": ref_head_status}, out_file)
     torch.distributed.barrier()
     # Without the teardown, exit can abort in C++ now and then ("terminate called without an active exception").
     torch.distributed.destroy_process_group()
