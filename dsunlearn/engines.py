@@ -68,6 +68,12 @@ def load_causal_lm(ds_config: dict, cfg: RunConfig, reference: bool = False):
     return from_pretrained_partitioned(path, ds_config, **kwargs)
 
 
+def text_hidden_size(config) -> int:
+    """The width of the language model's hidden states (a multimodal config such as Gemma 3's keeps it in its text
+    config)."""
+    return config.get_text_config().hidden_size
+
+
 def unset_hf_deepspeed_config() -> None:
     """Drop transformers' global ZeRO-3 config so later single-rank ``from_pretrained`` calls do not run collectives."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config as unset

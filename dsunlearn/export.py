@@ -13,7 +13,6 @@ the next one.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -219,20 +218,28 @@ class ShardWriter:
 
 
 def save_config(lm: nn.Module, cfg: RunConfig, folder: Path) -> None:
-    """config.json (the trained model's, with the original's ``use_cache``: training turns the cache off), the
-    generation config, and the model's own code for ``trust_remote_code`` models."""
-    from transformers import AutoConfig
+    """config.json and generation_config.json as the original model has them, and the model's own code for
+    ``trust_remote_code`` models.
 
-    original = AutoConfig.from_pretrained(
+    The trained model's config is not the one to write: training turned the cache off (``use_cache``, which a
+    composite config such as Gemma 3's does not even have at its top level) and dropout to 0. Only the precision is
+    the export's own (the weights are written in the run's precision).
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
-    config = copy.deepcopy(lm.config)
-    if hasattr(original, "use_cache"):
-        config.use_cache = original.use_cache
-    config.architectures = [type(lm).__name__]
+    config.dtype = lm.dtype
+    config.architectures = [type(lm).__name__]  # what the folder holds, as save_pretrained writes it
     config.save_pretrained(folder)
-    if lm.can_generate() and lm.generation_config is not None:
-        lm.generation_config.save_pretrained(folder)
+    if lm.can_generate():
+        try:
+            generation_config = GenerationConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
+        except OSError:  # the original has no generation_config.json: Hugging Face's own save derives one
+            generation_config = lm.generation_config
+        if generation_config is not None:
+            generation_config.save_pretrained(folder)
     if getattr(lm, "_auto_class", None) is not None:
         from transformers.dynamic_module_utils import custom_object_save
 

@@ -144,9 +144,9 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         ]
 
     # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
-    hidden_size = AutoConfig.from_pretrained(
+    hidden_size = engines.text_hidden_size(AutoConfig.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    ).hidden_size
+    ))
     policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, hidden_size)
     policy_engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     ref_engine = None

@@ -61,6 +61,33 @@ def assert_loads_as(folder: Path, reference: dict):
 
 
 @pytest.fixture(scope="module")
+def eos_list_model_dir(tmp_path_factory, bpe_tokenizer):
+    """The tiny Llama with a generation config that ends on either of two tokens, as Llama 3 Instruct's does."""
+    model = build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    model.generation_config.eos_token_id = [bpe_tokenizer.eos_token_id, 7]
+    return save_tiny_model(model, bpe_tokenizer, tmp_path_factory.mktemp("eos_list_model"))
+
+
+@pytest.fixture(scope="module")
+def gemma3_model_dir(tmp_path_factory, bpe_tokenizer):
+    """A tiny Gemma 3 (the multimodal model AutoModelForCausalLM loads): its config is composite, ``use_cache`` lives
+    in ``text_config`` only; with attention dropout, which training turns off."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"], attention_dropout=0.1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=len(bpe_tokenizer) - 3, boi_token_index=len(bpe_tokenizer) - 2,
+        eoi_token_index=len(bpe_tokenizer) - 1,
+    )
+    torch.manual_seed(0)
+    return save_tiny_model(AutoModelForCausalLM.from_config(config), bpe_tokenizer, tmp_path_factory.mktemp("gemma3"))
+
+
+@pytest.fixture(scope="module")
 def tied_model_dir(tmp_path_factory, bpe_tokenizer):
     model = build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, tie_word_embeddings=True)
     return save_tiny_model(model, bpe_tokenizer, tmp_path_factory.mktemp("tied_model"))
@@ -81,9 +108,9 @@ def test_max_shard_size_is_checked_with_the_other_settings():
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["untied_head", "tied_embeddings", "lora"])
-def test_streaming_export_holds_the_trained_weights_in_hugging_face_layout(case, tiny_model_dir, tied_model_dir,
+def test_streaming_export_holds_the_trained_weights_in_hugging_face_layout(case, eos_list_model_dir, tied_model_dir,
                                                                          tmp_path):
-    model_dir = tied_model_dir if case == "tied_embeddings" else tiny_model_dir
+    model_dir = tied_model_dir if case == "tied_embeddings" else eos_list_model_dir
     run_dir = tmp_path / "run"
     # Untied: one file, then a second export over it in shards of 30 KB (the 64 KB embedding and head get one each),
     # which must replace the first, not mix with it.
@@ -129,6 +156,7 @@ def test_streaming_export_holds_the_trained_weights_in_hugging_face_layout(case,
     assert AutoConfig.from_pretrained(model_dir).use_cache is True
     assert AutoConfig.from_pretrained(final).use_cache is True
     assert GenerationConfig.from_pretrained(final).to_dict() == GenerationConfig.from_pretrained(model_dir).to_dict()
+    assert (final / "generation_config.json").read_text() == (Path(model_dir) / "generation_config.json").read_text()
     assert (final / "tokenizer.json").is_file()
 
 
@@ -181,3 +209,15 @@ def test_export_peak_memory_on_rank_0_is_well_below_the_model_size(killed_then_r
           f"DeepSpeed's consolidated state dict {consolidated_mb:.1f} MB")
     assert consolidated_mb > 0.9 * model_mb  # the measurement does see a whole-model copy
     assert export_mb < 0.5 * model_mb
+
+
+@pytest.mark.distributed
+def test_the_export_of_a_composite_config_is_the_originals(gemma3_model_dir, tmp_path):
+    """Training turns the cache off; the exported config.json must still be the original's, key for key (Gemma 3's
+    has no top-level ``use_cache``), and so must the generation config."""
+    run_dir = tmp_path / "run"
+    run_workers(gemma3_model_dir, run_dir, "--export", "final:5GB")
+    final = run_dir / "final"
+    original, exported = (json.loads((folder / "config.json").read_text()) for folder in (gemma3_model_dir, final))
+    assert exported == original
+    assert (final / "generation_config.json").read_text() == (gemma3_model_dir / "generation_config.json").read_text()

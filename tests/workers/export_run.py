@@ -74,7 +74,7 @@ def main() -> None:
         train=TrainConfig(optimizer="sgd", lr=0.5, lr_schedule="constant", max_steps=1),
         output=OutputConfig(dir=str(args.run_dir)),
     )
-    hidden_size = AutoConfig.from_pretrained(args.model_dir).hidden_size
+    hidden_size = engines.text_hidden_size(AutoConfig.from_pretrained(args.model_dir))
     policy_ds_config = ds_config.build_policy_ds_config(
         ds_config.load_ds_config(cfg.train.deepspeed_config), cfg, world_size, hidden_size
     )
