@@ -152,6 +152,40 @@ def test_half_precision_inputs_within_1e_2(dtype):
     check_against_reference(inputs, tolerance=1e-2, softcap=4.0)
 
 
+def assert_fp16_precision(actual: torch.Tensor, exact: torch.Tensor):
+    """``actual`` (fp16) is the ``exact`` gradient (float64) to fp16 precision: no entry flushed to zero, most are
+    exactly ``exact`` rounded to fp16 (dL/dz is fp16 too, so not all), and none is further from it than fp16
+    precision of the largest entry."""
+    assert actual.dtype == torch.float16
+    rounded = exact.to(torch.float16)
+    flushed = int(((actual == 0) & (rounded != 0)).sum())
+    assert flushed == 0, f"{flushed} of {actual.numel()} entries flushed to zero"
+    exactly_rounded = (actual == rounded).double().mean().item()
+    assert exactly_rounded > 0.5, f"only {exactly_rounded:.0%} of the entries are the exact gradient rounded to fp16"
+    assert relative_error(actual, exact) < 2.0**-9
+
+
+@needs_interpreter
+@pytest.mark.parametrize("upstream", [2.0**12, 1.0], ids=["loss_scale_2^12", "upstream_1"])
+def test_fp16_gradients_of_small_token_weights_keep_fp16_precision(upstream):
+    # The objective's per-token weights are ~1e-3 and a freshly initialised head (std 0.02) gives a near-uniform
+    # softmax, so dL/dz and the gradients of hidden and weight are far below fp16's normal range until the backward
+    # multiplies in the upstream gradient (in fp16 training DeepSpeed's loss scale, here 2^12).
+    inputs = make_problem(48, 32, 1013, torch.float16, "cpu", "both", seed=14)
+    generator = torch.Generator().manual_seed(15)
+    head = torch.randn(inputs["weight"].shape, generator=generator) * 0.02
+    inputs["weight"] = head.half().requires_grad_()
+    inputs["ref_weight"] = (head + torch.randn(head.shape, generator=generator) * 0.002).half()
+    inputs["ce_weight"] = inputs["ce_weight"] * 1e-3
+    inputs["kl_weight"] = inputs["kl_weight"] * 1e-3
+    (triton_fused_linear_ce_kl(**inputs) * upstream).backward()
+    expected, _, _, hidden64, weight64 = reference_loss(**{k: v.detach() for k, v in inputs.items()})
+    (expected * upstream).backward()
+    active = (inputs["ce_weight"] != 0) | (inputs["kl_weight"] != 0)
+    assert_fp16_precision(inputs["hidden"].grad[active], hidden64.grad[active])
+    assert_fp16_precision(inputs["weight"].grad, weight64.grad)
+
+
 @needs_interpreter
 def test_all_masked_tokens_cost_nothing():
     inputs = make_problem(13, 8, 257, torch.float32, "cpu", "both", seed=5)
