@@ -3,7 +3,7 @@
 Why this structure. Per token chunk of C rows:
 
     logits     = hidden_c @ weight.T          [C, V] fp32   (cuBLAS, fp32 accumulate and output)
-    ref_logits = ref_hidden_c @ ref_weight.T  [Ck, V] fp32  (only the chunk's rows with a KL term)
+    ref_logits = ref_hidden_c @ ref_weight.T  [Ck, V] fp32  (the chunk's rows with a KL term; H_ref may differ from H)
     one Triton program per row: online logsumexp of both rows, CE, KL, then dL/dz written once
     grad_hidden_c  = dz @ weight              [C, H]
     grad_weight   += dz.T @ hidden_c          [V, H] fp32 accumulator
@@ -291,8 +291,8 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
         weight: torch.Tensor,  # [V, H]
         targets: torch.Tensor,  # [M] int64
         ce_weight: torch.Tensor,  # [M] fp32
-        ref_hidden: torch.Tensor | None,  # [K, H], K = M - num_without_kl
-        ref_weight: torch.Tensor | None,  # [V, H]
+        ref_hidden: torch.Tensor | None,  # [K, H_ref], K = M - num_without_kl
+        ref_weight: torch.Tensor | None,  # [V, H_ref]
         kl_weight: torch.Tensor | None,  # [K] fp32
         num_without_kl: int,
         softcap: float | None,
@@ -445,7 +445,7 @@ def triton_fused_linear_ce_kl(
 
     Same contract as ``dsunlearn.kernels.fused_linear_ce_kl`` (which validates the inputs; this function assumes
     valid ones): ``hidden`` [N, H], ``weight`` [V, H], ``targets`` [N] int64, ``ce_weight`` [N], optional
-    ``ref_hidden`` [N, H], ``ref_weight`` [V, H], ``kl_weight`` [N]. Returns the fp32 scalar loss, or
+    ``ref_hidden`` [N, H_ref], ``ref_weight`` [V, H_ref], ``kl_weight`` [N]. Returns the fp32 scalar loss, or
     ``(loss, token_ce, token_kl)`` (both [N] fp32, detached) with ``return_token_terms=True``. Gradients flow to
     ``hidden`` and ``weight`` only. ``chunk_rows`` overrides ``default_chunk_rows`` (token rows per chunk).
     Runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
@@ -476,7 +476,7 @@ def triton_fused_linear_ce_kl(
     # The usual case (every token active, none or all with a KL term) needs no gathered copy of the inputs.
     in_order = num_active == num_tokens and num_with_kl in (0, num_tokens)
     if kl_weight is not None:
-        ref_hidden = ref_hidden.detach() if num_with_kl == num_tokens else ref_hidden.detach()[rows_with_kl]  # [K, H]
+        ref_hidden = ref_hidden.detach() if num_with_kl == num_tokens else ref_hidden.detach()[rows_with_kl]  # [K, H_ref]
     else:
         ref_hidden = None
     loss, active_ce, active_kl = TritonFusedLinearCEKLFunction.apply(

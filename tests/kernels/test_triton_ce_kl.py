@@ -91,10 +91,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double().cpu() - expected.double().cpu()).abs().max() / scale).item()
 
 
-def check_against_reference(inputs, tolerance, softcap=None, upstream=2.5, chunk_rows=None):
-    loss, token_ce, token_kl = triton_fused_linear_ce_kl(
-        **inputs, softcap=softcap, return_token_terms=True, chunk_rows=chunk_rows
-    )
+def check_against_reference(inputs, tolerance, softcap=None, upstream=2.5, chunk_rows=None, through_dispatcher=False):
+    if through_dispatcher:  # with the dispatcher's input checks
+        from dsunlearn.kernels import fused_linear_ce_kl
+
+        loss, token_ce, token_kl = fused_linear_ce_kl(
+            **inputs, softcap=softcap, return_token_terms=True, backend="triton"
+        )
+    else:
+        loss, token_ce, token_kl = triton_fused_linear_ce_kl(
+            **inputs, softcap=softcap, return_token_terms=True, chunk_rows=chunk_rows
+        )
     (loss * upstream).backward()
     cpu_inputs = {k: v.detach().cpu() for k, v in inputs.items()}
     expected, expected_ce, expected_kl, hidden64, weight64 = reference_loss(**cpu_inputs, softcap=softcap)
@@ -150,6 +157,19 @@ def test_softcap_matches_reference():
 def test_half_precision_inputs_within_1e_2(dtype):
     inputs = make_problem(37, 19, 1013, dtype, "cpu", "both", seed=4)
     check_against_reference(inputs, tolerance=1e-2, softcap=4.0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("chunk_rows, through_dispatcher", [(None, True), (7, False)])
+def test_reference_of_another_width(chunk_rows, through_dispatcher):
+    # reference_path may name another model with the same vocabulary: ref_hidden [N, H_ref], ref_weight [V, H_ref].
+    inputs = make_problem(37, 19, 1013, torch.float32, "cpu", "both", seed=16)
+    generator = torch.Generator().manual_seed(17)
+    inputs["ref_hidden"] = torch.randn(37, 27, generator=generator).requires_grad_()
+    inputs["ref_weight"] = (torch.randn(1013, 27, generator=generator) * 27**-0.5 * 3).requires_grad_()
+    check_against_reference(
+        inputs, tolerance=1e-5, softcap=3.0, chunk_rows=chunk_rows, through_dispatcher=through_dispatcher
+    )
 
 
 def assert_fp16_precision(actual: torch.Tensor, exact: torch.Tensor):
