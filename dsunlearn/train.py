@@ -144,9 +144,22 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         ]
 
     # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
-    hidden_size = AutoConfig.from_pretrained(
+    model_config = AutoConfig.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    ).hidden_size
+    )
+    hidden_size = model_config.hidden_size
+    if cfg.model.reference_path and cfg.model.reference_path != cfg.model.name_or_path:
+        # The reference may be another model of any width, but the KL compares next-token distributions id by id.
+        ref_config = AutoConfig.from_pretrained(
+            cfg.model.reference_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+        policy_vocab, ref_vocab = _vocab_size(model_config), _vocab_size(ref_config)
+        if ref_vocab != policy_vocab:
+            raise distributed.UsageError(
+                f"model.reference_path {cfg.model.reference_path} has a vocabulary of {ref_vocab} tokens but "
+                f"model.name_or_path {cfg.model.name_or_path} has {policy_vocab}: the reference must use the "
+                f"policy's vocabulary (the same tokenizer)"
+            )
     policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, hidden_size)
     policy_engine = engines.build_policy_engine(
         engines.load_causal_lm(cfg.model.name_or_path, policy_ds_config, cfg), cfg, policy_ds_config
@@ -305,6 +318,12 @@ def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Pa
         reference_lm = ref_engine.module.lm
     sets = build_eval_sets(cfg.data, eval_cfg.sets, eval_cfg.max_samples)
     return evaluate_models(policy_lm, reference_lm, tokenizer, sets, eval_cfg, rank=rank, world_size=world_size)
+
+
+def _vocab_size(model_config) -> int:
+    """The vocabulary size of a transformers config; multimodal configs keep it in their text config."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return text_config.vocab_size
 
 
 def _grad_norm(engine) -> Optional[float]:
