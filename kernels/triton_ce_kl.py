@@ -247,7 +247,7 @@ class _HeadMatmuls:
             accumulator += torch.mm(grad_logits.T, hidden, out_dtype=torch.float32)
 
 
-def power_of_two_scale(magnitude: torch.Tensor, exponent: int) -> torch.Tensor:
+def _power_of_two_scale(magnitude: torch.Tensor, exponent: int) -> torch.Tensor:
     """2^(exponent − e) for magnitude = m·2^e, m in [0.5, 1), elementwise: magnitude × scale lies in
     [2^(exponent−1), 2^exponent), and multiplying by it changes no mantissa. ``magnitude`` fp32, ≥ 0 (0 gives
     2^exponent)."""
@@ -317,7 +317,7 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
         row_weight = ce_weight.abs()  # [M]
         if kl_weight is not None:
             row_weight[num_without_kl:] += kl_weight.abs()
-        row_scale = power_of_two_scale(row_weight, 0)  # [M]
+        row_scale = _power_of_two_scale(row_weight, 0)  # [M]
         grad_ce_weight = ce_weight * row_scale  # [M]
         grad_kl_weight = None if kl_weight is None else kl_weight * row_scale[num_without_kl:]  # [K]
         # The weight-gradient accumulator holds grad_weight × accumulator_scale: a row with a smaller weight (larger
@@ -392,9 +392,9 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
             if not compute_grad:
                 continue
             if _interpreting():
-                # Round dL/dz as a device with fp32-output cuBLAS stores it: in the products' input dtype.
-                grad_logits = grad_logits.to(policy.input_dtype)
-            grad_logits = grad_logits.to(policy.dtype)  # no-op except under the interpreter
+                # Round dL/dz as the device stores it (in the products' input dtype where cuBLAS gives fp32 results),
+                # then give the CPU products their operand dtype.
+                grad_logits = grad_logits.to(policy.input_dtype).to(policy.dtype)
             if needs_grad_hidden:
                 policy.grad_hidden(grad_logits, out=grad_hidden[start:end])
             if needs_grad_weight:
@@ -409,7 +409,7 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
         weight_grad_scale = None
         if grad_weight is not None:
             # Hold the weight gradient in the weight's dtype until the backward, not in the fp32 accumulator.
-            storage_scale = power_of_two_scale(grad_weight.abs().amax(), STORED_WEIGHT_GRAD_EXPONENT)
+            storage_scale = _power_of_two_scale(grad_weight.abs().amax(), STORED_WEIGHT_GRAD_EXPONENT)
             grad_weight = grad_weight.mul_(storage_scale).to(weight.dtype)
             weight_grad_scale = accumulator_scale * storage_scale
         ctx.save_for_backward(grad_hidden, grad_weight, row_scale, weight_grad_scale)
@@ -476,7 +476,8 @@ def triton_fused_linear_ce_kl(
     # The usual case (every token active, none or all with a KL term) needs no gathered copy of the inputs.
     in_order = num_active == num_tokens and num_with_kl in (0, num_tokens)
     if kl_weight is not None:
-        ref_hidden = ref_hidden.detach() if num_with_kl == num_tokens else ref_hidden.detach()[rows_with_kl]  # [K, H_ref]
+        # [K, H_ref]
+        ref_hidden = ref_hidden.detach() if num_with_kl == num_tokens else ref_hidden.detach()[rows_with_kl]
     else:
         ref_hidden = None
     loss, active_ce, active_kl = TritonFusedLinearCEKLFunction.apply(

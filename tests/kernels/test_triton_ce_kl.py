@@ -185,25 +185,29 @@ def assert_fp16_precision(actual: torch.Tensor, exact: torch.Tensor):
     assert relative_error(actual, exact) < 2.0**-9
 
 
-@needs_interpreter
-@pytest.mark.parametrize("upstream", [2.0**12, 1.0], ids=["loss_scale_2^12", "upstream_1"])
-def test_fp16_gradients_of_small_token_weights_keep_fp16_precision(upstream):
+def check_fp16_gradients_of_small_token_weights(device, upstream):
     # The objective's per-token weights are ~1e-3 and a freshly initialised head (std 0.02) gives a near-uniform
     # softmax, so dL/dz and the gradients of hidden and weight are far below fp16's normal range until the backward
     # multiplies in the upstream gradient (in fp16 training DeepSpeed's loss scale, here 2^12).
-    inputs = make_problem(48, 32, 1013, torch.float16, "cpu", "both", seed=14)
+    inputs = make_problem(48, 32, 1013, torch.float16, device, "both", seed=14)
     generator = torch.Generator().manual_seed(15)
     head = torch.randn(inputs["weight"].shape, generator=generator) * 0.02
-    inputs["weight"] = head.half().requires_grad_()
-    inputs["ref_weight"] = (head + torch.randn(head.shape, generator=generator) * 0.002).half()
+    inputs["weight"] = head.half().to(device).requires_grad_()
+    inputs["ref_weight"] = (head + torch.randn(head.shape, generator=generator) * 0.002).half().to(device)
     inputs["ce_weight"] = inputs["ce_weight"] * 1e-3
     inputs["kl_weight"] = inputs["kl_weight"] * 1e-3
     (triton_fused_linear_ce_kl(**inputs) * upstream).backward()
-    expected, _, _, hidden64, weight64 = reference_loss(**{k: v.detach() for k, v in inputs.items()})
+    expected, _, _, hidden64, weight64 = reference_loss(**{k: v.detach().cpu() for k, v in inputs.items()})
     (expected * upstream).backward()
-    active = (inputs["ce_weight"] != 0) | (inputs["kl_weight"] != 0)
-    assert_fp16_precision(inputs["hidden"].grad[active], hidden64.grad[active])
-    assert_fp16_precision(inputs["weight"].grad, weight64.grad)
+    active = ((inputs["ce_weight"] != 0) | (inputs["kl_weight"] != 0)).cpu()
+    assert_fp16_precision(inputs["hidden"].grad.cpu()[active], hidden64.grad[active])
+    assert_fp16_precision(inputs["weight"].grad.cpu(), weight64.grad)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("upstream", [2.0**12, 1.0], ids=["loss_scale_2^12", "upstream_1"])
+def test_fp16_gradients_of_small_token_weights_keep_fp16_precision(upstream):
+    check_fp16_gradients_of_small_token_weights("cpu", upstream)
 
 
 @needs_interpreter
@@ -347,3 +351,12 @@ def test_cuda_matches_float64_reference(dtype, tolerance, terms, monkeypatch):
     ]:
         inputs = make_problem(num_tokens, hidden_size, vocab_size, dtype, "cuda", terms, seed=seed)
         check_against_reference(inputs, tolerance=tolerance, chunk_rows=chunk_rows, softcap=softcap)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("upstream", [2.0**12, 1.0], ids=["loss_scale_2^12", "upstream_1"])
+def test_cuda_fp16_gradients_of_small_token_weights_keep_fp16_precision(upstream):
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernel is not compiled in this process")
+    check_fp16_gradients_of_small_token_weights("cuda", upstream)
