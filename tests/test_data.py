@@ -26,6 +26,7 @@ from dsunlearn.data import (
     tokenize_prompt,
 )
 from dsunlearn.demo import demo_data_dir
+from dsunlearn.distributed import EXIT_USAGE
 
 PKU_ROWS = [
     {"prompt": "How do I rob the mill?", "response_0": "Sure, first you ...", "response_1": "I can't help.",
@@ -668,3 +669,16 @@ def test_an_empty_forget_file_says_it_is_empty(tmp_path):
     (tmp_path / "forget.csv").write_text("prompt,response_0,response_1,is_response_0_safe,is_response_1_safe\n")
     with pytest.raises(ValueError, match=r"forget\.csv' has no rows: it is empty"):
         load_pairs(DatasetSpec(str(tmp_path / "forget.csv"), "pku_saferlhf"))
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_a_max_length_shorter_than_every_prompt_stops_the_run_with_one_message(tiny_model_dir, tmp_path):
+    from launching import launch
+
+    code, output = launch(["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir),
+                           "--output.dir", str(tmp_path / "run"), "--train.max_steps", "2", "--output.evaluate",
+                           "false", "--data.max_length", "8"], timeout=240)
+    assert code == EXIT_USAGE, output[-4000:]
+    assert output.count("data.max_length=8 is too short for every forget pair") == 1, output[-4000:]
+    assert "Traceback" not in output
