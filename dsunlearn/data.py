@@ -570,7 +570,8 @@ def tokenize_prompt(
     """Token ids of the prompt part (special prefix included), for generation. With ``max_length``, raises
     :class:`PromptTooLong` when no response token would fit after it: a prompt is never cut."""
     prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
-    ids = _without_prefix(list(tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]), prefix)
+    ids = list(tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+    ids = _without_prefix(ids, prefix)
     if max_length is not None:
         _check_prompt_fits(len(prefix) + len(ids), max_length, f"prompt {prompt[:40]!r}")
     return prefix + ids

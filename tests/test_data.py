@@ -371,7 +371,8 @@ def test_pairs_whose_prompt_cannot_fit_are_dropped_counted_and_named(sp_tokenize
 def test_tokenize_pairs_matches_tokenize_pair(sp_tokenizer):
     pairs = make_pairs(4)
     fmt = PromptFormat()
-    assert tokenize_pairs(sp_tokenizer, pairs, fmt, 64).sequences == [tokenize_pair(sp_tokenizer, p, fmt, 64) for p in pairs]
+    expected = [tokenize_pair(sp_tokenizer, pair, fmt, 64) for pair in pairs]
+    assert tokenize_pairs(sp_tokenizer, pairs, fmt, 64).sequences == expected
 
 
 # --------------------------------------------------------------------------- padding
