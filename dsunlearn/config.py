@@ -115,7 +115,9 @@ class DataConfig:
     use_chat_template: bool = False
     """Format prompts with the tokenizer's chat template instead of ``template``."""
     max_length: int = 512
-    """Longest token sequence; truncation drops prompt tokens from the left and keeps the response."""
+    """Longest token sequence. A prompt is never cut: a response that does not fit loses its tail, and a pair whose
+    prompt leaves no room for one response token is dropped (counted and named in the log; an error when every pair
+    of a data set is dropped)."""
     seed: int = 42
     """Seed of the train/held-out splits, the shuffling and the random answers (non-negative)."""
 
@@ -148,6 +150,10 @@ class ObjectiveConfig:
     reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     """``sequence_mean``: mean over each sequence's response tokens, then over sequences (the authors' code);
     ``token_mean``: mean over all response tokens of the term in the whole optimizer step (every rank, micro-step)."""
+    forget_eos: bool = False
+    """Whether the forget term also ascends the end of each forget answer (EOS, or the chat template's turn end).
+    Off by default: pushing down the end-of-answer token after a harmful answer teaches the model not to stop, and
+    the authors' OPT set-up appended none. Random and normal answers always keep theirs."""
     stop_forget_ce: Optional[float] = None
     """The authors' stopping rule: once the forget cross-entropy of a step exceeds this, unlearning is done (the run
     checkpoints, exports, evaluates and exits 0). None: run all ``train.max_steps``."""

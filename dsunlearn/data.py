@@ -1,10 +1,12 @@
 """Data: loading (prompt, response) pairs, splits, tokenisation with exact response masks, padding,
 the global example stream and random-answer drawing.
 
-The unlearning objective only ever scores *response* tokens, so the response mask must be exact.
-:func:`tokenize_pair` therefore tokenises the prompt part and the response separately and
-concatenates the ids: the mask is then a property of how the sequence was built, not a guess about
-where a joint tokenisation put the boundary.
+The unlearning objective only ever scores *response* tokens, so the response mask must be exact, and the tokens
+must be those the model sees when the answer follows its prompt. :func:`tokenize_pair` therefore tokenises the
+joint text (prompt part + response) and cuts it where the prompt's characters end (token offsets): tokenising the
+response alone differs on some tokenizers (a legacy SentencePiece normalizer turns " Sure" alone into
+['▁', '▁Sure']). With a chat template the response span, and the turn end that closes it, are taken from the
+rendered conversation itself.
 
 Which examples an optimizer step reads, and their random answers, are a function of (seed, step, global batch)
 and never of how that batch is split into ranks and micro-steps (:class:`StepSampler`, DESIGN.md §6a).
@@ -67,7 +69,8 @@ class DatasetSpec:
     """Hub config name. Default: ``generation`` for ``truthfulqa``, else none. Ignored for local files."""
 
     held_out_fraction: float = 0.1
-    """Fraction of the pairs kept out of training (for evaluation); the split is seeded."""
+    """Fraction of the distinct prompts kept out of training (for evaluation), with every pair that has one of them;
+    the split is seeded."""
 
     max_samples: Optional[int] = None
     """Keep only the first this many pairs (in file order, before splitting). None: keep all."""
@@ -220,8 +223,37 @@ def _flag(record: dict[str, Any], name: str) -> bool:
     raise _RowError(name, f"not a boolean (got {value!r:.40})")
 
 
-def _pairs_from_record(record: dict[str, Any], spec: DatasetSpec) -> list[tuple[str, str]]:
-    """The (prompt, response) pairs of one record; raises _RowError for a bad row."""
+PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe")
+
+
+def _required_columns(spec: DatasetSpec, columns: set[str], source_label: str) -> tuple[str, ...]:
+    """The columns ``spec`` reads, as this data set spells them; raises ValueError, once for the whole file, when
+    one is absent from every row (a wrong file or wrong field names, not a bad row)."""
+    if spec.format == "pku_saferlhf":
+        required = PKU_FIELDS
+    elif spec.format == "truthfulqa":
+        # The hub `generation` config uses snake_case fields, the original CSV title-case ones: read the spelling the
+        # file has, and name the missing columns in the spelling it comes closest to (the CSV's for a .csv file).
+        spellings = (TRUTHFULQA_CSV_FIELDS, TRUTHFULQA_HUB_FIELDS)
+        if not source_label.lower().endswith(".csv"):
+            spellings = spellings[::-1]
+        required = max(spellings, key=lambda names: sum(name in columns for name in names))
+    else:
+        required = (spec.prompt_field, spec.response_field)
+    missing = [name for name in required if name not in columns]
+    if missing:
+        has = ", ".join(repr(name) for name in sorted(columns)) or "none"
+        plural = "s" if len(missing) > 1 else ""
+        raise ValueError(
+            f"{source_label!r} has no column{plural} {', '.join(repr(name) for name in missing)} "
+            f"(format {spec.format!r} reads {', '.join(repr(name) for name in required)}; the file has: {has})"
+        )
+    return required
+
+
+def _pairs_from_record(record: dict[str, Any], spec: DatasetSpec, columns: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (prompt, response) pairs of one record, read from ``columns`` (:func:`_required_columns`); raises
+    _RowError for a bad row."""
     if spec.format == "pku_saferlhf":
         prompt = _text(record, "prompt")
         pairs = []
@@ -229,24 +261,20 @@ def _pairs_from_record(record: dict[str, Any], spec: DatasetSpec) -> list[tuple[
             if not _flag(record, f"is_response_{i}_safe"):
                 pairs.append((prompt, _text(record, f"response_{i}")))
         return pairs
-    if spec.format == "truthfulqa":
-        # The hub `generation` config uses snake_case fields, the original CSV title-case ones.
-        prompt_name, response_name = (
-            TRUTHFULQA_CSV_FIELDS if "Question" in record and "question" not in record else TRUTHFULQA_HUB_FIELDS
-        )
-        return [(_text(record, prompt_name), _text(record, response_name))]
-    return [(_text(record, spec.prompt_field), _text(record, spec.response_field))]
+    prompt_name, response_name = columns
+    return [(_text(record, prompt_name), _text(record, response_name))]
 
 
-def _read_local_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(row number, record) for every record of a local data file."""
+def _read_local_records(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], set[str]]:
+    """(row number, record) for every record of a local data file, and the file's columns."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"data file {str(path)!r} is empty")
     if suffix in (".json", ".jsonl"):
-        return _read_json_records(path)
+        records = _read_json_records(path)
+        return records, {name for _, record in records for name in record}
     if suffix == ".csv":
         import pandas as pd
 
@@ -261,7 +289,8 @@ def _read_local_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
         frame = pd.read_parquet(path)
     else:
         raise ValueError(f"data file {str(path)!r} has an unsupported type; use one of {', '.join(LOCAL_SUFFIXES)}")
-    return [(i, _plain_record(record)) for i, record in enumerate(frame.to_dict("records"), start=1)]
+    records = [(i, _plain_record(record)) for i, record in enumerate(frame.to_dict("records"), start=1)]
+    return records, {str(name) for name in frame.columns}
 
 
 def _read_json_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -289,7 +318,9 @@ def _read_json_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 records.append((line_number, json.loads(line)))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, row {line_number}: not valid JSON ({error.msg})") from None
+                raise ValueError(
+                    f"{path}:{line_number}: not valid JSON: {error.msg} (line {line_number}, column {error.colno})"
+                ) from None
     for row, record in records:
         if not isinstance(record, dict):
             raise ValueError(f"{path}, row {row}: expected a JSON object, got {type(record).__name__}")
@@ -308,11 +339,12 @@ def _plain_record(record: dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def _read_hub_records(spec: DatasetSpec) -> list[tuple[int, dict[str, Any]]]:
+def _read_hub_records(spec: DatasetSpec) -> tuple[list[tuple[int, dict[str, Any]]], set[str]]:
     import datasets
 
     dataset = datasets.load_dataset(spec.source, spec.hub_name, split=spec.hub_split, revision=spec.revision)
-    return [(i, dict(record)) for i, record in enumerate(dataset, start=1)]
+    records = [(i, dict(record)) for i, record in enumerate(dataset, start=1)]
+    return records, {name for _, record in records for name in record}
 
 
 def read_pairs(spec: DatasetSpec) -> LoadedPairs:
@@ -328,17 +360,18 @@ def read_pairs(spec: DatasetSpec) -> LoadedPairs:
     if spec.is_local:
         path = Path(spec.source).expanduser()
         source_label = str(path)
-        records = _read_local_records(path)
+        records, columns = _read_local_records(path)
     else:
         source_label = f"{spec.source}[{spec.hub_split}]"
-        records = _read_hub_records(spec)
+        records, columns = _read_hub_records(spec)
     if not records:
-        raise ValueError(f"data set {source_label!r} has no rows")
+        raise ValueError(f"data set {source_label!r} has no rows: it is empty")
+    required = _required_columns(spec, columns, source_label)
 
     pairs, bad_rows = [], []
     for row, record in records:
         try:
-            found = _pairs_from_record(record, spec)
+            found = _pairs_from_record(record, spec, required)
         except _RowError as error:
             bad_rows.append(BadRow(source_label, row, error.field_name, error.reason))
             continue
@@ -372,23 +405,47 @@ def load_pairs(spec: DatasetSpec) -> list[Pair]:
     return loaded.pairs
 
 
-def split_pairs(pairs: list[Pair], held_out_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Split ``pairs`` into (train, held_out), deterministically from ``seed``.
+def prompt_key(pair: Pair) -> str:
+    """What makes two pairs share a prompt: the same text after whitespace strip."""
+    return pair.prompt.strip()
 
-    ``round(len * held_out_fraction)`` pairs are held out (at least one when the fraction is positive
-    and there are two pairs or more; training always keeps at least one). Both parts keep file order.
+
+def split_pairs(pairs: list[Pair], held_out_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Split ``pairs`` into (train, held_out) by prompt, deterministically from ``seed`` and the pairs.
+
+    Every pair sharing a prompt (:func:`prompt_key`) lands on the same side: PKU-SafeRLHF gives two pairs for a row
+    with two unsafe responses, and repeats prompts across rows, so a split of pairs would evaluate "held-out" prompts
+    that were trained on. ``round(prompts * held_out_fraction)`` distinct prompts are held out (at least one when the
+    fraction is positive and there are two prompts or more; training always keeps at least one). Both parts keep
+    file order.
     """
     if not 0.0 <= held_out_fraction < 1.0:
         raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
-    num_held_out = round(len(pairs) * held_out_fraction)
-    if held_out_fraction > 0 and len(pairs) >= 2:
+    group_ids: dict[str, int] = {}  # prompt -> index of its first appearance
+    pair_groups = [group_ids.setdefault(prompt_key(pair), len(group_ids)) for pair in pairs]
+    num_groups = len(group_ids)
+    num_held_out = round(num_groups * held_out_fraction)
+    if held_out_fraction > 0 and num_groups >= 2:
         num_held_out = max(num_held_out, 1)
-    num_held_out = min(num_held_out, max(len(pairs) - 1, 0))
+    num_held_out = min(num_held_out, max(num_groups - 1, 0))
     generator = torch.Generator().manual_seed(seed)
-    held_out_indices = set(torch.randperm(len(pairs), generator=generator)[:num_held_out].tolist())
-    train = [pair for i, pair in enumerate(pairs) if i not in held_out_indices]
-    held_out = [pair for i, pair in enumerate(pairs) if i in held_out_indices]
+    held_out_groups = set(torch.randperm(num_groups, generator=generator)[:num_held_out].tolist())
+    train = [pair for pair, group in zip(pairs, pair_groups) if group not in held_out_groups]
+    held_out = [pair for pair, group in zip(pairs, pair_groups) if group in held_out_groups]
     return train, held_out
+
+
+def split_record(train: list[Pair], held_out: list[Pair]) -> dict[str, int]:
+    """The distinct prompts of each side of a split and how many of them both share (0 for :func:`split_pairs`)."""
+    train_prompts = {prompt_key(pair) for pair in train}
+    held_out_prompts = {prompt_key(pair) for pair in held_out}
+    return {
+        "train_pairs": len(train),
+        "held_out_pairs": len(held_out),
+        "train_prompts": len(train_prompts),
+        "held_out_prompts": len(held_out_prompts),
+        "prompt_overlap": len(train_prompts & held_out_prompts),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,7 +458,8 @@ class PromptFormat:
     """How a prompt is turned into the text that precedes the response.
 
     With ``use_chat_template`` the tokenizer's chat template renders one user turn (the prompt) with
-    the generation prompt added; the response follows it. Otherwise ``template`` (default
+    the generation prompt added; the response, and the turn end that closes it, are what the template renders after
+    that in the whole [user, assistant] conversation. Otherwise ``template`` (default
     ``"### Question: {prompt}\\n ### Answer: {response}"``) is used: the prompt part is everything before
     ``{response}``, which must end the template.
     """
@@ -456,7 +514,10 @@ class TokenizedSequence:
 
     input_ids: list[int]
     response_mask: list[int]
-    """1 for response tokens (including the EOS that ends the response), 0 for prompt tokens."""
+    """1 for response tokens (including the end of the answer: EOS, or the chat template's turn end), 0 for prompt
+    tokens."""
+    response_capped: bool = False
+    """Whether the response lost its tail to fit ``max_length`` (its end-of-answer token with it)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -464,6 +525,14 @@ class TokenizedSequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.input_ids) - sum(self.response_mask)
+
+
+class PromptTooLong(ValueError):
+    """The prompt part leaves no room for a single response token within ``max_length``."""
+
+    def __init__(self, message: str, num_prompt_tokens: int):
+        super().__init__(message)
+        self.num_prompt_tokens = num_prompt_tokens
 
 
 def special_prefix_ids(tokenizer: Any) -> list[int]:
@@ -477,6 +546,20 @@ def special_prefix_ids(tokenizer: Any) -> list[int]:
     return []
 
 
+def _without_prefix(ids: list[int], prefix: list[int]) -> list[int]:
+    # A chat template usually writes the BOS itself; never add it twice.
+    return ids[len(prefix) :] if prefix and ids[: len(prefix)] == prefix else ids
+
+
+def _check_prompt_fits(num_prompt_tokens: int, max_length: int, where: str) -> None:
+    if num_prompt_tokens + 1 > max_length:
+        raise PromptTooLong(
+            f"{where}: the prompt takes {num_prompt_tokens} tokens, so data.max_length={max_length} leaves no room "
+            "for the response",
+            num_prompt_tokens,
+        )
+
+
 def tokenize_prompt(
     tokenizer: Any,
     prompt: str,
@@ -484,60 +567,160 @@ def tokenize_prompt(
     max_length: Optional[int] = None,
     prefix_ids: Optional[list[int]] = None,
 ) -> list[int]:
-    """Token ids of the prompt part, exactly as :func:`tokenize_pair` puts them before the response
-    (use this for generation). With ``max_length``, tokens are cut from the left, keeping the special
-    prefix (BOS)."""
+    """Token ids of the prompt part (special prefix included), for generation. With ``max_length``, raises
+    :class:`PromptTooLong` when no response token would fit after it: a prompt is never cut."""
     prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
     ids = list(tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"])
-    # A chat template usually writes the BOS itself; never add it twice.
-    if prefix and ids[: len(prefix)] == prefix:
-        ids = ids[len(prefix) :]
+    ids = _without_prefix(ids, prefix)
     if max_length is not None:
-        keep = max_length - len(prefix)
-        if keep < 1:
-            raise ValueError(
-                f"max_length {max_length} leaves no room for the prompt after {len(prefix)} special tokens"
-            )
-        ids = ids[-keep:]
+        _check_prompt_fits(len(prefix) + len(ids), max_length, f"prompt {prompt[:40]!r}")
     return prefix + ids
 
 
-def tokenize_pair(
-    tokenizer: Any, pair: Pair, fmt: PromptFormat, max_length: int, prefix_ids: Optional[list[int]] = None
-) -> TokenizedSequence:
-    """Tokenise one pair as [special prefix] + prompt part + response + [EOS], with its response mask.
+def _special_strings(tokenizer: Any) -> list[str]:
+    """The text of every special token (EOS, and added ones such as ``<|eot_id|>`` or ``<end_of_turn>``)."""
+    added = [token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special]
+    return [text for text in dict.fromkeys([*added, *tokenizer.all_special_tokens]) if text]
 
-    Prompt part and response are tokenised separately, so the mask is exact whatever the tokenizer
-    does at the boundary. When the sequence is longer than ``max_length`` the prompt part is cut from
-    the left (the special prefix stays); the response is cut at its tail only if it alone, with the
-    prefix and one prompt token, does not fit. ``prefix_ids`` (from :func:`special_prefix_ids`) may be
-    passed to avoid recomputing it per pair.
+
+def _answer_text(tokenizer: Any, fmt: PromptFormat, prompt_text: str, pair: Pair, with_end: bool) -> tuple[str, bool]:
+    """The text that follows ``prompt_text`` in the training sequence, and whether EOS is to be appended to its ids.
+
+    With a chat template this is the assistant turn as the template renders it, up to and including the first
+    special token after the content (the template's own turn end: ``<|eot_id|>``, ``<end_of_turn>``); EOS only when
+    the template ends the turn with no special token. ``with_end`` False leaves the end of the answer out.
+    """
+    if not fmt.use_chat_template:
+        return fmt.response_text(pair.response), with_end and tokenizer.eos_token_id is not None
+    conversation = [{"role": "user", "content": pair.prompt}, {"role": "assistant", "content": pair.response}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    if not rendered.startswith(prompt_text):
+        raise ValueError(
+            f"{pair.origin}: the chat template renders the conversation differently from its prompt with "
+            "add_generation_prompt=True, so the answer cannot be located; use data.template instead"
+        )
+    turn = rendered[len(prompt_text) :]
+    content = pair.response if pair.response in turn else pair.response.strip()  # templates may trim the content
+    at = turn.find(content)
+    if at < 0:
+        raise ValueError(f"{pair.origin}: the chat template changes the response text, so it cannot be located")
+    content_end = at + len(content)
+    if not with_end:
+        return turn[:content_end], False
+    tail = turn[content_end:]
+    ends = [(tail.find(text), -len(text), text) for text in _special_strings(tokenizer) if text in tail]
+    if not ends:
+        return turn[:content_end], tokenizer.eos_token_id is not None
+    position, _, text = min(ends)  # the first special token after the content; the longest one at a tie
+    return turn[: content_end + position + len(text)], False
+
+
+def _tokenize_joint(tokenizer: Any, prompt_text: str, answer_text: str) -> tuple[list[int], int]:
+    """Token ids of ``prompt_text + answer_text`` and the index of the first answer token.
+
+    The joint text is tokenised once, so the answer's tokens are those the model sees after its prompt; the cut is
+    the first token reaching past the prompt's characters (a token straddling the boundary holds answer text).
+    """
+    text = prompt_text + answer_text
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        cut = next((i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > len(prompt_text)), len(ids))
+        return ids, cut
+    # A Python tokenizer has no offsets: the joint ids must begin with the prompt's own.
+    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("this (slow) tokenizer merges tokens across the prompt/response boundary; use a fast one")
+    return ids, len(prompt_ids)
+
+
+def tokenize_pair(
+    tokenizer: Any,
+    pair: Pair,
+    fmt: PromptFormat,
+    max_length: int,
+    prefix_ids: Optional[list[int]] = None,
+    *,
+    end_of_response: bool = True,
+) -> TokenizedSequence:
+    """Tokenise one pair as [special prefix] + prompt part + response + [end of answer], with its response mask.
+
+    The end of the answer is EOS, or with a chat template the template's own turn end; ``end_of_response`` False
+    leaves it out. The prompt is never cut: the response is capped at ``max_length`` (losing its tail and its end),
+    and :class:`PromptTooLong` is raised when not even one response token fits. ``prefix_ids`` (from
+    :func:`special_prefix_ids`) may be passed to avoid recomputing it per pair.
     """
     prefix = special_prefix_ids(tokenizer) if prefix_ids is None else prefix_ids
-    if max_length < len(prefix) + 2:
-        raise ValueError(
-            f"max_length must be at least {len(prefix) + 2} (special prefix, one prompt and one response token)"
-        )
-    prompt_ids = tokenize_prompt(tokenizer, pair.prompt, fmt, prefix_ids=prefix)[len(prefix) :]
-    response_ids = list(tokenizer(fmt.response_text(pair.response), add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
+    prompt_text = fmt.prompt_text(tokenizer, pair.prompt)
+    answer_text, append_eos = _answer_text(tokenizer, fmt, prompt_text, pair, end_of_response)
+    ids, cut = _tokenize_joint(tokenizer, prompt_text, answer_text)
+    prompt_ids, response_ids = _without_prefix(ids[:cut], prefix), ids[cut:]
+    if append_eos:
         response_ids.append(tokenizer.eos_token_id)
     if not response_ids:
         raise ValueError(f"{pair.origin}: the response tokenises to nothing")
-
-    # Keep one prompt token so the first response token is still predicted from the prompt.
-    response_ids = response_ids[: max_length - len(prefix) - 1]
-    prompt_budget = max_length - len(prefix) - len(response_ids)
-    prompt_ids = prompt_ids[-prompt_budget:] if len(prompt_ids) > prompt_budget else prompt_ids
-    input_ids = prefix + prompt_ids + response_ids
-    response_mask = [0] * (len(prefix) + len(prompt_ids)) + [1] * len(response_ids)
-    return TokenizedSequence(input_ids, response_mask)
+    _check_prompt_fits(len(prefix) + len(prompt_ids), max_length, pair.origin)
+    room = max_length - len(prefix) - len(prompt_ids)
+    input_ids = prefix + prompt_ids + response_ids[:room]
+    response_mask = [0] * (len(prefix) + len(prompt_ids)) + [1] * len(response_ids[:room])
+    return TokenizedSequence(input_ids, response_mask, response_capped=len(response_ids) > room)
 
 
-def tokenize_pairs(tokenizer: Any, pairs: list[Pair], fmt: PromptFormat, max_length: int) -> list[TokenizedSequence]:
-    """:func:`tokenize_pair` for every pair."""
+@dataclass
+class TokenizedPairs:
+    """The pairs that fit ``max_length``, their sequences, and what did not fit."""
+
+    pairs: list[Pair]
+    """The pairs kept, in their order."""
+    sequences: list[TokenizedSequence]
+    """One per kept pair."""
+    dropped: list[Pair]
+    """Pairs whose prompt leaves no room for a response token."""
+
+    @property
+    def num_capped(self) -> int:
+        """Kept pairs whose response lost its tail."""
+        return sum(sequence.response_capped for sequence in self.sequences)
+
+    def summary(self, max_listed: int = 3) -> str:
+        """One line for the log: counts, and the first few dropped pairs by origin."""
+        text = f"{len(self.pairs)} pairs kept, {self.num_capped} responses capped, {len(self.dropped)} pairs dropped"
+        if self.dropped:
+            listed = "; ".join(pair.origin for pair in self.dropped[:max_listed])
+            more = f" and {len(self.dropped) - max_listed} more" if len(self.dropped) > max_listed else ""
+            text += f" (prompt too long: {listed}{more})"
+        return text
+
+
+def tokenize_pairs(
+    tokenizer: Any,
+    pairs: list[Pair],
+    fmt: PromptFormat,
+    max_length: int,
+    *,
+    end_of_response: bool = True,
+    name: str = "data",
+) -> TokenizedPairs:
+    """:func:`tokenize_pair` for every pair, dropping those whose prompt does not fit; raises ValueError naming
+    ``data.max_length`` when none fits. ``name`` says which data set it is in messages."""
     prefix = special_prefix_ids(tokenizer)
-    return [tokenize_pair(tokenizer, pair, fmt, max_length, prefix_ids=prefix) for pair in pairs]
+    kept, sequences, dropped, shortest_prompt = [], [], [], None
+    for pair in pairs:
+        try:
+            sequence = tokenize_pair(tokenizer, pair, fmt, max_length, prefix, end_of_response=end_of_response)
+        except PromptTooLong as error:
+            dropped.append(pair)
+            shortest_prompt = min(error.num_prompt_tokens, shortest_prompt or error.num_prompt_tokens)
+            continue
+        kept.append(pair)
+        sequences.append(sequence)
+    if pairs and not kept:
+        raise ValueError(
+            f"data.max_length={max_length} is too short for every {name} pair: the shortest prompt takes "
+            f"{shortest_prompt} tokens, and a response needs at least one more (a prompt is never cut)"
+        )
+    return TokenizedPairs(kept, sequences, dropped)
 
 
 def resolve_pad_id(tokenizer: Any) -> int:

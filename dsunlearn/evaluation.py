@@ -166,23 +166,27 @@ class EvalConfig:
 
 def build_eval_sets(
     data_cfg: DataConfig, set_names: Sequence[str], max_samples: Optional[int] = None
-) -> dict[str, list]:
-    """The requested prompt sets as ``{name: [Pair, ...]}``, split exactly as the trainer splits them.
+) -> tuple[dict[str, list], dict[str, dict]]:
+    """The requested prompt sets as ``{name: [Pair, ...]}``, split exactly as the trainer splits them, and a record
+    of each split made (``{"forget" | "normal": data.split_record(...)}``: pairs, prompts, and the prompts both sides
+    share, which must be 0).
 
-    Forget and normal pairs are each split with their own ``held_out_fraction`` and ``data_cfg.seed``
+    Forget and normal pairs are each split by prompt with their own ``held_out_fraction`` and ``data_cfg.seed``
     (:func:`dsunlearn.data.split_pairs`); the random-answer pool and training never see the held-out part.
     """
-    sets = {}
+    sets, splits = {}, {}
     if any(name.startswith("forget") for name in set_names):
         forget_train, forget_held_out = data_lib.split_pairs(
             data_lib.load_pairs(data_cfg.forget), data_cfg.forget.held_out_fraction, data_cfg.seed
         )
         sets.update(forget_train=forget_train, forget_held_out=forget_held_out)
+        splits["forget"] = data_lib.split_record(forget_train, forget_held_out)
     if "normal_held_out" in set_names:
-        _, sets["normal_held_out"] = data_lib.split_pairs(
+        normal_train, sets["normal_held_out"] = data_lib.split_pairs(
             data_lib.load_pairs(data_cfg.normal), data_cfg.normal.held_out_fraction, data_cfg.seed
         )
-    return {name: sets[name][:max_samples] for name in set_names}
+        splits["normal"] = data_lib.split_record(normal_train, sets["normal_held_out"])
+    return {name: sets[name][:max_samples] for name in set_names}, splits
 
 
 def run_evaluation(cfg: EvalConfig) -> dict:
@@ -203,10 +207,12 @@ def run_evaluation(cfg: EvalConfig) -> dict:
 
         rank, world_size, _ = distributed.init_distributed()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    sets = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
+    sets, splits = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
     # The engines own the ZeRO-3 hooks of the models: they stay referenced until the evaluation is done.
     model, reference, _engines = load_models(cfg, world_size)
-    summary = evaluate_models(model, reference, tokenizer, sets, cfg, rank=rank, world_size=world_size)
+    summary = evaluate_models(
+        model, reference, tokenizer, sets, cfg, rank=rank, world_size=world_size, splits=splits
+    )
     if world_size > 1:
         # Without the teardown, exit can abort in C++ now and then ("terminate called without an active exception").
         torch.distributed.barrier()
@@ -238,14 +244,23 @@ def load_models(cfg: EvalConfig, world_size: int):
 
 
 def evaluate_models(
-    model, reference, tokenizer, sets: dict[str, list], cfg: EvalConfig, rank: int = 0, world_size: int = 1
+    model,
+    reference,
+    tokenizer,
+    sets: dict[str, list],
+    cfg: EvalConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    splits: Optional[dict[str, dict]] = None,
 ) -> dict:
     """Evaluate ``model`` (unlearned) against ``reference`` (original) on ``sets`` and write the outputs.
 
     ``sets``: ``{set name: [data.Pair, ...]}``, the same on every rank (see :func:`build_eval_sets`).
     ``model``/``reference``: Hugging Face causal LMs, plain or the ``.module`` of ZeRO-3 engines; with
     ``world_size`` > 1 this is a collective: call it on every rank. Returns the summary written to
-    ``eval.json`` (on every rank); rank 0 also writes ``samples.jsonl`` and ``report.md``.
+    ``eval.json`` (on every rank); rank 0 also writes ``samples.jsonl`` and ``report.md``. ``splits`` (from
+    :func:`build_eval_sets`) goes into ``eval.json`` as ``split``. Pairs whose prompt leaves no room for a response
+    within ``data.max_length`` are left out, as training leaves them out.
     """
     problems = cfg.evaluation_problems()
     if problems:
@@ -272,6 +287,7 @@ def evaluate_models(
         "metrics_jsonl": cfg.metrics_jsonl,
         "world_size": world_size,
         "config": _config_record(cfg),
+        "split": splits or {},
         "num_samples": {},
         "original": {},
         "unlearned": {},
@@ -280,6 +296,12 @@ def evaluate_models(
     try:
         with torch.no_grad():
             for set_name, pairs in sets.items():
+                fitting = data_lib.tokenize_pairs(
+                    tokenizer, pairs, context.prompt_format, cfg.data.max_length, name=set_name
+                )
+                if fitting.dropped and rank == 0:
+                    logger.warning("set %s: %s", set_name, fitting.summary())
+                pairs = fitting.pairs
                 if not pairs:
                     if rank == 0:
                         logger.warning("set %s is empty (held_out_fraction 0?): skipped", set_name)

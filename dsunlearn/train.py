@@ -70,29 +70,42 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     )
     pad_id = data_lib.resolve_pad_id(tokenizer)
     prompt_format = data_lib.PromptFormat(cfg.data.template, cfg.data.use_chat_template)
-    try:
-        forget_pairs, normal_pairs = data_lib.load_pairs(cfg.data.forget), data_lib.load_pairs(cfg.data.normal)
-    except (OSError, ValueError) as err:  # bad user input, not a bug: one message, EXIT_USAGE
-        raise distributed.UsageError(f"data: {err}") from None
-    forget_train, _ = data_lib.split_pairs(forget_pairs, cfg.data.forget.held_out_fraction, cfg.data.seed)
-    normal_train, _ = data_lib.split_pairs(normal_pairs, cfg.data.normal.held_out_fraction, cfg.data.seed)
     use_forget = cfg.objective.forget_weight > 0
     use_random = cfg.objective.random_weight > 0
     use_normal = cfg.objective.normal_weight > 0
-    for name, pairs, used in (("forget", forget_train, True), ("normal", normal_train, use_normal or use_random)):
+    prefix_ids = data_lib.special_prefix_ids(tokenizer)
+    forget_pairs, normal_pairs = _load_pairs("forget", cfg.data.forget), _load_pairs("normal", cfg.data.normal)
+    forget_train, _ = data_lib.split_pairs(forget_pairs, cfg.data.forget.held_out_fraction, cfg.data.seed)
+    normal_train, _ = data_lib.split_pairs(normal_pairs, cfg.data.normal.held_out_fraction, cfg.data.seed)
+    # A prompt is never cut: pairs whose prompt leaves no room for a response are dropped here, before any index into
+    # the train splits is drawn. The forget term may leave the end of the answer out (objective.forget_eos).
+    try:  # data.max_length shorter than every prompt, or a chat template the answer cannot be found in: EXIT_USAGE
+        forget_tokenized = data_lib.tokenize_pairs(
+            tokenizer, forget_train, prompt_format, cfg.data.max_length, end_of_response=cfg.objective.forget_eos,
+            name="forget",
+        )
+        normal_tokenized = data_lib.tokenize_pairs(
+            tokenizer, normal_train if use_normal else [], prompt_format, cfg.data.max_length, name="normal"
+        )
+    except ValueError as err:
+        raise distributed.UsageError(str(err)) from None
+    forget_train, normal_examples = forget_tokenized.pairs, normal_tokenized.pairs if use_normal else normal_train
+    if is_main:
+        logger.info("data: forget: %s", forget_tokenized.summary())
+        if use_normal:
+            logger.info("data: normal: %s", normal_tokenized.summary())
+    for name, pairs, used in (("forget", forget_train, True), ("normal", normal_examples, use_normal or use_random)):
         if used and len(pairs) < world_size:
             raise distributed.UsageError(
                 f"{name} train split has {len(pairs)} samples but the run has {world_size} ranks: "
                 f"every rank needs at least one (use fewer ranks or more data)"
             )
 
-    prefix_ids = data_lib.special_prefix_ids(tokenizer)
-
     def tokenize(pair):
         return data_lib.tokenize_pair(tokenizer, pair, prompt_format, cfg.data.max_length, prefix_ids)
 
-    forget_sequences = [tokenize(pair) for pair in forget_train] if use_forget else []
-    normal_sequences = [tokenize(pair) for pair in normal_train] if use_normal else []
+    forget_sequences = forget_tokenized.sequences if use_forget else []
+    normal_sequences = normal_tokenized.sequences
     random_answer_pool = [pair.response for pair in normal_train]
     gas = cfg.train.gradient_accumulation_steps
     forget_sampler = data_lib.StepSampler(
@@ -100,13 +113,13 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         seed=cfg.data.seed,
     )
     normal_sampler = data_lib.StepSampler(
-        len(normal_train), max(cfg.train.normal_batch_size, 1), world_size=world_size, gradient_accumulation_steps=gas,
-        seed=cfg.data.seed + 1,
+        len(normal_examples), max(cfg.train.normal_batch_size, 1), world_size=world_size,
+        gradient_accumulation_steps=gas, seed=cfg.data.seed + 1,
     )
     if is_main:
         logger.info(
             "data: %d forget and %d normal training pairs, %d ranks x %d micro-steps, %d forget + %d random + "
-            "%d normal sequences per micro-step and rank", len(forget_train), len(normal_train), world_size, gas,
+            "%d normal sequences per micro-step and rank", len(forget_train), len(normal_examples), world_size, gas,
             cfg.train.forget_batch_size, cfg.train.forget_batch_size * cfg.objective.num_random_answers * use_random,
             cfg.train.normal_batch_size * use_normal,
         )
@@ -144,9 +157,23 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         ]
 
     # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
-    hidden_size = engines.text_hidden_size(AutoConfig.from_pretrained(
+    model_config = AutoConfig.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    ))
+    )
+    hidden_size = engines.text_hidden_size(model_config)
+    if cfg.model.reference_path and cfg.model.reference_path != cfg.model.name_or_path:
+        # The reference may be another model of any width, but the KL compares next-token distributions id by id.
+        ref_path, ref_load_kwargs = engines.pretrained_source(cfg, reference=True)
+        ref_config = AutoConfig.from_pretrained(
+            ref_path, revision=ref_load_kwargs.get("revision"), trust_remote_code=cfg.model.trust_remote_code
+        )
+        policy_vocab, ref_vocab = _vocab_size(model_config), _vocab_size(ref_config)
+        if ref_vocab != policy_vocab:
+            raise distributed.UsageError(
+                f"model.reference_path {cfg.model.reference_path} has a vocabulary of {ref_vocab} tokens but "
+                f"model.name_or_path {cfg.model.name_or_path} has {policy_vocab}: the reference must use the "
+                f"policy's vocabulary (the same tokenizer)"
+            )
     policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, hidden_size)
     policy_engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     ref_engine = None
@@ -243,6 +270,15 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     return out_dir
 
 
+def _load_pairs(name: str, spec: data_lib.DatasetSpec) -> list:
+    """The pairs of data set ``name``; a bad file is bad user input, not a bug: one message naming the setting,
+    EXIT_USAGE."""
+    try:
+        return data_lib.load_pairs(spec)
+    except (OSError, ValueError) as err:
+        raise distributed.UsageError(f"data.{name}: {err}") from None
+
+
 def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
     """One policy forward over [forget; random; normal]; before it, the reference's hidden states for the normal rows.
 
@@ -295,8 +331,16 @@ def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Pa
         reference_lm = ref_engine.module
     else:
         reference_lm = ref_engine.module.lm
-    sets = build_eval_sets(cfg.data, eval_cfg.sets, eval_cfg.max_samples)
-    return evaluate_models(policy_lm, reference_lm, tokenizer, sets, eval_cfg, rank=rank, world_size=world_size)
+    sets, splits = build_eval_sets(cfg.data, eval_cfg.sets, eval_cfg.max_samples)
+    return evaluate_models(
+        policy_lm, reference_lm, tokenizer, sets, eval_cfg, rank=rank, world_size=world_size, splits=splits
+    )
+
+
+def _vocab_size(model_config) -> int:
+    """The vocabulary size of a transformers config; multimodal configs keep it in their text config."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return text_config.vocab_size
 
 
 def _grad_norm(engine) -> Optional[float]:

@@ -56,8 +56,9 @@ def fused_linear_ce_kl(
         targets: [N] int64 next-token ids. Must lie in [0, V) wherever ``ce_weight`` is non-zero; tokens whose
             weights are both 0 may hold anything (e.g. -100).
         ce_weight: [N] float CE weight per token (negative = gradient ascent).
-        ref_hidden: [N, H] frozen reference hidden states; its dtype may differ from ``hidden``'s.
-        ref_weight: [V, H] frozen reference output-head weight.
+        ref_hidden: [N, H_ref] frozen reference hidden states; its dtype and width may differ from ``hidden``'s
+            (a reference model of another width with the same vocabulary).
+        ref_weight: [V, H_ref] frozen reference output-head weight.
         kl_weight: [N] float KL weight per token. Requires ``ref_hidden`` and ``ref_weight``.
         softcap: logit soft-capping constant c > 0, or None.
         backend: one of ``BACKENDS``.
@@ -131,12 +132,21 @@ def _check_inputs(hidden, weight, targets, ce_weight, ref_hidden, ref_weight, kl
         _check_tensor("kl_weight", kl_weight, ndim=1, floating=True, device=hidden.device, length=num_tokens)
         if not all(refs_given):
             raise ValueError("kl_weight needs both ref_hidden and ref_weight (the frozen reference's head inputs)")
+        # The reference may be another model with the same vocabulary but its own width H_ref: its logits are a
+        # separate product.
         _check_tensor("ref_hidden", ref_hidden, ndim=2, dtypes=_FLOAT_INPUT_DTYPES, device=hidden.device)
-        if ref_hidden.shape != hidden.shape:
-            raise ValueError(f"ref_hidden must have the shape of hidden {_shape(hidden)}, got {_shape(ref_hidden)}")
+        if ref_hidden.shape[0] != num_tokens:
+            raise ValueError(
+                f"ref_hidden must have shape [{num_tokens}, H_ref] (one row per row of hidden), "
+                f"got {_shape(ref_hidden)}"
+            )
         _check_tensor("ref_weight", ref_weight, ndim=2, dtypes=_FLOAT_INPUT_DTYPES, device=hidden.device)
-        if ref_weight.shape != weight.shape:
-            raise ValueError(f"ref_weight must have the shape of weight {_shape(weight)}, got {_shape(ref_weight)}")
+        ref_hidden_size = ref_hidden.shape[1]
+        if ref_weight.shape != (vocab_size, ref_hidden_size):
+            raise ValueError(
+                f"ref_weight must have shape [{vocab_size}, {ref_hidden_size}] (the vocabulary of weight, the width of "
+                f"ref_hidden), got {_shape(ref_weight)}"
+            )
 
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or > 0, got {softcap!r}")

@@ -47,8 +47,8 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
         weight: torch.Tensor,  # [V, H]
         targets: torch.Tensor,  # [M]
         ce_weight: torch.Tensor,  # [M] fp32
-        ref_hidden: torch.Tensor | None,  # [K, H], K = M - num_without_kl
-        ref_weight: torch.Tensor | None,  # [V, H]
+        ref_hidden: torch.Tensor | None,  # [K, H_ref], K = M - num_without_kl
+        ref_weight: torch.Tensor | None,  # [V, H_ref]
         kl_weight: torch.Tensor | None,  # [K] fp32
         num_without_kl: int,
         softcap: float | None,
@@ -60,7 +60,7 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
         vocab_size = weight.shape[0]
         # Accumulate in fp32 whatever the storage dtype; a no-op for fp32 weights.
         weight_fp32 = weight.float()  # [V, H]
-        ref_weight_fp32 = ref_weight.float() if kl_weight is not None else None  # [V, H]
+        ref_weight_fp32 = ref_weight.float() if kl_weight is not None else None  # [V, H_ref]
 
         fp32 = dict(dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), **fp32)

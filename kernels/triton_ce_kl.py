@@ -3,7 +3,7 @@
 Why this structure. Per token chunk of C rows:
 
     logits     = hidden_c @ weight.T          [C, V] fp32   (cuBLAS, fp32 accumulate and output)
-    ref_logits = ref_hidden_c @ ref_weight.T  [Ck, V] fp32  (only the chunk's rows with a KL term)
+    ref_logits = ref_hidden_c @ ref_weight.T  [Ck, V] fp32  (the chunk's rows with a KL term; H_ref may differ from H)
     one Triton program per row: online logsumexp of both rows, CE, KL, then dL/dz written once
     grad_hidden_c  = dz @ weight              [C, H]
     grad_weight   += dz.T @ hidden_c          [V, H] fp32 accumulator
@@ -20,6 +20,16 @@ As in Liger-Kernel's fused linear cross-entropy, the gradients are made during t
 scales them by the upstream gradient; the loss is linear in that gradient, so this is exact for any value,
 negative weights included.
 
+Until the backward the gradients miss that upstream factor (in fp16 training, DeepSpeed's loss scale), and the
+objective's per-token weights are small (~1e-3): dL/dz and the two gradients would sit below fp16's normal range
+and flush to zero. So each is stored times a power of two that brings it to O(1) (exact: only the exponent
+changes), and the backward divides it out in fp32 together with the upstream gradient:
+
+    dL/dz row r        × row_scale[r] = 2^-e, |ce_w| + |kl_w| = m·2^e with m in [0.5, 1): |dz| ≤ 1
+    grad_hidden row r  × row_scale[r]      (= scaled dz @ weight)
+    grad_weight        × weight_grad_scale (fp32 accumulator in units of min row_scale, then a power of two that
+                                             puts its largest entry at 2^13..2^14)
+
 Tokens whose two weights are 0 are dropped before any matrix product: a stable sort groups the rows and one
 device-to-host copy of the group sizes per call tells the Python loop how many chunks to launch (the one host
 synchronisation; a loop of cuBLAS calls cannot size itself on the device).
@@ -34,14 +44,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import scale_precomputed_gradients
-
 # Rows of the [C, V] chunk buffers are bounded so that they hold about this many times the bytes of the
 # [N, H] input: O(N·H) memory whatever V is.
 CHUNK_BYTES_PER_INPUT_BYTE = 8
 # Matrix products with fewer rows than this run well below the device's matrix rate.
 MIN_CHUNK_ROWS = 256
 MAX_BLOCK_V = 2048
+# The stored weight gradient's largest entry lies in [2^(E-1), 2^E): far from fp16's overflow at 65504, and 2^37
+# above its smallest subnormal.
+STORED_WEIGHT_GRAD_EXPONENT = 14
+# Elements per fp32 temporary when the backward unscales a stored gradient, so no [V, H] fp32 copy is made.
+UNSCALE_BLOCK_ELEMENTS = 2**24
 
 
 # The kernel calls only builtins of triton.language and @jit functions of this module. tl.max, tl.sum and tl.zeros
@@ -206,6 +219,7 @@ class _HeadMatmuls:
         )
         # Operand dtype of the products: the input dtype where cuBLAS gives fp32 results from it, else fp32.
         self.dtype = compute_dtype if (not low_precision or self.mm_fp32_out) else torch.float32
+        self.input_dtype = compute_dtype
         self.weight = weight.to(self.dtype)  # [V, H]; no copy in the usual case
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -233,6 +247,26 @@ class _HeadMatmuls:
             accumulator += torch.mm(grad_logits.T, hidden, out_dtype=torch.float32)
 
 
+def _power_of_two_scale(magnitude: torch.Tensor, exponent: int) -> torch.Tensor:
+    """2^(exponent − e) for magnitude = m·2^e, m in [0.5, 1), elementwise: magnitude × scale lies in
+    [2^(exponent−1), 2^exponent), and multiplying by it changes no mantissa. ``magnitude`` fp32, ≥ 0 (0 gives
+    2^exponent)."""
+    _, magnitude_exponent = torch.frexp(magnitude)
+    return torch.ldexp(torch.ones_like(magnitude), exponent - magnitude_exponent)
+
+
+def _unscaled(stored: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """stored [R, H] × factor ([R, 1] or a scalar) in fp32, rounded once to ``dtype``; out of place (the stored
+    gradient must survive a second backward with retain_graph=True), a block of rows at a time."""
+    factor = factor.expand(stored.shape[0], 1)  # [R, 1]
+    out = torch.empty(stored.shape, dtype=dtype, device=stored.device)
+    block_rows = max(1, UNSCALE_BLOCK_ELEMENTS // max(1, stored.shape[1]))
+    for start in range(0, stored.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
+        out[rows] = stored[rows].float() * factor[rows]
+    return out
+
+
 def default_chunk_rows(num_rows: int, hidden_size: int, vocab_size: int, input_itemsize: int, has_kl: bool) -> int:
     """Token rows per chunk: the chunk's fp32 logits (and reference logits) stay within a few times the bytes of
     the [N, H] input, with at least ``MIN_CHUNK_ROWS`` rows so the matrix products stay efficient."""
@@ -257,8 +291,8 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
         weight: torch.Tensor,  # [V, H]
         targets: torch.Tensor,  # [M] int64
         ce_weight: torch.Tensor,  # [M] fp32
-        ref_hidden: torch.Tensor | None,  # [K, H], K = M - num_without_kl
-        ref_weight: torch.Tensor | None,  # [V, H]
+        ref_hidden: torch.Tensor | None,  # [K, H_ref], K = M - num_without_kl
+        ref_weight: torch.Tensor | None,  # [V, H_ref]
         kl_weight: torch.Tensor | None,  # [K] fp32
         num_without_kl: int,
         softcap: float | None,
@@ -277,6 +311,18 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
             reference = _HeadMatmuls(ref_weight, torch.promote_types(ref_hidden.dtype, ref_weight.dtype))
         # The interpreter narrows fp32 to bf16 by truncation, not round-to-nearest: let torch round instead.
         grad_logits_dtype = torch.float32 if _interpreting() else policy.dtype
+
+        # Powers of two that keep the gradients in fp16's range until the backward (module docstring). The kernel
+        # reads the weights only for dL/dz, so it gets them pre-multiplied by the row scale.
+        row_weight = ce_weight.abs()  # [M]
+        if kl_weight is not None:
+            row_weight[num_without_kl:] += kl_weight.abs()
+        row_scale = _power_of_two_scale(row_weight, 0)  # [M]
+        grad_ce_weight = ce_weight * row_scale  # [M]
+        grad_kl_weight = None if kl_weight is None else kl_weight * row_scale[num_without_kl:]  # [K]
+        # The weight-gradient accumulator holds grad_weight × accumulator_scale: a row with a smaller weight (larger
+        # row scale) has its hidden row scaled down to these units before the product.
+        accumulator_scale = row_scale.amin() if num_rows else row_scale.new_ones(())
 
         token_ce = torch.empty(num_rows, dtype=torch.float32, device=device)  # [M]
         token_kl = torch.empty(num_rows - num_without_kl, dtype=torch.float32, device=device)  # [K]
@@ -303,7 +349,7 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
                     unused,
                     grad_logits if compute_grad else unused,
                     targets[start:end],
-                    ce_weight[start:end],
+                    grad_ce_weight[start:end],
                     unused,
                     token_ce[start:end],
                     unused,
@@ -325,8 +371,8 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
                     ref_logits,
                     grad_logits[kl_offset:] if compute_grad else unused,
                     targets[start + kl_offset : end],
-                    ce_weight[start + kl_offset : end],
-                    kl_weight[ref_start:ref_end],
+                    grad_ce_weight[start + kl_offset : end],
+                    grad_kl_weight[ref_start:ref_end],
                     token_ce[start + kl_offset : end],
                     token_kl[ref_start:ref_end],
                     logits.stride(0),
@@ -345,20 +391,28 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
 
             if not compute_grad:
                 continue
-            grad_logits = grad_logits.to(policy.dtype)  # no-op except under the interpreter
+            if _interpreting():
+                # Round dL/dz as the device stores it (in the products' input dtype where cuBLAS gives fp32 results),
+                # then give the CPU products their operand dtype.
+                grad_logits = grad_logits.to(policy.input_dtype).to(policy.dtype)
             if needs_grad_hidden:
                 policy.grad_hidden(grad_logits, out=grad_hidden[start:end])
             if needs_grad_weight:
+                to_accumulator_units = (accumulator_scale / row_scale[start:end]).unsqueeze(1)  # [C, 1], ≤ 1
+                chunk_hidden = (chunk_hidden * to_accumulator_units).to(chunk_hidden.dtype)
                 policy.add_grad_weight(grad_weight, grad_logits, chunk_hidden)
             del grad_logits
 
         loss = (ce_weight * token_ce).sum()
         if token_kl.numel() > 0:
             loss = loss + (kl_weight * token_kl).sum()
+        weight_grad_scale = None
         if grad_weight is not None:
             # Hold the weight gradient in the weight's dtype until the backward, not in the fp32 accumulator.
-            grad_weight = grad_weight.to(weight.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+            storage_scale = _power_of_two_scale(grad_weight.abs().amax(), STORED_WEIGHT_GRAD_EXPONENT)
+            grad_weight = grad_weight.mul_(storage_scale).to(weight.dtype)
+            weight_grad_scale = accumulator_scale * storage_scale
+        ctx.save_for_backward(grad_hidden, grad_weight, row_scale, weight_grad_scale)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(token_ce, token_kl)
         return loss, token_ce, token_kl
@@ -366,7 +420,12 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_token_ce, _grad_token_kl):
-        return (*scale_precomputed_gradients(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
+        grad_hidden, grad_weight, row_scale, weight_grad_scale = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = _unscaled(grad_hidden, (grad_loss / row_scale).unsqueeze(1), ctx.hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = _unscaled(grad_weight, (grad_loss / weight_grad_scale).view(1, 1), ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def triton_fused_linear_ce_kl(
@@ -386,7 +445,7 @@ def triton_fused_linear_ce_kl(
 
     Same contract as ``dsunlearn.kernels.fused_linear_ce_kl`` (which validates the inputs; this function assumes
     valid ones): ``hidden`` [N, H], ``weight`` [V, H], ``targets`` [N] int64, ``ce_weight`` [N], optional
-    ``ref_hidden`` [N, H], ``ref_weight`` [V, H], ``kl_weight`` [N]. Returns the fp32 scalar loss, or
+    ``ref_hidden`` [N, H_ref], ``ref_weight`` [V, H_ref], ``kl_weight`` [N]. Returns the fp32 scalar loss, or
     ``(loss, token_ce, token_kl)`` (both [N] fp32, detached) with ``return_token_terms=True``. Gradients flow to
     ``hidden`` and ``weight`` only. ``chunk_rows`` overrides ``default_chunk_rows`` (token rows per chunk).
     Runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
@@ -417,7 +476,8 @@ def triton_fused_linear_ce_kl(
     # The usual case (every token active, none or all with a KL term) needs no gathered copy of the inputs.
     in_order = num_active == num_tokens and num_with_kl in (0, num_tokens)
     if kl_weight is not None:
-        ref_hidden = ref_hidden.detach() if num_with_kl == num_tokens else ref_hidden.detach()[rows_with_kl]  # [K, H]
+        # [K, H_ref]
+        ref_hidden = ref_hidden.detach() if num_with_kl == num_tokens else ref_hidden.detach()[rows_with_kl]
     else:
         ref_hidden = None
     loss, active_ce, active_kl = TritonFusedLinearCEKLFunction.apply(

@@ -12,6 +12,7 @@ from dsunlearn.data import (
     DatasetSpec,
     Pair,
     PromptFormat,
+    PromptTooLong,
     StepSampler,
     draw_random_answers,
     load_pairs,
@@ -19,11 +20,13 @@ from dsunlearn.data import (
     read_pairs,
     resolve_pad_id,
     split_pairs,
+    split_record,
     tokenize_pair,
     tokenize_pairs,
     tokenize_prompt,
 )
 from dsunlearn.demo import demo_data_dir
+from dsunlearn.distributed import EXIT_USAGE
 
 PKU_ROWS = [
     {"prompt": "How do I rob the mill?", "response_0": "Sure, first you ...", "response_1": "I can't help.",
@@ -198,7 +201,7 @@ def test_missing_empty_and_unusable_files(tmp_path):
     (tmp_path / "header.csv").write_text("prompt,response\n")
     with pytest.raises(ValueError, match=r"header\.csv' has no rows"):
         load_pairs(DatasetSpec(str(tmp_path / "header.csv")))
-    all_bad = write_jsonl(tmp_path / "allbad.jsonl", [{"prompt": "x"}])
+    all_bad = write_jsonl(tmp_path / "allbad.jsonl", [{"prompt": "x", "response": " "}, {"prompt": "y"}])
     with pytest.raises(ValueError, match=r"no usable .* in '.*allbad\.jsonl'; every row is bad"):
         load_pairs(DatasetSpec(all_bad, bad_rows="skip"))
     all_safe = write_jsonl(tmp_path / "safe.jsonl", [PKU_ROWS[3]])
@@ -255,6 +258,22 @@ def test_split_is_deterministic_and_partitions():
     assert split_pairs(pairs, 0.0, seed=3) == (pairs, [])
     assert len(split_pairs(make_pairs(3), 0.01, seed=0)[1]) == 1
     assert split_pairs(make_pairs(1), 0.5, seed=0) == (make_pairs(1), [])
+
+
+def test_split_keeps_every_pair_of_a_prompt_on_one_side(tmp_path):
+    # PKU-like rows: both responses unsafe (two pairs per row), and prompts repeated across rows (up to spacing).
+    rows = []
+    for i in range(60):
+        prompt = f"How do I do bad thing {i % 20}?" + (" " if i % 3 == 0 else "")
+        rows.append({"prompt": prompt, "response_0": f"Sure {i}a", "response_1": f"Sure {i}b",
+                     "is_response_0_safe": False, "is_response_1_safe": False})
+    pairs = load_pairs(DatasetSpec(write_jsonl(tmp_path / "pku.jsonl", rows), "pku_saferlhf"))
+    train, held_out = split_pairs(pairs, 0.2, seed=0)
+    assert (train, held_out) == split_pairs(pairs, 0.2, seed=0)
+    record = split_record(train, held_out)
+    assert record == {"train_pairs": 96, "held_out_pairs": 24, "train_prompts": 16, "held_out_prompts": 4,
+                      "prompt_overlap": 0}
+    assert sorted(train + held_out, key=lambda p: (p.row, p.response)) == pairs
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -318,38 +337,42 @@ def test_bad_templates_are_rejected(template):
 
 
 @pytest.mark.parametrize("tokenizer_name", ["bpe_tokenizer", "sp_tokenizer"])
-def test_truncation_keeps_the_response(request, tokenizer_name):
+def test_truncation_never_cuts_the_prompt(request, tokenizer_name):
     tokenizer = request.getfixturevalue(tokenizer_name)
     fmt = PromptFormat()
-    pair = Pair("a long question " * 30, "Snow is white.", "mem", 1)
-    full = tokenize_pair(tokenizer, pair, fmt, max_length=1024)
-    n_response = sum(full.response_mask)
-    has_bos = tokenizer_name == "sp_tokenizer"
-
-    cut = tokenize_pair(tokenizer, pair, fmt, max_length=n_response + 6)
-    assert len(cut) == n_response + 6
-    assert cut.input_ids[-n_response:] == full.input_ids[-n_response:]
-    assert sum(cut.response_mask) == n_response
-    # The prompt lost its beginning, not its end ("### Answer: " survives), and BOS stays first.
-    assert cut.input_ids[-n_response - 4 : -n_response] == full.input_ids[-n_response - 4 : -n_response]
-    assert (cut.input_ids[0] == tokenizer.bos_token_id) == has_bos
-
-    # Response alone too long: its tail goes, one prompt token (plus BOS) stays.
     long_pair = Pair("Why?", "word " * 100, "mem", 1)
-    short = tokenize_pair(tokenizer, long_pair, fmt, max_length=20)
-    assert len(short) == 20
-    assert short.num_prompt_tokens == 1 + has_bos
-    full_long = tokenize_pair(tokenizer, long_pair, fmt, max_length=1024)
-    full_response = full_long.input_ids[full_long.num_prompt_tokens :]
-    assert short.input_ids[short.num_prompt_tokens :] == full_response[: 20 - short.num_prompt_tokens]
-    with pytest.raises(ValueError, match="max_length"):
-        tokenize_pair(tokenizer, long_pair, fmt, max_length=1 + has_bos)
+    full = tokenize_pair(tokenizer, long_pair, fmt, max_length=1024)
+    n_prompt = full.num_prompt_tokens
+    # The response is capped (losing its tail and its EOS); the prompt stays whole.
+    capped = tokenize_pair(tokenizer, long_pair, fmt, max_length=n_prompt + 5)
+    assert capped.input_ids == full.input_ids[: n_prompt + 5] and capped.num_prompt_tokens == n_prompt
+    assert capped.response_capped and not full.response_capped
+    assert tokenize_pair(tokenizer, long_pair, fmt, max_length=n_prompt + 1).response_mask[-1] == 1
+    with pytest.raises(PromptTooLong, match=r"mem, row 1: the prompt takes \d+ tokens, so data.max_length"):
+        tokenize_pair(tokenizer, long_pair, fmt, max_length=n_prompt)
+    with pytest.raises(PromptTooLong):
+        tokenize_prompt(tokenizer, long_pair.prompt, fmt, max_length=n_prompt)
+    assert tokenize_prompt(tokenizer, long_pair.prompt, fmt, max_length=n_prompt + 1) == full.input_ids[:n_prompt]
+
+
+def test_pairs_whose_prompt_cannot_fit_are_dropped_counted_and_named(sp_tokenizer):
+    fmt = PromptFormat()
+    short, long_answer = Pair("Why?", "Because.", "f.jsonl", 1), Pair("Why?", "word " * 40, "f.jsonl", 2)
+    too_long = Pair("a long question " * 20, "Yes.", "f.jsonl", 3)
+    max_length = tokenize_pair(sp_tokenizer, short, fmt, 1024).num_prompt_tokens + 8
+    result = tokenize_pairs(sp_tokenizer, [short, long_answer, too_long], fmt, max_length, name="forget")
+    assert result.pairs == [short, long_answer] and result.dropped == [too_long]
+    assert result.num_capped == 1 and all(len(sequence) <= max_length for sequence in result.sequences)
+    assert result.summary() == "2 pairs kept, 1 responses capped, 1 pairs dropped (prompt too long: f.jsonl, row 3)"
+    with pytest.raises(ValueError, match=r"data.max_length=8 is too short for every forget pair: the shortest prompt"):
+        tokenize_pairs(sp_tokenizer, [short, too_long], fmt, 8, name="forget")
 
 
 def test_tokenize_pairs_matches_tokenize_pair(sp_tokenizer):
     pairs = make_pairs(4)
     fmt = PromptFormat()
-    assert tokenize_pairs(sp_tokenizer, pairs, fmt, 64) == [tokenize_pair(sp_tokenizer, p, fmt, 64) for p in pairs]
+    expected = [tokenize_pair(sp_tokenizer, pair, fmt, 64) for pair in pairs]
+    assert tokenize_pairs(sp_tokenizer, pairs, fmt, 64).sequences == expected
 
 
 # --------------------------------------------------------------------------- padding
@@ -358,7 +381,7 @@ def test_tokenize_pairs_matches_tokenize_pair(sp_tokenizer):
 def test_pad_batch_right_pads_and_masks(bpe_tokenizer):
     fmt = PromptFormat()
     pairs = [Pair("Hi?", "Yes.", "m", 1), Pair("A longer question here?", "A longer answer.", "m", 2)]
-    sequences = tokenize_pairs(bpe_tokenizer, pairs, fmt, 64)
+    sequences = tokenize_pairs(bpe_tokenizer, pairs, fmt, 64).sequences
     pad_id = resolve_pad_id(bpe_tokenizer)
     batch = pad_batch(sequences, pad_id)
     lengths = [len(s) for s in sequences]
@@ -518,3 +541,145 @@ def test_hub_ids_go_to_datasets_load_dataset(monkeypatch):
     found = [(p.prompt, p.response, p.source, p.row) for p in loaded.pairs]
     assert found == [("Q1", "A1", "truthfulqa/truthful_qa[validation]", 1)]
     assert str(loaded.bad_rows[0]) == "truthfulqa/truthful_qa[validation], row 2, field 'best_answer': empty"
+
+
+# --------------------------------------------------------------------------- tokenisation on other tokenizers
+
+
+def legacy_sentencepiece_tokenizer(sp_tokenizer):
+    """The tokenizer.json set-up of Llama-2 and Mistral-v0.1 under transformers 4.x: no pre-tokenizer, a normalizer
+    that prepends "▁" to the text and turns every space into "▁"."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(sp_tokenizer.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("flavour", ["bpe", "metaspace", "legacy"])
+def test_response_ids_are_those_of_the_joint_text(bpe_tokenizer, sp_tokenizer, flavour):
+    tokenizer = {"bpe": bpe_tokenizer, "metaspace": sp_tokenizer}.get(flavour) or legacy_sentencepiece_tokenizer(
+        sp_tokenizer
+    )
+    fmt = PromptFormat()
+    for pair in (Pair("Why?", "Sure, here is how", "m", 1), Pair("What is ice?", "Frozen water.", "m", 2)):
+        sequence = tokenize_pair(tokenizer, pair, fmt, 256)
+        prompt_text = fmt.prompt_text(tokenizer, pair.prompt)
+        joint = tokenizer(prompt_text + fmt.response_text(pair.response), add_special_tokens=False).input_ids
+        prompt_alone = tokenizer(prompt_text, add_special_tokens=False).input_ids
+        assert joint[: len(prompt_alone)] == prompt_alone
+        assert sequence.input_ids[sequence.num_prompt_tokens :] == joint[len(prompt_alone) :] + [tokenizer.eos_token_id]
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def chat_tokenizer(style):
+    """A local byte-level BPE tokenizer with the special tokens and chat template of Llama-3 or Gemma."""
+    from dsunlearn.demo import demo_texts
+    from dsunlearn.tiny import build_bpe_tokenizer
+
+    tokenizer = build_bpe_tokenizer(demo_texts(), vocab_size=512)
+    if style == "llama3":
+        tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+        )
+        tokenizer.chat_template, turn_end = LLAMA3_TEMPLATE, "<|eot_id|>"
+    else:
+        tokenizer.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>"})
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        tokenizer.chat_template, turn_end = GEMMA_TEMPLATE, "<end_of_turn>"
+    return tokenizer, tokenizer.convert_tokens_to_ids(turn_end)
+
+
+@pytest.mark.parametrize("style", ["llama3", "gemma"])
+def test_chat_answers_end_with_the_templates_turn_end(style):
+    tokenizer, turn_end_id = chat_tokenizer(style)
+    fmt = PromptFormat(use_chat_template=True)
+    pair = Pair("How do I rob the mill?", "Sure, first you wait for night.", "m", 1)
+    sequence = tokenize_pair(tokenizer, pair, fmt, 256)
+    response_ids = sequence.input_ids[sequence.num_prompt_tokens :]
+    assert response_ids[-1] == turn_end_id != tokenizer.eos_token_id
+    assert tokenizer.decode(response_ids[:-1]) == pair.response
+    assert sequence.input_ids[: sequence.num_prompt_tokens] == tokenize_prompt(tokenizer, pair.prompt, fmt)
+    assert sequence.input_ids.count(tokenizer.bos_token_id) == 1
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": pair.prompt}, {"role": "assistant", "content": pair.response}], tokenize=False
+    )
+    assert rendered.startswith(tokenizer.decode(sequence.input_ids))
+    without_end = tokenize_pair(tokenizer, pair, fmt, 256, end_of_response=False)
+    assert without_end.input_ids == sequence.input_ids[:-1]
+
+
+def test_forget_sequences_do_not_ascend_eos_unless_asked(sp_tokenizer):
+    from dsunlearn.config import ObjectiveConfig
+    from dsunlearn.objective import FORGET, build_step_batch
+
+    fmt = PromptFormat()
+    pairs = [Pair("Why?", "Sure, here is how.", "m", 1), Pair("How?", "Like this.", "m", 2)]
+    answer = tokenize_pairs(sp_tokenizer, pairs[:1], fmt, 64).sequences
+    for objective in (ObjectiveConfig(), ObjectiveConfig(forget_eos=True)):
+        forget = tokenize_pairs(sp_tokenizer, pairs, fmt, 64, end_of_response=objective.forget_eos).sequences
+        batch = build_step_batch(forget, answer, [], 0, objective)
+        weighted = batch.ce_weight != 0
+        is_eos = batch.targets == sp_tokenizer.eos_token_id
+        is_forget = batch.sequence_term[batch.token_sequence] == FORGET
+        assert bool((weighted & is_eos & is_forget).any()) == objective.forget_eos
+        assert bool((weighted & is_eos & ~is_forget).any())  # random (and normal) answers keep their EOS
+
+
+# --------------------------------------------------------------------------- data errors read like settings errors
+
+
+def test_a_missing_csv_column_is_named_once_as_the_file_spells_it(tmp_path):
+    rows = [{"Question": f"Q{i}?", "Answer": f"A{i}."} for i in range(50)]
+    path = write_csv(tmp_path / "TruthfulQA.csv", rows, ["Question", "Answer"])
+    with pytest.raises(ValueError) as error:
+        load_pairs(DatasetSpec(path, "truthfulqa"))
+    message = str(error.value)
+    assert "has no column 'Best Answer'" in message and "'question'" not in message
+    assert message.count("Best Answer") == 2 and "row" not in message  # named in the error and in what is read
+    with pytest.raises(ValueError, match=r"has no columns 'prompt', 'response' .*the file has: 'Answer', 'Question'"):
+        load_pairs(DatasetSpec(path))
+
+
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "forget.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d",}\n')
+    with pytest.raises(ValueError, match=r"forget\.jsonl:2: not valid JSON: Expecting property name"):
+        load_pairs(DatasetSpec(str(path)))
+
+
+def test_an_empty_forget_file_says_it_is_empty(tmp_path):
+    (tmp_path / "forget.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"forget\.jsonl' is empty"):
+        load_pairs(DatasetSpec(str(tmp_path / "forget.jsonl"), "pku_saferlhf"))
+    (tmp_path / "forget.csv").write_text("prompt,response_0,response_1,is_response_0_safe,is_response_1_safe\n")
+    with pytest.raises(ValueError, match=r"forget\.csv' has no rows: it is empty"):
+        load_pairs(DatasetSpec(str(tmp_path / "forget.csv"), "pku_saferlhf"))
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_a_max_length_shorter_than_every_prompt_stops_the_run_with_one_message(tiny_model_dir, tmp_path):
+    from launching import launch
+
+    code, output = launch(["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir),
+                           "--output.dir", str(tmp_path / "run"), "--train.max_steps", "2", "--output.evaluate",
+                           "false", "--data.max_length", "8"], timeout=240)
+    assert code == EXIT_USAGE, output[-4000:]
+    assert output.count("data.max_length=8 is too short for every forget pair") == 1, output[-4000:]
+    assert "Traceback" not in output

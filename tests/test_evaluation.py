@@ -119,7 +119,7 @@ def test_single_process_values_match_hand_computation(single_process_run, tiny_m
     cfg, summary, out_dir = single_process_run
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
-    sets = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
+    sets, _ = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
     samples = _read_samples(out_dir)
     assert summary["num_samples"] == {"forget_train": 3, "forget_held_out": 3, "normal_held_out": 3}
     assert [(row["set"], row["index"]) for row in samples] == [(s, i) for s in sets for i in range(3)]
@@ -196,6 +196,7 @@ def test_harm_classifier_rate_matches_its_own_judgement(single_process_run, harm
 def test_outputs_on_disk(single_process_run):
     _, summary, out_dir = single_process_run
     assert json.loads((out_dir / "eval.json").read_text()) == summary
+    assert {name: split["prompt_overlap"] for name, split in summary["split"].items()} == {"forget": 0, "normal": 0}
     report = (out_dir / "report.md").read_text()
     assert "| forget_train / reproduction_rate |" in report and "| normal_held_out / kl |" in report
     for set_name in summary["num_samples"]:
@@ -209,7 +210,7 @@ def test_model_against_itself_has_zero_kl(tmp_path, tiny_model_dir, bpe_tokenize
     # The trainer's entry: already-built models (here one object in both roles); the paths are only labels.
     cfg = _eval_config(tmp_path, "policy in memory", tiny_model_dir, sets=["normal_held_out"], max_samples=2,
                        max_new_tokens=3)
-    sets = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
+    sets, _ = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
     model.train()
     summary = evaluate_models(model, model, bpe_tokenizer, sets, cfg)
     assert model.training, "evaluate_models must give the model back in the mode it came in"
@@ -246,13 +247,15 @@ def test_eval_sets_follow_the_trainers_split():
     from dsunlearn.data import load_pairs, split_pairs
 
     data = _data_config()
-    sets = build_eval_sets(data, ["forget_train", "forget_held_out", "normal_held_out"])
+    sets, splits = build_eval_sets(data, ["forget_train", "forget_held_out", "normal_held_out"])
     forget_train, forget_held_out = split_pairs(load_pairs(data.forget), 0.2, 7)
     assert sets["forget_train"] == forget_train and sets["forget_held_out"] == forget_held_out
     assert sets["normal_held_out"] == split_pairs(load_pairs(data.normal), 0.1, 7)[1]
     assert not set(sets["forget_train"]) & set(sets["forget_held_out"])
-    assert list(build_eval_sets(data, ["normal_held_out"], max_samples=4)) == ["normal_held_out"]
-    assert len(build_eval_sets(data, ["normal_held_out"], max_samples=4)["normal_held_out"]) == 4
+    assert splits["forget"]["prompt_overlap"] == splits["normal"]["prompt_overlap"] == 0
+    assert splits["forget"]["held_out_pairs"] == len(forget_held_out)
+    sets, splits = build_eval_sets(data, ["normal_held_out"], max_samples=4)
+    assert list(sets) == ["normal_held_out"] and len(sets["normal_held_out"]) == 4 and list(splits) == ["normal"]
 
 
 def test_shards_are_equal_sized_contiguous_and_cover_every_sample():
@@ -287,7 +290,7 @@ def test_harm_classifier_label_must_exist(tmp_path, tiny_model_dir, harm_classif
     cfg = _eval_config(tmp_path, tiny_model_dir, tiny_model_dir, harm_classifier=str(harm_classifier_dir),
                        harmful_label="toxic", sets=["normal_held_out"], max_samples=1)
     with pytest.raises(ValueError, match=r"labels \['Harmful', 'safe'\]"):
-        evaluate_models(model, model, bpe_tokenizer, build_eval_sets(cfg.data, cfg.sets, 1), cfg)
+        evaluate_models(model, model, bpe_tokenizer, build_eval_sets(cfg.data, cfg.sets, 1)[0], cfg)
 
 
 @pytest.mark.distributed

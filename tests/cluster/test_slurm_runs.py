@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dsunlearn.distributed import EXIT_PREEMPTED
-from launching import REPO, free_port
+from launching import OUTSIDE_STOP, REPO, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.distributed, pytest.mark.integration]
 
@@ -38,14 +38,9 @@ def final_weights(run_dir: Path) -> dict:
     assert weights, f"no exported weights in {run_dir / 'final'}"
     return weights
 
-# A SIGTERM whose sender is outside this machine's PID namespace (si_pid 0: not SLURM, launch.sh or the test) now and
-# then stops a rank of these jobs here; the rank logs "SIGTERM from pid 0". Such a job is a real pre-emption: it is
-# finished as a user would, by resubmitting with --resume true (the resumed run must still equal the reference).
-OUTSIDE_STOP = "SIGTERM from pid 0"
-
 
 def finish(slurm_cluster, job_id: str, log: Path, resubmit):
-    """Wait for the job; while it was stopped from outside (see OUTSIDE_STOP), ``resubmit()`` it (up to twice)."""
+    """Wait for the job; while it was stopped from outside (launching.OUTSIDE_STOP), ``resubmit()`` it (up to twice)."""
     job = slurm_cluster.wait(job_id)
     for _ in range(2):
         if job.exit_code != EXIT_PREEMPTED or OUTSIDE_STOP not in log.read_text():

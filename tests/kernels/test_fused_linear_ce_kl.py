@@ -144,6 +144,29 @@ def test_bf16_inputs_fp32_reference_inputs(name):
     assert_close_relative(token_kl, expected_kl, 1e-2)
 
 
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_reference_of_another_width(name, softcap):
+    # reference_path may name another model with the same vocabulary: ref_hidden [N, H_ref], ref_weight [V, H_ref].
+    num_tokens, vocab_size, hidden_size = SHAPES["odd"]
+    hidden, weight, targets, ce_weight, _, _, kl_weight = make_inputs(*SHAPES["odd"], "both")
+    generator = torch.Generator().manual_seed(2)
+    ref_hidden = torch.randn(num_tokens, hidden_size + 13, generator=generator).requires_grad_()
+    ref_weight = (torch.randn(vocab_size, hidden_size + 13, generator=generator) / 2).requires_grad_()
+    inputs = (hidden, weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight)
+    loss, token_ce, token_kl, grad_hidden, grad_weight = run(IMPLEMENTATIONS[name], inputs, softcap, upstream=-1.5)
+    expected_loss, expected_grad_hidden, expected_grad_weight, expected_ce, expected_kl, loss_scale = float64_formula(
+        *inputs, softcap
+    )
+    assert_close_relative(loss, expected_loss, 1e-5, scale=loss_scale)
+    assert_close_relative(grad_hidden, -1.5 * expected_grad_hidden, 1e-5)
+    assert_close_relative(grad_weight, -1.5 * expected_grad_weight, 1e-5)
+    assert_close_relative(token_ce, expected_ce, 1e-5)
+    assert_close_relative(token_kl, expected_kl, 1e-5)
+    assert (token_kl > 0).any()
+    assert ref_hidden.grad is None and ref_weight.grad is None
+
+
 def test_hand_derived_two_token_vocabulary():
     # V = 2, H = 1, one token: hidden = 1, weight = [ln 3, 0] → z = [ln 3, 0], p_θ = [3/4, 1/4].
     # Reference weight [0, 0] → p_ref = [1/2, 1/2]. Target 1, ce_weight 2, kl_weight 3.
@@ -247,6 +270,28 @@ def test_no_grad_and_inputs_without_grad(name):
     assert_close_relative(loss, expected_loss, 1e-5, scale=loss_scale)
 
 
+@pytest.mark.parametrize("upstream", [2.0**12, 1.0], ids=["loss_scale_2^12", "upstream_1"])
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_fp16_gradients_of_small_token_weights_keep_fp16_precision(name, upstream):
+    # As tests/kernels/test_triton_ce_kl.py checks for the triton backend: the objective's weights (~1e-3) and a
+    # near-uniform softmax put the gradients below fp16's normal range until the upstream gradient (a loss scale)
+    # is applied; these backends keep them in fp32 until then, so they come out as the exact ones rounded to fp16.
+    hidden, _, targets, ce_weight, ref_hidden, _, kl_weight = make_inputs(*SHAPES["odd"], "both", dtype=torch.float16)
+    generator = torch.Generator().manual_seed(1)
+    head = torch.randn(SHAPES["odd"][1], SHAPES["odd"][2], generator=generator) * 0.02
+    weight = head.half().requires_grad_()
+    ref_weight = (head + torch.randn(head.shape, generator=generator) * 0.002).half()
+    inputs = (hidden, weight, targets, ce_weight * 1e-3, ref_hidden, ref_weight, kl_weight * 1e-3)
+    *_, grad_hidden, grad_weight = run(IMPLEMENTATIONS[name], inputs, upstream=upstream)
+    _, exact_grad_hidden, exact_grad_weight, *_ = float64_formula(*inputs, None)
+    active = (inputs[3] != 0) | (inputs[6] != 0)
+    for actual, exact in ((grad_hidden[active], exact_grad_hidden[active]), (grad_weight, exact_grad_weight)):
+        assert actual.dtype == torch.float16
+        rounded = (upstream * exact).to(torch.float16)
+        assert not ((actual == 0) & (rounded != 0)).any()
+        assert (actual == rounded).double().mean() > 0.9
+
+
 def test_backward_twice_with_retain_graph():
     inputs = make_inputs(*SHAPES["small"], "both")
     hidden = inputs[0]
@@ -304,8 +349,9 @@ def _valid_small():
         (lambda a: a.update(ref_hidden=None), "kl_weight needs both ref_hidden and ref_weight"),
         (lambda a: a.update(ref_weight=None), "kl_weight needs both ref_hidden and ref_weight"),
         (lambda a: a.update(kl_weight=None), "without kl_weight"),
-        (lambda a: a.update(ref_hidden=torch.randn(6, 5)), "ref_hidden must have the shape"),
-        (lambda a: a.update(ref_weight=torch.randn(9, 4)), "ref_weight must have the shape"),
+        (lambda a: a.update(ref_hidden=torch.randn(5, 4)), r"ref_hidden must have shape \[6, H_ref\]"),
+        (lambda a: a.update(ref_hidden=torch.randn(6, 5)), r"ref_weight must have shape \[8, 5\]"),
+        (lambda a: a.update(ref_weight=torch.randn(9, 4)), r"ref_weight must have shape \[8, 4\]"),
         (lambda a: a.update(hidden=a["hidden"].detach().double()), "hidden must have dtype"),
         (lambda a: a["targets"].__setitem__(0, 8), r"targets\[0\] = 8 is outside \[0, 8\)"),
         (lambda a: a["targets"].__setitem__(0, IGNORE_INDEX), r"targets\[0\] = -100 is outside"),

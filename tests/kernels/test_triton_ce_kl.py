@@ -91,10 +91,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double().cpu() - expected.double().cpu()).abs().max() / scale).item()
 
 
-def check_against_reference(inputs, tolerance, softcap=None, upstream=2.5, chunk_rows=None):
-    loss, token_ce, token_kl = triton_fused_linear_ce_kl(
-        **inputs, softcap=softcap, return_token_terms=True, chunk_rows=chunk_rows
-    )
+def check_against_reference(inputs, tolerance, softcap=None, upstream=2.5, chunk_rows=None, through_dispatcher=False):
+    if through_dispatcher:  # with the dispatcher's input checks
+        from dsunlearn.kernels import fused_linear_ce_kl
+
+        loss, token_ce, token_kl = fused_linear_ce_kl(
+            **inputs, softcap=softcap, return_token_terms=True, backend="triton"
+        )
+    else:
+        loss, token_ce, token_kl = triton_fused_linear_ce_kl(
+            **inputs, softcap=softcap, return_token_terms=True, chunk_rows=chunk_rows
+        )
     (loss * upstream).backward()
     cpu_inputs = {k: v.detach().cpu() for k, v in inputs.items()}
     expected, expected_ce, expected_kl, hidden64, weight64 = reference_loss(**cpu_inputs, softcap=softcap)
@@ -150,6 +157,57 @@ def test_softcap_matches_reference():
 def test_half_precision_inputs_within_1e_2(dtype):
     inputs = make_problem(37, 19, 1013, dtype, "cpu", "both", seed=4)
     check_against_reference(inputs, tolerance=1e-2, softcap=4.0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("chunk_rows, through_dispatcher", [(None, True), (7, False)])
+def test_reference_of_another_width(chunk_rows, through_dispatcher):
+    # reference_path may name another model with the same vocabulary: ref_hidden [N, H_ref], ref_weight [V, H_ref].
+    inputs = make_problem(37, 19, 1013, torch.float32, "cpu", "both", seed=16)
+    generator = torch.Generator().manual_seed(17)
+    inputs["ref_hidden"] = torch.randn(37, 27, generator=generator).requires_grad_()
+    inputs["ref_weight"] = (torch.randn(1013, 27, generator=generator) * 27**-0.5 * 3).requires_grad_()
+    check_against_reference(
+        inputs, tolerance=1e-5, softcap=3.0, chunk_rows=chunk_rows, through_dispatcher=through_dispatcher
+    )
+
+
+def assert_fp16_precision(actual: torch.Tensor, exact: torch.Tensor):
+    """``actual`` (fp16) is the ``exact`` gradient (float64) to fp16 precision: no entry flushed to zero, most are
+    exactly ``exact`` rounded to fp16 (dL/dz is fp16 too, so not all), and none is further from it than fp16
+    precision of the largest entry."""
+    assert actual.dtype == torch.float16
+    rounded = exact.to(torch.float16)
+    flushed = int(((actual == 0) & (rounded != 0)).sum())
+    assert flushed == 0, f"{flushed} of {actual.numel()} entries flushed to zero"
+    exactly_rounded = (actual == rounded).double().mean().item()
+    assert exactly_rounded > 0.5, f"only {exactly_rounded:.0%} of the entries are the exact gradient rounded to fp16"
+    assert relative_error(actual, exact) < 2.0**-9
+
+
+def check_fp16_gradients_of_small_token_weights(device, upstream):
+    # The objective's per-token weights are ~1e-3 and a freshly initialised head (std 0.02) gives a near-uniform
+    # softmax, so dL/dz and the gradients of hidden and weight are far below fp16's normal range until the backward
+    # multiplies in the upstream gradient (in fp16 training DeepSpeed's loss scale, here 2^12).
+    inputs = make_problem(48, 32, 1013, torch.float16, device, "both", seed=14)
+    generator = torch.Generator().manual_seed(15)
+    head = torch.randn(inputs["weight"].shape, generator=generator) * 0.02
+    inputs["weight"] = head.half().to(device).requires_grad_()
+    inputs["ref_weight"] = (head + torch.randn(head.shape, generator=generator) * 0.002).half().to(device)
+    inputs["ce_weight"] = inputs["ce_weight"] * 1e-3
+    inputs["kl_weight"] = inputs["kl_weight"] * 1e-3
+    (triton_fused_linear_ce_kl(**inputs) * upstream).backward()
+    expected, _, _, hidden64, weight64 = reference_loss(**{k: v.detach().cpu() for k, v in inputs.items()})
+    (expected * upstream).backward()
+    active = ((inputs["ce_weight"] != 0) | (inputs["kl_weight"] != 0)).cpu()
+    assert_fp16_precision(inputs["hidden"].grad.cpu()[active], hidden64.grad[active])
+    assert_fp16_precision(inputs["weight"].grad.cpu(), weight64.grad)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("upstream", [2.0**12, 1.0], ids=["loss_scale_2^12", "upstream_1"])
+def test_fp16_gradients_of_small_token_weights_keep_fp16_precision(upstream):
+    check_fp16_gradients_of_small_token_weights("cpu", upstream)
 
 
 @needs_interpreter
@@ -293,3 +351,12 @@ def test_cuda_matches_float64_reference(dtype, tolerance, terms, monkeypatch):
     ]:
         inputs = make_problem(num_tokens, hidden_size, vocab_size, dtype, "cuda", terms, seed=seed)
         check_against_reference(inputs, tolerance=tolerance, chunk_rows=chunk_rows, softcap=softcap)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("upstream", [2.0**12, 1.0], ids=["loss_scale_2^12", "upstream_1"])
+def test_cuda_fp16_gradients_of_small_token_weights_keep_fp16_precision(upstream):
+    if INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernel is not compiled in this process")
+    check_fp16_gradients_of_small_token_weights("cuda", upstream)
