@@ -56,7 +56,8 @@ class ModelConfig:
     head_path: Literal["auto", "fused", "logits"] = "auto"
     """How the output head meets the loss: ``fused`` never materialises tokens x vocabulary logits (plain linear heads,
     optional softcap); ``logits`` runs the model's own head (any head: bias, logit scaling); ``auto`` picks fused when
-    the head allows it. May change on resume (the same numbers within float tolerance)."""
+    the model's own logits for a few tokens, checked at start-up, are softcap(hidden @ W^T), and says why when not
+    (``fused`` then is an error). May change on resume (the same numbers within float tolerance)."""
     loss_backend: Literal["auto", "torch", "chunked", "triton"] = "auto"
     """Backend of the fused loss: ``auto`` is triton on CUDA and chunked elsewhere (may change on resume)."""
     reference_offload: bool = False
