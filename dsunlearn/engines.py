@@ -169,8 +169,9 @@ class UnlearningModel(nn.Module):
         compute; None when they agree to the head dtype's rounding."""
         head = self.lm.get_output_embeddings()
         device = next(self.lm.parameters()).device
-        # The same tokens on every rank (spread over the vocabulary), so every rank runs the same collectives.
-        input_ids = torch.linspace(0, head.out_features - 1, HEAD_PROBE_TOKENS, device=device).long()[None]  # [1, T]
+        # The same tokens on every rank, so every rank runs the same collectives; spread over the first half of the
+        # vocabulary (multimodal models keep their image placeholder tokens at its end).
+        input_ids = torch.linspace(0, head.out_features // 2, HEAD_PROBE_TOKENS, device=device).long()[None]  # [1, T]
         was_training = self.lm.training
         self.lm.eval()  # no dropout (LoRA's included): both forwards must see the same model
         try:
@@ -216,7 +217,7 @@ def _attach_fused_loss(head: nn.Linear, softcap: Optional[float], backend: str) 
     """Give the head a forward that, called with loss inputs, returns the fused loss instead of logits.
 
     Called without them it is the plain linear layer, so ``generate`` and evaluation still work. ``ref_head`` is the
-    reference engine's head: its weight [V, H] is a ZeRO-3 shard, gathered here, where the loss reads it, and
+    reference engine's head: its weight [V, H_ref] is a ZeRO-3 shard, gathered here, where the loss reads it, and
     released when the loss is done (the loss keeps no reference to it for the backward pass).
     """
     import deepspeed
