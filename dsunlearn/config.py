@@ -85,7 +85,7 @@ class ModelConfig:
             if self.reference_path and self.reference_path != self.name_or_path:
                 found.append("model.reference_path: with LoRA the reference is the base model itself (adapters off)")
             if self.reference_revision:
-                found.append("model.reference_revision: with LoRA the reference is the base model itself (adapters off)")
+                found.append("model.reference_revision: with LoRA the reference is the base model (adapters off)")
             if importlib.util.find_spec("peft") is None:
                 found.append("model.lora_rank > 0 needs peft: pip install 'dsunlearn[lora]'")
         if not self.name_or_path:

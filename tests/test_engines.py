@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dsunlearn.config import ModelConfig, RunConfig
+from dsunlearn.config import ConfigError, ModelConfig, RunConfig
 from dsunlearn.distributed import UsageError
 from dsunlearn.engines import UnlearningModel, disable_dropout, head_structure_problem, lr_lambda, pretrained_source
 
@@ -171,6 +171,8 @@ def test_the_reference_has_its_own_revision():
     assert source(True, name_or_path="org/policy", revision="v1", reference_path="org/base") == ("org/base", None)
     assert source(True, name_or_path="org/policy", revision="v1", reference_path="org/base",
                   reference_revision="r2") == ("org/base", "r2")
+    with pytest.raises(ConfigError, match="model.reference_revision: with LoRA"):
+        RunConfig(model=ModelConfig(lora_rank=4, reference_revision="r2"))
 
 
 def test_generation_still_uses_the_plain_head():
