@@ -152,19 +152,34 @@ class UnlearningModel(nn.Module):
         after ``deepspeed.initialize``."""
         if self.requested_head_path == "logits":
             return
-        problem = head_structure_problem(self.lm) or self._head_probe_problem()
+        problem = head_structure_problem(self.lm) or self._head_probe_problem(self.softcap)
+        if not self._refuse_or_report(problem):
+            self.head_path = "fused"
+            _attach_fused_loss(self.lm.get_output_embeddings(), self.softcap, self.loss_backend)
+
+    def check_reference_head(self, reference: "UnlearningModel") -> None:
+        """The fused loss computes the reference's logits as softcap(ref_hidden @ W_ref^T) with this model's softcap:
+        for a reference that is another model, check that these are its own logits, else take the logits path. A
+        collective under ZeRO-3 (the reference's forward): call it on every rank."""
+        if self.head_path != "fused":
+            return
+        problem = head_structure_problem(reference.lm) or reference._head_probe_problem(self.softcap)
+        if self._refuse_or_report(problem and f"the reference: {problem}"):
+            self.head_path = "logits"
+            del self.lm.get_output_embeddings().forward  # the attached loss: back to the class's plain forward
+
+    def _refuse_or_report(self, problem: Optional[str]) -> bool:
+        """Whether ``problem`` sends the loss to the logits path; an error when model.head_path=fused asks for the
+        fused one."""
         if problem and self.requested_head_path == "fused":
             from dsunlearn.distributed import UsageError
 
             raise UsageError(f"model.head_path=fused is not exact for this model: {problem}; use auto or logits")
-        if problem:
-            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-                logger.warning("%s: the loss runs on materialised logits (model.head_path=logits)", problem)
-            return
-        self.head_path = "fused"
-        _attach_fused_loss(self.lm.get_output_embeddings(), self.softcap, self.loss_backend)
+        if problem and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            logger.warning("%s: the loss runs on materialised logits (model.head_path=logits)", problem)
+        return bool(problem)
 
-    def _head_probe_problem(self) -> Optional[str]:
+    def _head_probe_problem(self, softcap: Optional[float]) -> Optional[str]:
         """Compare the model's own logits on a few tokens with ``softcap(hidden @ W^T)``, which the fused loss would
         compute; None when they agree to the head dtype's rounding."""
         head = self.lm.get_output_embeddings()
@@ -181,8 +196,8 @@ class UnlearningModel(nn.Module):
                 fused = head(hidden).float()  # the head module's own call, so ZeRO-3 gathers its weight: [T, V]
         finally:
             self.lm.train(was_training)
-        if self.softcap:
-            fused = self.softcap * torch.tanh(fused / self.softcap)
+        if softcap:
+            fused = softcap * torch.tanh(fused / softcap)
         scale = float(logits.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
         difference = float((logits - fused).abs().max()) / scale
         if difference <= HEAD_PROBE_TOLERANCE[head.weight.dtype]:
@@ -191,8 +206,8 @@ class UnlearningModel(nn.Module):
         factor = float((logits * fused).sum() / (fused * fused).sum().clamp_min(torch.finfo(torch.float32).tiny))
         if float((logits - factor * fused).abs().max()) / scale <= HEAD_PROBE_TOLERANCE[head.weight.dtype]:
             return f"the model's logits are {factor:.3g} x hidden @ W^T"
-        softcap = f" with softcap {self.softcap:g}" if self.softcap else ""
-        return f"the model's logits differ from hidden @ W^T{softcap} by {difference:.3g} of their largest value"
+        capped = f" with softcap {softcap:g}" if softcap else ""
+        return f"the model's logits differ from hidden @ W^T{capped} by {difference:.3g} of their largest value"
 
     def forward(self, input_ids, attention_mask, token_index, mode: str = "hidden", **loss_inputs):
         if mode == "logits" or (mode == "loss" and self.head_path == "logits"):

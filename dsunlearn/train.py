@@ -181,6 +181,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         ref_ds_config = ds_config.build_reference_ds_config(policy_ds_config, cfg.model.reference_offload)
         ref_lm = engines.load_causal_lm(ref_ds_config, cfg, reference=True)
         ref_engine = engines.build_reference_engine(ref_lm, cfg, ref_ds_config)
+        if cfg.model.reference_path:  # another model: is the fused loss exact for its head too?
+            policy_engine.module.check_reference_head(ref_engine.module)
     policy_lm = policy_engine.module.lm
     if is_main and cfg.model.lora_rank > 0:
         trainable = sum(p.ds_numel for p in policy_lm.parameters() if p.requires_grad)

@@ -91,6 +91,21 @@ def test_the_head_probe_names_what_the_fused_loss_cannot_do(caplog):
             chosen(make_model(), head_path="fused")
 
 
+@pytest.mark.parametrize("make_reference", [tiny_falcon_h1_like, tiny_gemma3_like, tiny_biased_head])
+def test_a_reference_head_the_fused_loss_would_misread_sends_the_loss_to_the_logits_path(make_reference, caplog):
+    """reference_path may name another model: the fused loss reads its logits as ref_hidden @ W_ref^T with the
+    policy's softcap (here none)."""
+    model = chosen(tiny_llama())
+    model.check_reference_head(UnlearningModel(tiny_llama()))
+    assert model.head_path == "fused"
+    with caplog.at_level("WARNING", logger="dsunlearn.engines"):
+        model.check_reference_head(UnlearningModel(make_reference()))
+    assert model.head_path == "logits" and "the reference: " in caplog.text
+    assert "forward" not in vars(model.lm.lm_head)  # the attached loss is gone: the plain linear head again
+    with pytest.raises(UsageError, match="the reference: "):
+        chosen(tiny_llama(), head_path="fused").check_reference_head(UnlearningModel(make_reference()))
+
+
 @pytest.mark.parametrize("make_model, expected_path", [
     (tiny_llama, "fused"), (tiny_cohere, "logits"), (tiny_falcon_h1_like, "logits"), (tiny_gemma3_like, "fused"),
     (tiny_biased_head, "logits"),
