@@ -261,15 +261,17 @@ def test_sigterm_in_training_saves_the_step_and_resume_is_bit_exact(straight_run
 @pytest.mark.distributed
 @pytest.mark.integration
 def test_stop_forget_ce_ends_the_run_normally(straight_run, tiny_model_dir, tmp_path):
-    first, second = metric_rows(straight_run)[:2]
-    assert second["forget_ce"] > first["forget_ce"]  # gradient ascent
-    bound = (first["forget_ce"] + second["forget_ce"]) / 2
+    # Each step's forget CE is measured on other examples, so it need not rise every step: the bound sits between
+    # the highest CE before the first step that exceeds it and that step's, and the run must end right there.
+    forget_ce = [row["forget_ce"] for row in metric_rows(straight_run)]
+    last = next(step for step in range(2, len(forget_ce) + 1) if forget_ce[step - 1] > max(forget_ce[:step - 1]))
+    bound = (max(forget_ce[:last - 1]) + forget_ce[last - 1]) / 2
     run_dir = tmp_path / "run"
     ranks = Ranks(run_args(tiny_model_dir, run_dir, "--objective.stop_forget_ce", str(bound)), tmp_path)
     assert ranks.wait() == {0: EXIT_OK, 1: EXIT_OK}, ranks.output()[-4000:]
-    assert [r["step"] for r in metric_rows(run_dir)] == [1, 2]
-    assert "unlearning done at step 2" in ranks.output()
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert [r["step"] for r in metric_rows(run_dir)] == list(range(1, last + 1))
+    assert f"unlearning done at step {last}" in ranks.output()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
