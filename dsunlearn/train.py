@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from dsunlearn import data as data_lib
-from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, objective
+from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, noise, objective
 from dsunlearn.config import RunConfig, parse_run_config
 
 logger = logging.getLogger("dsunlearn.train")
@@ -29,6 +29,7 @@ logger = logging.getLogger("dsunlearn.train")
 def main(argv: Optional[list[str]] = None) -> Path:
     """Every way out is the same on every rank (distributed.py: exit codes): a failure anywhere ends all ranks within
     seconds with one message, a clean end tears the process group down."""
+    noise.silence_known_noise()
     watchdog = distributed.Watchdog()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
