@@ -43,6 +43,11 @@ _LAUNCHER_MARKS = ("deepspeed.launcher.launch", "deepspeed/launcher/launch.py", 
 class UsageError(Exception):
     """Bad input found after the settings were parsed (data files, rank count, model folder): exit ``EXIT_USAGE``."""
 
+    def __init__(self, message: str, on_every_rank: bool = False):
+        super().__init__(message)
+        # Raised by every rank at once (Watchdog.agree_on_inputs): they end together and rank 0 says why.
+        self.on_every_rank = on_every_rank
+
 
 class RendezvousError(RuntimeError):
     """MASTER_ADDR:MASTER_PORT cannot be reached or served: exit ``EXIT_FAILED`` with the address, no traceback."""
@@ -160,6 +165,8 @@ class Watchdog:
         self._timeout_s = 600.0
         self._interval_s = 1.0
         self._launchers = _launcher_ancestors()
+        # From connect() to agree_on_inputs(): a usage error on any rank is gathered, so all end with one message.
+        self._checking_inputs = False
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         self._thread = threading.Thread(target=self._run, name="dsunlearn-watchdog", daemon=True)
         self._thread.start()
@@ -176,6 +183,7 @@ class Watchdog:
         self._interval_s = min(1.0, timeout_s / 10)
         if world_size == 1:
             return
+        self._checking_inputs = True
         store = torch.distributed.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
             timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
@@ -184,6 +192,32 @@ class Watchdog:
         # Kept for the case where rank 0, which serves the store, is the rank that went silent.
         self._rank0_identity = store.get(f"{_KEY}identity/0").decode() if self.rank else self.identity
         self._store = store
+
+    def agree_on_inputs(self) -> None:
+        """The end of the input checks (model folder, tokenizer, data, rank count, output folder): every rank that
+        passed them calls this; one that failed joins from ``fail``. If any rank failed, every rank raises the same
+        ``UsageError`` here, so the run ends with one message, exit ``EXIT_USAGE``, before anything is written.
+
+        Between ``connect`` and this call, the only collectives are ones that every rank runs before it can fail
+        alone (``checkpoints.prepare_run_folder``), so a failing rank's gather meets the others' here."""
+        if not self._checking_inputs:
+            return
+        message = self._gather_input_problems(None)
+        if message is not None:
+            raise UsageError(message, on_every_rank=True)
+
+    def _gather_input_problems(self, problem: str | None) -> str | None:
+        """Every rank's input problem (None: passed) -> one message for the run, or None if all passed."""
+        self._checking_inputs = False
+        problems: list = [None] * self._world_size
+        torch.distributed.all_gather_object(problems, problem)
+        failed = [(rank, text) for rank, text in enumerate(problems) if text is not None]
+        if not failed:
+            return None
+        if len(failed) == self._world_size and len({text for _, text in failed}) == 1:
+            return failed[0][1]
+        identities = {rank: self._store.get(f"{_KEY}identity/{rank}").decode() for rank, _ in failed}
+        return "\n".join(f"{identities[rank]}: {text}" for rank, text in failed)
 
     def defer_stop(self, deferred: bool) -> None:
         """While True (the training loop), SIGTERM sets ``stop_requested`` and the loop saves after the current step;
@@ -217,6 +251,13 @@ class Watchdog:
 
         with self._lock:
             self._failing = True
+        if isinstance(error, (ConfigError, UsageError)) and self._checking_inputs:
+            try:
+                error = UsageError(self._gather_input_problems(str(error)), on_every_rank=True)
+            except (RuntimeError, OSError):  # a peer failed otherwise and left: its post tells the others
+                pass
+        if isinstance(error, UsageError) and error.on_every_rank:
+            self._end_together(EXIT_USAGE, f"dsunlearn: {error}")
         if isinstance(error, (ConfigError, UsageError)):
             code, message = EXIT_USAGE, f"dsunlearn: {error}"
         elif isinstance(error, RunDiverged):
@@ -237,6 +278,14 @@ class Watchdog:
                 print(message, file=sys.stderr)
             _exit(code)
         self._post_and_print(code, message)
+        _exit(code)
+
+    def _end_together(self, code: int, message: str) -> None:
+        """Every rank is here with the same ``message``: rank 0 prints it, all tear the process group down together
+        (no failure is posted, so no rank prints a line of its own) and exit ``code``."""
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+        self.close()
         _exit(code)
 
     # ---- the thread ----

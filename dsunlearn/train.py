@@ -56,19 +56,17 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
-    # ---- the run folder: refused if it holds another run; a resume checks its checkpoint's settings first ----
+    # ---- the run folder: refused if it holds another run; a resume checks its checkpoint's settings first. Nothing is
+    # written before every input check below passed on every rank (watchdog.agree_on_inputs) ----
     out_dir = Path(cfg.output.dir)
     checkpoint_dir = out_dir / "checkpoints"
     ds_template = ds_config.load_ds_config(cfg.train.deepspeed_config)
     run_shape = checkpoints.RunShape.of(cfg, ds_template, world_size)
-    resume_from = checkpoints.prepare_run_folder(out_dir, cfg, run_shape, resolved_yaml)
+    run_folder = checkpoints.prepare_run_folder(out_dir, cfg, run_shape)
+    resume_from = run_folder.resume_from
 
     # ---- data: every rank loads and splits the same pairs; each step reads its slots of one global example stream ----
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    model_config, tokenizer = _load_model_config_and_tokenizer(cfg)
     pad_id = data_lib.resolve_pad_id(tokenizer)
     prompt_format = data_lib.PromptFormat(cfg.data.template, cfg.data.use_chat_template)
     try:
@@ -144,11 +142,12 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
             for slot in slots
         ]
 
+    # ---- every input checked on every rank: from here the run writes ----
+    watchdog.agree_on_inputs()
+    run_folder.claim(resolved_yaml, run_shape)
+
     # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
-    hidden_size = AutoConfig.from_pretrained(
-        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    ).hidden_size
-    policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, hidden_size)
+    policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, model_config.hidden_size)
     policy_engine = engines.build_policy_engine(
         engines.load_causal_lm(cfg.model.name_or_path, policy_ds_config, cfg), cfg, policy_ds_config
     )
@@ -244,6 +243,33 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     if is_main:
         logger.info("metrics: %s; checkpoints: %s", metrics_path, checkpoint_dir)
     return out_dir
+
+
+def _load_model_config_and_tokenizer(cfg: RunConfig):
+    """The model's config and tokenizer, read before any engine is built: a model folder that is missing, unreadable
+    or corrupt (config.json that is not JSON, no tokenizer) is the user's to fix, so it is a ``UsageError``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    options = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    name = cfg.model.name_or_path
+    try:
+        model_config = AutoConfig.from_pretrained(name, **options)
+    except (OSError, ValueError, KeyError) as err:  # KeyError: an unknown model_type in an older transformers
+        raise distributed.UsageError(f"model.name_or_path: cannot read the model config of {name!r}: "
+                                     f"{_in_one_line(err)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **options)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise distributed.UsageError(f"model.name_or_path: cannot load the tokenizer of {name!r}: "
+                                     f"{_in_one_line(err)}") from None
+    return model_config, tokenizer
+
+
+def _in_one_line(err: BaseException) -> str:
+    """``err``'s message on one line, with the error it was raised from (e.g. where the JSON breaks)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    cause = err.__cause__ or err.__context__
+    return f"{text} ({' '.join(str(cause).split())})" if cause is not None and str(cause) else text
 
 
 def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
