@@ -142,12 +142,12 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
             for slot in slots
         ]
 
-    # ---- every input checked on every rank: from here the run writes ----
+    # ---- every input checked on every rank (the DeepSpeed config last); from here on the run writes ----
+    policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, model_config.hidden_size)
     watchdog.agree_on_inputs()
     run_folder.claim(resolved_yaml, run_shape)
 
     # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
-    policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, model_config.hidden_size)
     policy_engine = engines.build_policy_engine(
         engines.load_causal_lm(cfg.model.name_or_path, policy_ds_config, cfg), cfg, policy_ds_config
     )
@@ -246,23 +246,27 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
 
 
 def _load_model_config_and_tokenizer(cfg: RunConfig):
-    """The model's config and tokenizer, read before any engine is built: a model folder that is missing, unreadable
-    or corrupt (config.json that is not JSON, no tokenizer) is the user's to fix, so it is a ``UsageError``."""
+    """The model's config and tokenizer (and the reference's config), read before any engine is built: a model folder
+    that is missing, unreadable or corrupt (config.json that is not JSON, no tokenizer) is the user's to fix, so it is
+    a ``UsageError``."""
     from transformers import AutoConfig, AutoTokenizer
 
     options = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    name = cfg.model.name_or_path
+    configs = {}
+    for setting in ("name_or_path", "reference_path"):
+        name = getattr(cfg.model, setting)
+        if name:
+            try:
+                configs[setting] = AutoConfig.from_pretrained(name, **options)
+            except (OSError, ValueError) as err:
+                raise distributed.UsageError(f"model.{setting}: cannot read the model config of {name!r}: "
+                                             f"{_in_one_line(err)}") from None
     try:
-        model_config = AutoConfig.from_pretrained(name, **options)
-    except (OSError, ValueError, KeyError) as err:  # KeyError: an unknown model_type in an older transformers
-        raise distributed.UsageError(f"model.name_or_path: cannot read the model config of {name!r}: "
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, **options)
+    except (OSError, ValueError) as err:
+        raise distributed.UsageError(f"model.name_or_path: cannot load the tokenizer of {cfg.model.name_or_path!r}: "
                                      f"{_in_one_line(err)}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **options)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise distributed.UsageError(f"model.name_or_path: cannot load the tokenizer of {name!r}: "
-                                     f"{_in_one_line(err)}") from None
-    return model_config, tokenizer
+    return configs["name_or_path"], tokenizer
 
 
 def _in_one_line(err: BaseException) -> str:
