@@ -3,6 +3,9 @@ every rank within seconds when one of them fails, goes silent, or is asked to st
 
 How a run ends, on every rank (README: "Exit codes"):
 
+* a usage error found before anything is written (model folder, tokenizer, data, rank count, output folder): the
+  ranks gather it (``Watchdog.agree_on_inputs``), rank 0 prints it once, every rank tears the process group down and
+  exits ``EXIT_USAGE``;
 * an exception on one rank: that rank prints the message once, posts it to the c10d store and exits; the other
   ranks' watchdogs read the post within a second and exit with the same code, each with one short line;
 * a rank that stops answering (SIGSTOP, a frozen node): its neighbour sees no heartbeat for
@@ -12,7 +15,9 @@ How a run ends, on every rank (README: "Exit codes"):
   ``EXIT_PREEMPTED``; before training and after the final checkpoint (export, evaluation) the rank exits at once.
 
 Every exit that is not clean goes through ``os._exit`` after flushing: interpreter shutdown and process-group teardown
-can block forever while a peer is gone.
+can block forever while a peer is gone, and ``os._exit`` runs no C++ destructor that could abort ("terminate called
+without an active exception"). The clean ends (``Watchdog.close``, also after an agreed usage error) tear the process
+group down on every rank together.
 """
 
 from __future__ import annotations
