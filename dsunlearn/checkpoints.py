@@ -353,20 +353,41 @@ def load_checkpoint(engine, checkpoint_dir: Path, checkpoint: Checkpoint) -> dic
 # ---- the run folder ----
 
 
-def prepare_run_folder(
-    out_dir: Path, cfg: RunConfig, shape: RunShape, resolved_yaml: str
-) -> Optional[Checkpoint]:
-    """Claim ``out_dir`` for this run (call on every rank before anything is written) and return the checkpoint to
-    resume from, or None for a fresh start.
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """The verdict on ``output.dir`` (``prepare_run_folder``): nothing is written until ``claim``."""
+
+    path: Path
+    resume_from: Optional[Checkpoint]
+    """The checkpoint to continue from; None: a fresh start."""
+    clear_old_run: bool
+    """Remove the metrics, checkpoints and ``final/`` of the run the folder holds before writing."""
+
+    def claim(self, resolved_yaml: str, shape: RunShape) -> None:
+        """Write ``config.yaml`` (rank 0; call on every rank once every input check passed, so a run that never
+        started leaves nothing behind)."""
+        if torch.distributed.get_rank() == 0:
+            if self.clear_old_run:
+                for name in (*RUN_FILES, SLURM_JOB_FILE):
+                    target = self.path / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path / "config.yaml", resolved_yaml)
+            if shape.slurm_job_id is not None:
+                atomic_write_text(self.path / SLURM_JOB_FILE, shape.slurm_job_id + "\n")
+        torch.distributed.barrier()
+
+
+def prepare_run_folder(out_dir: Path, cfg: RunConfig, shape: RunShape) -> RunFolder:
+    """Check ``out_dir`` for this run (call on every rank before anything is written); writes nothing.
 
     A folder holding a run is refused unless ``--resume true`` (continue it) or ``--overwrite true`` (remove its
     metrics, checkpoints and ``final/``); a SLURM job requeued into the folder it owns resumes by itself. A
     checkpoint whose settings differ from this run's is refused, naming each. Raises ``ConfigError`` on every rank
-    alike; ``config.yaml`` is written only once everything passed.
+    alike.
     """
-    rank = torch.distributed.get_rank()
     verdict: list = [None]
-    if rank == 0:
+    if torch.distributed.get_rank() == 0:
         try:
             verdict[0] = _inspect_run_folder(out_dir, cfg, shape)
         except ConfigError as err:
@@ -374,18 +395,8 @@ def prepare_run_folder(
     torch.distributed.broadcast_object_list(verdict, src=0)
     if isinstance(verdict[0], list):
         raise ConfigError(verdict[0])
-    checkpoint, overwrite = verdict[0]
-    if rank == 0:
-        if overwrite:
-            for name in (*RUN_FILES, SLURM_JOB_FILE):
-                target = out_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", resolved_yaml)
-        if shape.slurm_job_id is not None:
-            atomic_write_text(out_dir / SLURM_JOB_FILE, shape.slurm_job_id + "\n")
-    torch.distributed.barrier()
-    return checkpoint
+    checkpoint, clear_old_run = verdict[0]
+    return RunFolder(out_dir, checkpoint, clear_old_run)
 
 
 def _inspect_run_folder(out_dir: Path, cfg: RunConfig, shape: RunShape) -> tuple[Optional[Checkpoint], bool]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 from dsunlearn.data import DEFAULT_TEMPLATE, DatasetSpec, PromptFormat
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from dsunlearn.paths import resolve_path
 
 
 class ConfigError(ValueError):
@@ -203,7 +203,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value (None: no clipping)."""
     deepspeed_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON for the trained model; its "auto" fields are filled from these settings, other fields must agree
-    with them. Relative paths are looked up from the working directory, then from the dsunlearn checkout. On resume
+    with them. A relative path is looked up from the working directory, then among the files dsunlearn ships (the
+checkout's or the installed package's ds_configs/: dsunlearn/paths.py). On resume
     the file may change, but its numbers must not (except memory knobs: bucket sizes, live parameters, ...)."""
     checkpoint_every: int = 200
     """Save a DeepSpeed checkpoint every this many steps (0: only at the end; may change on resume)."""
@@ -352,16 +353,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-def resolve_path(path: str) -> Optional[Path]:
-    """A config-relative path: as given if it exists, else relative to the dsunlearn checkout (for ds_configs/)."""
-    candidate = Path(path)
-    if candidate.exists():
-        return candidate
-    if not candidate.is_absolute() and (REPO_ROOT / candidate).exists():
-        return REPO_ROOT / candidate
-    return None
-
-
 def names_a_local_path(name: str) -> bool:
     """Whether a model name means a local folder: hub ids are "org/name" or "name", anything path-like is local."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
@@ -386,10 +377,23 @@ def parse_run_config(argv: Optional[list[str]] = None) -> tuple[RunConfig, str]:
     Raises ``ConfigError`` listing every problem; unknown keys and wrong types exit with jsonargparse's message.
     """
     parser = build_parser()
-    namespace = parser.parse_args(argv)
+    namespace = parser.parse_args(_with_shipped_config_files(sys.argv[1:] if argv is None else argv))
     namespace.pop("config", None)
     namespace.pop("local_rank", None)
     resolved_yaml = parser.dump(namespace)
     run = parser.instantiate_classes(namespace)
     fields = {name: run[name] for name in RunConfig.__dataclass_fields__}
     return RunConfig(**fields), resolved_yaml
+
+
+def _with_shipped_config_files(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config`` file that is missing from the working directory replaced by the one dsunlearn
+    ships under that name, so ``--config configs/demo.yaml`` works from any folder and from an installed wheel."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            argv[i + 1] = str(resolve_path(argv[i + 1]) or argv[i + 1])
+        elif arg.startswith("--config="):
+            name = arg.removeprefix("--config=")
+            argv[i] = f"--config={resolve_path(name) or name}"
+    return argv

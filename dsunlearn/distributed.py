@@ -3,6 +3,9 @@ every rank within seconds when one of them fails, goes silent, or is asked to st
 
 How a run ends, on every rank (README: "Exit codes"):
 
+* a usage error found before anything is written (model folder, tokenizer, data, rank count, output folder): the
+  ranks gather it (``Watchdog.agree_on_inputs``), rank 0 prints it once, every rank tears the process group down and
+  exits ``EXIT_USAGE``;
 * an exception on one rank: that rank prints the message once, posts it to the c10d store and exits; the other
   ranks' watchdogs read the post within a second and exit with the same code, each with one short line;
 * a rank that stops answering (SIGSTOP, a frozen node): its neighbour sees no heartbeat for
@@ -12,7 +15,9 @@ How a run ends, on every rank (README: "Exit codes"):
   ``EXIT_PREEMPTED``; before training and after the final checkpoint (export, evaluation) the rank exits at once.
 
 Every exit that is not clean goes through ``os._exit`` after flushing: interpreter shutdown and process-group teardown
-can block forever while a peer is gone.
+can block forever while a peer is gone, and ``os._exit`` runs no C++ destructor that could abort ("terminate called
+without an active exception"). The clean ends (``Watchdog.close``, also after an agreed usage error) tear the process
+group down on every rank together.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ _LAUNCHER_MARKS = ("deepspeed.launcher.launch", "deepspeed/launcher/launch.py", 
 
 class UsageError(Exception):
     """Bad input found after the settings were parsed (data files, rank count, model folder): exit ``EXIT_USAGE``."""
+
+    def __init__(self, message: str, on_every_rank: bool = False):
+        super().__init__(message)
+        # Raised by every rank at once (Watchdog.agree_on_inputs): they end together and rank 0 says why.
+        self.on_every_rank = on_every_rank
 
 
 class RendezvousError(RuntimeError):
@@ -160,6 +170,8 @@ class Watchdog:
         self._timeout_s = 600.0
         self._interval_s = 1.0
         self._launchers = _launcher_ancestors()
+        # From connect() to agree_on_inputs(): a usage error on any rank is gathered, so all end with one message.
+        self._checking_inputs = False
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         self._thread = threading.Thread(target=self._run, name="dsunlearn-watchdog", daemon=True)
         self._thread.start()
@@ -176,6 +188,7 @@ class Watchdog:
         self._interval_s = min(1.0, timeout_s / 10)
         if world_size == 1:
             return
+        self._checking_inputs = True
         store = torch.distributed.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
             timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
@@ -184,6 +197,32 @@ class Watchdog:
         # Kept for the case where rank 0, which serves the store, is the rank that went silent.
         self._rank0_identity = store.get(f"{_KEY}identity/0").decode() if self.rank else self.identity
         self._store = store
+
+    def agree_on_inputs(self) -> None:
+        """The end of the input checks (model folder, tokenizer, data, rank count, output folder): every rank that
+        passed them calls this; one that failed joins from ``fail``. If any rank failed, every rank raises the same
+        ``UsageError`` here, so the run ends with one message, exit ``EXIT_USAGE``, before anything is written.
+
+        Between ``connect`` and this call, the only collectives are ones that every rank runs before it can fail
+        alone (``checkpoints.prepare_run_folder``), so a failing rank's gather meets the others' here."""
+        if not self._checking_inputs:
+            return
+        message = self._gather_input_problems(None)
+        if message is not None:
+            raise UsageError(message, on_every_rank=True)
+
+    def _gather_input_problems(self, problem: str | None) -> str | None:
+        """Every rank's input problem (None: passed) -> one message for the run, or None if all passed."""
+        self._checking_inputs = False
+        problems: list = [None] * self._world_size
+        torch.distributed.all_gather_object(problems, problem)
+        failed = [(rank, text) for rank, text in enumerate(problems) if text is not None]
+        if not failed:
+            return None
+        if len(failed) == self._world_size and len({text for _, text in failed}) == 1:
+            return failed[0][1]
+        identities = {rank: self._store.get(f"{_KEY}identity/{rank}").decode() for rank, _ in failed}
+        return "\n".join(f"{identities[rank]}: {text}" for rank, text in failed)
 
     def defer_stop(self, deferred: bool) -> None:
         """While True (the training loop), SIGTERM sets ``stop_requested`` and the loop saves after the current step;
@@ -217,6 +256,13 @@ class Watchdog:
 
         with self._lock:
             self._failing = True
+        if isinstance(error, (ConfigError, UsageError)) and self._checking_inputs:
+            try:
+                error = UsageError(self._gather_input_problems(str(error)), on_every_rank=True)
+            except (RuntimeError, OSError):  # a peer failed otherwise and left: its post tells the others
+                pass
+        if isinstance(error, UsageError) and error.on_every_rank:
+            self._end_together(EXIT_USAGE, f"dsunlearn: {error}")
         if isinstance(error, (ConfigError, UsageError)):
             code, message = EXIT_USAGE, f"dsunlearn: {error}"
         elif isinstance(error, RunDiverged):
@@ -237,6 +283,14 @@ class Watchdog:
                 print(message, file=sys.stderr)
             _exit(code)
         self._post_and_print(code, message)
+        _exit(code)
+
+    def _end_together(self, code: int, message: str) -> None:
+        """Every rank is here with the same ``message``: rank 0 prints it, all tear the process group down together
+        (no failure is posted, so no rank prints a line of its own) and exit ``code``."""
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+        self.close()
         _exit(code)
 
     # ---- the thread ----

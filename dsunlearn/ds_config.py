@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from dsunlearn.config import ConfigError, RunConfig, resolve_path
+from dsunlearn.config import ConfigError, RunConfig
+from dsunlearn.paths import resolve_path
 
 
 def load_ds_config(path: str) -> dict:

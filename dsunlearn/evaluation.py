@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from dsunlearn import data as data_lib
-from dsunlearn import metrics
+from dsunlearn import metrics, noise
 from dsunlearn.config import ConfigError, DataConfig, RunConfig, names_a_local_path
 from dsunlearn.strict_json import to_json
 from dsunlearn.report import write_report
@@ -361,6 +361,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ``dsunlearn eval --run_dir RUN [...]``: the run's export, original model, data settings and precision."""
     import argparse
 
+    noise.silence_known_noise()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     run_dir_parser = argparse.ArgumentParser(add_help=False)

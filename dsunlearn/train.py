@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from dsunlearn import data as data_lib
-from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, objective
+from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, noise, objective
 from dsunlearn.config import RunConfig, parse_run_config
 
 logger = logging.getLogger("dsunlearn.train")
@@ -29,6 +29,7 @@ logger = logging.getLogger("dsunlearn.train")
 def main(argv: Optional[list[str]] = None) -> Path:
     """Every way out is the same on every rank (distributed.py: exit codes): a failure anywhere ends all ranks within
     seconds with one message, a clean end tears the process group down."""
+    noise.silence_known_noise()
     watchdog = distributed.Watchdog()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -55,19 +56,17 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
-    # ---- the run folder: refused if it holds another run; a resume checks its checkpoint's settings first ----
+    # ---- the run folder: refused if it holds another run; a resume checks its checkpoint's settings first. Nothing is
+    # written before every input check below passed on every rank (watchdog.agree_on_inputs) ----
     out_dir = Path(cfg.output.dir)
     checkpoint_dir = out_dir / "checkpoints"
     ds_template = ds_config.load_ds_config(cfg.train.deepspeed_config)
     run_shape = checkpoints.RunShape.of(cfg, ds_template, world_size)
-    resume_from = checkpoints.prepare_run_folder(out_dir, cfg, run_shape, resolved_yaml)
+    run_folder = checkpoints.prepare_run_folder(out_dir, cfg, run_shape)
+    resume_from = run_folder.resume_from
 
     # ---- data: every rank loads and splits the same pairs; each step reads its slots of one global example stream ----
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    model_config, ref_config, tokenizer = _load_model_config_and_tokenizer(cfg)
     pad_id = data_lib.resolve_pad_id(tokenizer)
     prompt_format = data_lib.PromptFormat(cfg.data.template, cfg.data.use_chat_template)
     use_forget = cfg.objective.forget_weight > 0
@@ -156,17 +155,9 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
             for slot in slots
         ]
 
-    # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
-    model_config = AutoConfig.from_pretrained(
-        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-    hidden_size = engines.text_hidden_size(model_config)
-    if cfg.model.reference_path and cfg.model.reference_path != cfg.model.name_or_path:
+    # ---- every input checked on every rank (the DeepSpeed config last); from here on the run writes ----
+    if ref_config is not None:
         # The reference may be another model of any width, but the KL compares next-token distributions id by id.
-        ref_path, ref_load_kwargs = engines.pretrained_source(cfg, reference=True)
-        ref_config = AutoConfig.from_pretrained(
-            ref_path, revision=ref_load_kwargs.get("revision"), trust_remote_code=cfg.model.trust_remote_code
-        )
         policy_vocab, ref_vocab = _vocab_size(model_config), _vocab_size(ref_config)
         if ref_vocab != policy_vocab:
             raise distributed.UsageError(
@@ -174,7 +165,13 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
                 f"model.name_or_path {cfg.model.name_or_path} has {policy_vocab}: the reference must use the "
                 f"policy's vocabulary (the same tokenizer)"
             )
-    policy_ds_config = ds_config.build_policy_ds_config(ds_template, cfg, world_size, hidden_size)
+    policy_ds_config = ds_config.build_policy_ds_config(
+        ds_template, cfg, world_size, engines.text_hidden_size(model_config)
+    )
+    watchdog.agree_on_inputs()
+    run_folder.claim(resolved_yaml, run_shape)
+
+    # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
     policy_engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     ref_engine = None
     if use_normal and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
@@ -279,6 +276,41 @@ def _load_pairs(name: str, spec: data_lib.DatasetSpec) -> list:
         return data_lib.load_pairs(spec)
     except (OSError, ValueError) as err:
         raise distributed.UsageError(f"data.{name}: {err}") from None
+
+
+def _load_model_config_and_tokenizer(cfg: RunConfig):
+    """The model's config, the reference's config (None when the reference is the model itself) and the tokenizer,
+    read before any engine is built, each at its own revision: a model folder that is missing, unreadable or corrupt
+    (config.json that is not JSON, no tokenizer) is the user's to fix, so it is a ``UsageError``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    configs = {}
+    for setting, reference in (("name_or_path", False), ("reference_path", True)):
+        if reference and cfg.model.reference_path in (None, "", cfg.model.name_or_path):
+            continue
+        path, load_kwargs = engines.pretrained_source(cfg, reference)
+        try:
+            configs[setting] = AutoConfig.from_pretrained(
+                path, revision=load_kwargs.get("revision"), trust_remote_code=cfg.model.trust_remote_code
+            )
+        except (OSError, ValueError) as err:
+            raise distributed.UsageError(f"model.{setting}: cannot read the model config of {path!r}: "
+                                         f"{_in_one_line(err)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise distributed.UsageError(f"model.name_or_path: cannot load the tokenizer of {cfg.model.name_or_path!r}: "
+                                     f"{_in_one_line(err)}") from None
+    return configs["name_or_path"], configs.get("reference_path"), tokenizer
+
+
+def _in_one_line(err: BaseException) -> str:
+    """``err``'s message on one line, with the error it was raised from (e.g. where the JSON breaks)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    cause = err.__cause__ or err.__context__
+    return f"{text} ({' '.join(str(cause).split())})" if cause is not None and str(cause) else text
 
 
 def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
