@@ -25,6 +25,8 @@ from typing import Any, Iterable, Literal, Optional
 import numpy as np
 import torch
 
+from dsunlearn import paths
+
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -85,7 +87,7 @@ class DatasetSpec:
         if not self.source.strip():
             problems.append("source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv file")
         else:
-            path = Path(self.source).expanduser()
+            path = self.local_path
             if path.is_dir():
                 problems.append(f"source {self.source!r} is a directory; give a .json/.jsonl/.parquet/.csv file")
             elif self.is_local and not path.exists():
@@ -114,10 +116,16 @@ class DatasetSpec:
         return problems
 
     @property
+    def local_path(self) -> Path:
+        """``source`` as a local file: from the working directory, else the project's file of that name (so the
+        shipped configs' ``dsunlearn/assets/demo/...`` sources work from any folder, installed or not)."""
+        return paths.resolve_path(self.source) or Path(self.source).expanduser()
+
+    @property
     def is_local(self) -> bool:
         """Whether ``source`` names a local file: an existing path, one with a data-file suffix, or one
         written as a path (``/``, ``./``, ``../``, ``~``); anything else is a hub id."""
-        path = Path(self.source).expanduser()
+        path = self.local_path
         return (
             path.exists()
             or path.suffix.lower() in LOCAL_SUFFIXES
@@ -358,7 +366,7 @@ def read_pairs(spec: DatasetSpec) -> LoadedPairs:
     if problems:
         raise ValueError("invalid data set settings: " + "; ".join(problems))
     if spec.is_local:
-        path = Path(spec.source).expanduser()
+        path = spec.local_path
         source_label = str(path)
         records, columns = _read_local_records(path)
     else:

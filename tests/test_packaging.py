@@ -52,10 +52,9 @@ import json
 import dsunlearn
 from dsunlearn.config import RunConfig, parse_run_config
 from dsunlearn.paths import resolve_path
-DATA = [f"--data.{name}.source={dsunlearn.__path__[0]}/assets/demo/{name}.jsonl" for name in ("forget", "normal")]
 found = {"package": dsunlearn.__file__, "default": str(resolve_path(RunConfig().train.deepspeed_config))}
 for name in ("demo", "opt-1.3b-harmful", "llama-3-8b-offload"):
-    cfg, _ = parse_run_config(["--config", f"configs/{name}.yaml", "--model.name_or_path", "org/model", *DATA])
+    cfg, _ = parse_run_config(["--config", f"configs/{name}.yaml", "--model.name_or_path", "org/model"])
     found[name] = str(resolve_path(cfg.train.deepspeed_config))
 print(json.dumps(found))
 """
@@ -74,12 +73,10 @@ print(json.dumps(found))
 
 @pytest.mark.integration
 def test_one_step_of_the_shipped_demo_config_from_another_folder(installed, tiny_model_dir):
-    site, elsewhere = installed
-    assets = site / "dsunlearn" / "assets" / "demo"
+    _, elsewhere = installed
     done = run_installed(
         installed, "-m", "dsunlearn", "train", "--config", "configs/demo.yaml",
         "--model.name_or_path", str(tiny_model_dir), "--output.dir", "run",
-        "--data.forget.source", str(assets / "forget.jsonl"), "--data.normal.source", str(assets / "normal.jsonl"),
         "--train.max_steps", "1", "--output.export", "false", "--output.evaluate", "false", timeout=300,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
