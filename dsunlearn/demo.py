@@ -221,7 +221,11 @@ def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) 
     normal = load_pairs(DatasetSpec(str(demo_data_dir() / DEMO_NORMAL_FILE), "truthfulqa"))
     fmt = PromptFormat()
     tokenizer = build_bpe_tokenizer(demo_texts(), vocab_size=build.vocab_size)
-    sequences = tokenize_pairs(tokenizer, forget + normal, fmt, build.max_length)
+    # The original model is taught every pair (a long answer capped at max_length, as the trainer does).
+    tokenized = tokenize_pairs(tokenizer, forget + normal, fmt, build.max_length)
+    if tokenized.dropped:
+        raise ValueError(f"max_length {build.max_length} is too short for the demo data: {tokenized.summary()}")
+    sequences = tokenized.sequences
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(build.num_threads)
