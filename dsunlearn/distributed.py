@@ -300,7 +300,7 @@ class Watchdog:
         while not self._closing.is_set():
             received = signal.sigtimedwait({signal.SIGTERM}, self._interval_s)
             if received is not None:
-                self._stop_requested(f"SIGTERM from {_process_name(received.si_pid)}")
+                self._stop_requested(f"SIGTERM from {_signal_sender(received)}")
             for pid, process in self._launchers:
                 if not _alive(process):
                     self._stop_requested(f"the launcher (pid {pid}) exited")
@@ -421,6 +421,14 @@ class Watchdog:
         else:
             self._post_and_print(EXIT_PREEMPTED, message)
         _exit(EXIT_PREEMPTED)
+
+
+def _signal_sender(info) -> str:
+    """Who sent a signal (``info``: sigtimedwait's siginfo). A sender that this PID namespace cannot name (si_pid 0: the
+    kernel, a timer, a process outside the namespace) is told apart by how the signal was sent."""
+    if info.si_pid:
+        return _process_name(info.si_pid)
+    return f"pid 0 (si_code {info.si_code}, uid {info.si_uid})"
 
 
 def _process_name(pid: int) -> str:

@@ -39,3 +39,22 @@ def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
     """A folder with a saved tiny random Llama (hidden 32, 2 layers, untied head) and the BPE tokenizer."""
     model = build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     return save_tiny_model(model, bpe_tokenizer, tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 6-step run of the demo config on 2 ranks, a checkpoint every step, exported, not evaluated:
+    what interrupted runs must reproduce (test_failures, test_checkpoints)."""
+    from launching import OUTSIDE_STOP, launch
+
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    args = ["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir), "--output.dir", str(run_dir),
+            "--train.max_steps", "6", "--train.checkpoint_every", "1", "--train.keep_checkpoints", "0",
+            "--output.evaluate", "false"]
+    code, output = launch(args)
+    for _ in range(2):  # stopped from outside: finished as a user would (launching.OUTSIDE_STOP)
+        if code != 75 or OUTSIDE_STOP not in output:
+            break
+        code, output = launch([*args, "--resume", "true"])
+    assert code == 0, output[-4000:]
+    return run_dir

@@ -314,13 +314,10 @@ def save_in_progress(step_dir: Path) -> bool:
 
 @pytest.mark.distributed
 @pytest.mark.integration
-def test_sigkill_of_the_whole_run_during_a_save_then_resume(tiny_model_dir, tmp_path):
+def test_sigkill_of_the_whole_run_during_a_save_then_resume(tiny_model_dir, straight_run, tmp_path):
     """SIGKILL to the launcher's process group while a step folder has files but no marker; the resumed run
-    finishes with the metrics of an uninterrupted one."""
+    finishes with the metrics of an uninterrupted one (conftest's straight_run: the same 6 steps)."""
     steps = ["--train.max_steps", "6", "--train.checkpoint_every", "1"]
-    straight_dir = tmp_path / "straight"
-    code, output = launch(run_args(tiny_model_dir, straight_dir, *steps))
-    assert code == 0, output[-4000:]
 
     run_dir = tmp_path / "killed"
     checkpoint_dir = run_dir / "checkpoints"
@@ -346,5 +343,5 @@ def test_sigkill_of_the_whole_run_during_a_save_then_resume(tiny_model_dir, tmp_
     code, output = launch(run_args(tiny_model_dir, run_dir, *steps, "--resume", "true"))
     assert code == 0, output[-4000:]
     assert "resumed from" in output
-    assert_same_metrics(read_metrics(run_dir), read_metrics(straight_dir))
+    assert_same_metrics(read_metrics(run_dir), read_metrics(straight_run))
     assert [c.step for c in checkpoints.complete_checkpoints(checkpoint_dir)] == list(range(1, 7))

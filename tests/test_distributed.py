@@ -11,12 +11,12 @@ import sys
 
 import pytest
 
-from dsunlearn.distributed import EXIT_OK
-from launching import REPO, free_port
+from dsunlearn.distributed import EXIT_OK, EXIT_PREEMPTED
+from launching import OUTSIDE_STOP, REPO, free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
-RUNS = 6  # the abort was seen about once in 25 runs: a cheap loop in CI, run more by hand (the report says how many)
+RUNS = 3  # the abort was seen about once in 25 runs: a cheap loop in CI, run more by hand (the issue note says how many)
 HANG_LIMIT_S = 300  # only stops a hung run; nothing is timed
 
 
@@ -55,7 +55,9 @@ def short_runs(tiny_model_dir, tmp_path_factory):
 
 def test_every_short_run_ends_cleanly(short_runs):
     for codes, output in short_runs:
-        assert codes == {0: EXIT_OK, 1: EXIT_OK}, output[-4000:]
+        # A stop from outside (launching.OUTSIDE_STOP) is an exit path too: every rank 75, and no abort either.
+        stopped_from_outside = codes == {0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED} and OUTSIDE_STOP in output
+        assert codes == {0: EXIT_OK, 1: EXIT_OK} or stopped_from_outside, output[-4000:]
         assert "terminate called" not in output, output[-4000:]
 
 

@@ -155,15 +155,6 @@ def test_json_writes_null_for_non_finite_values():
 
 # ---- whole runs ----
 
-@pytest.fixture(scope="module")
-def straight_run(tiny_model_dir, tmp_path_factory):
-    """An uninterrupted 6-step run on 2 ranks: what interrupted runs must reproduce."""
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    ranks = Ranks(run_args(tiny_model_dir, run_dir), run_dir.parent)
-    assert ranks.wait() == {0: EXIT_OK, 1: EXIT_OK}, ranks.output()[-4000:]
-    return run_dir
-
-
 @pytest.mark.distributed
 @pytest.mark.integration
 def test_error_on_one_rank_ends_every_rank_with_one_message(tiny_model_dir, tmp_path):

@@ -22,7 +22,9 @@ def _cannot_run(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+# Module scope: the cluster (test_slurm_runs.py is its only user) is gone before the rest of the suite runs, so its
+# daemons and any job left over cannot touch other tests' processes.
+@pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
     reason = missing_requirements()
     if reason:
