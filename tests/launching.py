@@ -1,9 +1,12 @@
-"""Start the trainer the way users do: the deepspeed launcher with CPU ranks (DS_ACCELERATOR=cpu, gloo)."""
+"""Start the trainer the way users do, on CPU ranks (DS_ACCELERATOR=cpu, gloo): as srun starts them, or through the
+deepspeed launcher."""
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,11 +25,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args, nproc=2, timeout=420):
-    """Run the trainer through the deepspeed launcher on CPU ranks; return (returncode, output)."""
-    deepspeed_bin = Path(sys.executable).with_name("deepspeed")
-    command = [str(deepspeed_bin), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-               "dsunlearn/train.py", *args]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{deepspeed_bin.parent}:{os.environ['PATH']}")
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return done.returncode, done.stdout + done.stderr
+def launch(args, nproc=2, timeout=420, launcher="direct"):
+    """Run the trainer on ``nproc`` CPU ranks; return (exit code, output).
+
+    ``launcher="direct"``: one process per rank with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in its environment, as
+    srun starts them (launch.sh under SLURM); the code is the first non-zero rank code, else 0, and the output is the
+    ranks' output, rank 0 first. ``launcher="deepspeed"``: through the deepspeed launcher, as on one node without
+    SLURM; it costs two more interpreters that import DeepSpeed (test_launch.py, test_failures.py and the cluster
+    tests cover that path).
+    """
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    if launcher == "deepspeed":
+        deepspeed_bin = Path(sys.executable).with_name("deepspeed")
+        command = [str(deepspeed_bin), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+                   "dsunlearn/train.py", *args]
+        env["PATH"] = f"{deepspeed_bin.parent}:{os.environ['PATH']}"
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return done.returncode, done.stdout + done.stderr
+    port = str(free_port())
+    with tempfile.TemporaryDirectory() as log_dir:
+        logs = [Path(log_dir) / f"rank{rank}.log" for rank in range(nproc)]
+        processes = []
+        for rank, log_path in enumerate(logs):
+            rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                            LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            with open(log_path, "w") as log:
+                processes.append(subprocess.Popen([sys.executable, "dsunlearn/train.py", *args], cwd=REPO,
+                                                  env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        try:
+            codes = [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in processes]
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        output = "".join(log_path.read_text(errors="replace") for log_path in logs)
+    return next((code for code in codes if code != 0), 0), output

@@ -26,7 +26,8 @@ def demo_args(model_dir, out_dir, *extra):
 
 def test_train_checkpoint_resume_export(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    code, output = launch(demo_args(tiny_model_dir, run_dir))
+    no_evaluation = ("--output.evaluate", "false")  # evaluation at the end of training: test_evaluation, the LoRA test
+    code, output = launch(demo_args(tiny_model_dir, run_dir, *no_evaluation))
     assert code == 0, output[-4000:]
     straight = read_metrics(run_dir)
     assert [row["step"] for row in straight] == [1, 2, 3, 4]
@@ -45,7 +46,7 @@ def test_train_checkpoint_resume_export(tiny_model_dir, tmp_path):
     shutil.rmtree(checkpoints / "step_00000004")
     (checkpoints / "latest").write_text("step_00000002")
     shutil.rmtree(run_dir / "final")
-    code, output = launch(demo_args(tiny_model_dir, run_dir, "--resume", "true"))
+    code, output = launch(demo_args(tiny_model_dir, run_dir, *no_evaluation, "--resume", "true"))
     assert code == 0, output[-4000:]
     assert "resumed from" in output
     resumed = read_metrics(run_dir)
@@ -109,10 +110,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_pat
 def test_lora_uses_the_base_model_as_reference_and_exports_merged_weights(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "lora"
     args = demo_args(tiny_model_dir, run_dir, "--model.lora_rank", "4", "--model.lora_alpha", "8",
-                     "--train.lr", "1e-2", "--train.checkpoint_every", "0")
+                     "--train.lr", "1e-2", "--train.checkpoint_every", "0",
+                     # the evaluation loads the original beside the LoRA run (which built no reference): a few prompts
+                     "--output.eval_max_samples", "4", "--output.eval_max_new_tokens", "16")
     code, output = launch(args)
     assert code == 0, output[-4000:]
     assert "the reference is this model with its adapters off" in output
+    assert (run_dir / "eval" / "eval.json").is_file()
     metrics = read_metrics(run_dir)
     assert abs(metrics[0]["normal_kl"]) < 1e-6  # adapters start at B = 0: the model is the reference
     assert metrics[-1]["normal_kl"] > 1e-6 and metrics[-1]["forget_ce"] > metrics[0]["forget_ce"]

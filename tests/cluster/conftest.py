@@ -59,7 +59,7 @@ def run_args(tiny_model_dir):
 def one_node_run(tmp_path_factory, run_args):
     """The same run on one node with two ranks (the deepspeed launcher): what every cluster run must reproduce."""
     out = tmp_path_factory.mktemp("one_node") / "run"
-    code, output = launch([*run_args, "--output.dir", str(out)], nproc=2)
+    code, output = launch([*run_args, "--output.dir", str(out)], nproc=2, launcher="deepspeed")
     assert code == 0, output[-4000:]
     return out
 
