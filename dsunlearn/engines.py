@@ -74,6 +74,11 @@ def text_hidden_size(config) -> int:
     return config.get_text_config().hidden_size
 
 
+def text_vocab_size(config) -> int:
+    """The language model's vocabulary size (kept in the text config of a multimodal config, as the width is)."""
+    return config.get_text_config().vocab_size
+
+
 def unset_hf_deepspeed_config() -> None:
     """Drop transformers' global ZeRO-3 config so later single-rank ``from_pretrained`` calls do not run collectives."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config as unset

@@ -158,7 +158,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     # ---- every input checked on every rank (the DeepSpeed config last); from here on the run writes ----
     if ref_config is not None:
         # The reference may be another model of any width, but the KL compares next-token distributions id by id.
-        policy_vocab, ref_vocab = _vocab_size(model_config), _vocab_size(ref_config)
+        policy_vocab, ref_vocab = engines.text_vocab_size(model_config), engines.text_vocab_size(ref_config)
         if ref_vocab != policy_vocab:
             raise distributed.UsageError(
                 f"model.reference_path {cfg.model.reference_path} has a vocabulary of {ref_vocab} tokens but "
@@ -369,12 +369,6 @@ def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Pa
     return evaluate_models(
         policy_lm, reference_lm, tokenizer, sets, eval_cfg, rank=rank, world_size=world_size, splits=splits
     )
-
-
-def _vocab_size(model_config) -> int:
-    """The vocabulary size of a transformers config; multimodal configs keep it in their text config."""
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    return text_config.vocab_size
 
 
 def _grad_norm(engine) -> Optional[float]:

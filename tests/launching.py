@@ -34,31 +34,40 @@ def launch(args, nproc=2, timeout=420, launcher="direct"):
     SLURM; it costs two more interpreters that import DeepSpeed (test_launch.py, test_failures.py and the cluster
     tests cover that path).
     """
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     if launcher == "deepspeed":
         deepspeed_bin = Path(sys.executable).with_name("deepspeed")
         command = [str(deepspeed_bin), "--num_gpus", str(nproc), "--master_port", str(free_port()),
                    "dsunlearn/train.py", *args]
-        env["PATH"] = f"{deepspeed_bin.parent}:{os.environ['PATH']}"
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                   PATH=f"{deepspeed_bin.parent}:{os.environ['PATH']}")
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         return done.returncode, done.stdout + done.stderr
-    port = str(free_port())
     with tempfile.TemporaryDirectory() as log_dir:
-        logs = [Path(log_dir) / f"rank{rank}.log" for rank in range(nproc)]
-        processes = []
-        for rank, log_path in enumerate(logs):
-            rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-                            LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            with open(log_path, "w") as log:
-                processes.append(subprocess.Popen([sys.executable, "dsunlearn/train.py", *args], cwd=REPO,
-                                                  env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+        processes, logs = start_ranks(args, Path(log_dir), nproc)
         deadline = time.monotonic() + timeout
         try:
-            codes = [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in processes]
+            codes = [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in processes.values()]
         finally:
-            for process in processes:
+            for process in processes.values():
                 if process.poll() is None:
                     process.kill()
                     process.wait()
         output = "".join(log_path.read_text(errors="replace") for log_path in logs)
     return next((code for code in codes if code != 0), 0), output
+
+
+def start_ranks(args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, extra_env=None):
+    """Start the trainer's ranks (all, or those in ``ranks``) as srun does: one process per rank with
+    RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in its environment, its output in ``log_dir/rank{R}.log``; ``prefix`` goes
+    before the interpreter (e.g. ``unshare --net``). Returns ({rank: process}, [log path per rank])."""
+    logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
+    port = str(port or free_port())
+    processes = {}
+    for rank in ranks if ranks is not None else range(nproc):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   **(extra_env or {}))
+        with open(logs[rank], "w") as log:
+            processes[rank] = subprocess.Popen([*prefix, sys.executable, "dsunlearn/train.py", *args], cwd=REPO,
+                                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    return processes, logs

@@ -5,14 +5,11 @@ deprecation noise that noise.py silences.
 The ranks are started directly, as srun starts them, so each rank's own exit code is seen.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 
 from dsunlearn.distributed import EXIT_OK, EXIT_PREEMPTED
-from launching import OUTSIDE_STOP, REPO, free_port
+from launching import OUTSIDE_STOP, start_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
@@ -22,14 +19,7 @@ HANG_LIMIT_S = 300  # only stops a hung run; nothing is timed
 
 def run_two_ranks(args, log_dir):
     """Start ranks 0 and 1 of one run; return ({rank: exit code}, their output)."""
-    port = free_port()
-    processes = {}
-    for rank in (0, 1):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        with open(log_dir / f"rank{rank}.log", "w") as log:
-            processes[rank] = subprocess.Popen([sys.executable, "dsunlearn/train.py", *args], cwd=REPO, env=env,
-                                               stdout=log, stderr=subprocess.STDOUT)
+    processes, logs = start_ranks(args, log_dir)
     try:
         codes = {rank: process.wait(timeout=HANG_LIMIT_S) for rank, process in processes.items()}
     finally:
@@ -37,7 +27,7 @@ def run_two_ranks(args, log_dir):
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    return codes, "".join((log_dir / f"rank{rank}.log").read_text() for rank in (0, 1))
+    return codes, "".join(log.read_text() for log in logs)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from dsunlearn.config import ModelConfig, ObjectiveConfig, RunConfig, TrainConfi
 from dsunlearn.distributed import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RunDiverged
 from dsunlearn.guards import StepGuards
 from dsunlearn.strict_json import to_json
-from launching import OUTSIDE_STOP, REPO, free_port
+from launching import OUTSIDE_STOP, REPO, free_port, start_ranks
 
 HANG_LIMIT_S = 300  # only stops a hung test; nothing is timed
 
@@ -30,18 +30,7 @@ class Ranks:
     """Rank processes of one run, each with its own log file."""
 
     def __init__(self, args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, extra_env=None):
-        self.logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
-        port = port or free_port()
-        self.processes = {}
-        for rank in ranks if ranks is not None else range(nproc):
-            env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(nproc),
-                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), **(extra_env or {}))
-            with open(self.logs[rank], "w") as log:
-                self.processes[rank] = subprocess.Popen(
-                    [*prefix, sys.executable, "dsunlearn/train.py", *args], cwd=REPO, env=env, stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+        self.processes, self.logs = start_ranks(args, log_dir, nproc, port, prefix, ranks, extra_env)
 
     def wait(self) -> dict:
         deadline = time.monotonic() + HANG_LIMIT_S
