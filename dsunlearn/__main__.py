@@ -33,6 +33,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"dsunlearn: unknown command {command!r}\n{__doc__}", file=sys.stderr)
         raise SystemExit(2)
     run(rest)
+    if command == "train":  # skip the interpreter's teardown after a clean end, as train.py does (why: see there)
+        from dsunlearn import distributed
+
+        distributed._exit(distributed.EXIT_OK)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,10 @@ def final_weights(run_dir: Path) -> dict:
     return weights
 
 
-def finish(slurm_cluster, job_id: str, log: Path, resubmit):
-    """Wait for the job; while it was stopped from outside (launching.OUTSIDE_STOP), ``resubmit()`` it (up to twice)."""
-    job = slurm_cluster.wait(job_id)
+def finish(slurm_cluster, job_id: str, log: Path, resubmit, restarts: int = 0):
+    """Wait for the job (after ``restarts`` requeues); while it was stopped from outside (launching.OUTSIDE_STOP),
+    ``resubmit()`` it (up to twice)."""
+    job = slurm_cluster.wait(job_id, restarts=restarts)
     for _ in range(2):
         if job.exit_code != EXIT_PREEMPTED or OUTSIDE_STOP not in log.read_text():
             break
@@ -161,7 +162,9 @@ def test_requeued_job_resumes_by_itself(slurm_cluster, job_env, run_args, one_no
     stopped_at = len(metrics(out))
     assert stopped_at < len(metrics(one_node_run)), "the requeue came after the run had finished"
     slurm_cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    job = slurm_cluster.wait(job_id, restarts=1)
+    job = finish(slurm_cluster, job_id, log, lambda: slurm_cluster.sbatch(
+        "--open-mode=append", "--nodes", "2", "--ntasks-per-node", "1", "--output", str(log), str(LAUNCH_SH),
+        *run_args, "--output.dir", str(out), "--resume", "true", cwd=folder, env=job_env), restarts=1)
     assert (job.state, job.exit_code) == ("COMPLETED", 0), log.read_text()[-4000:]
     assert_same_run(out, one_node_run)
 

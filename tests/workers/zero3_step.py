@@ -4,6 +4,7 @@ Run by tests/test_zero3_step.py with RANK/WORLD_SIZE/MASTER_* set and DS_ACCELER
 gradients (before the step) and the full updated weights (after it) to the output file.
 """
 
+import os
 import sys
 
 import torch
@@ -61,9 +62,12 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
         torch.save({"names": names, "grads": grads, "weights": weights, "losses": [float(x) for x in losses],
                     "head_path": policy.module.head_path, "ref_head_status": ref_head_status}, out_file)
     torch.distributed.barrier()
-    # Without the teardown, exit can abort in C++ now and then ("terminate called without an active exception").
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:6])
+    # As train.py: the interpreter's teardown can abort in C++ now and then ("terminate called without an active
+    # exception"), even after destroy_process_group; the result is written, so end here.
+    sys.stdout.flush()
+    os._exit(0)
