@@ -9,7 +9,6 @@ Reads top to bottom: settings -> process group -> data -> engines -> (resume) ->
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 import random
@@ -19,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from dsunlearn import data as data_lib
 from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, noise, objective
 from dsunlearn.config import RunConfig, parse_run_config
+from dsunlearn.step_data import StepData
 
 logger = logging.getLogger("dsunlearn.train")
 
@@ -65,93 +64,32 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     run_folder = checkpoints.prepare_run_folder(out_dir, cfg, run_shape)
     resume_from = run_folder.resume_from
 
-    # ---- data: every rank loads and splits the same pairs; each step reads its slots of one global example stream ----
+    # ---- data: every rank loads, splits and tokenises the same pairs; each step reads its slots of one global
+    # example stream ----
     model_config, ref_config, tokenizer = _load_model_config_and_tokenizer(cfg)
-    pad_id = data_lib.resolve_pad_id(tokenizer)
-    prompt_format = data_lib.PromptFormat(cfg.data.template, cfg.data.use_chat_template)
-    use_forget = cfg.objective.forget_weight > 0
-    use_random = cfg.objective.random_weight > 0
-    use_normal = cfg.objective.normal_weight > 0
-    prefix_ids = data_lib.special_prefix_ids(tokenizer)
-    forget_pairs, normal_pairs = _load_pairs("forget", cfg.data.forget), _load_pairs("normal", cfg.data.normal)
-    forget_train, _ = data_lib.split_pairs(forget_pairs, cfg.data.forget.held_out_fraction, cfg.data.seed)
-    normal_train, _ = data_lib.split_pairs(normal_pairs, cfg.data.normal.held_out_fraction, cfg.data.seed)
-    # A prompt is never cut: pairs whose prompt leaves no room for a response are dropped here, before any index into
-    # the train splits is drawn. The forget term may leave the end of the answer out (objective.forget_eos).
-    try:  # data.max_length shorter than every prompt, or a chat template the answer cannot be found in: EXIT_USAGE
-        forget_tokenized = data_lib.tokenize_pairs(
-            tokenizer, forget_train, prompt_format, cfg.data.max_length, end_of_response=cfg.objective.forget_eos,
-            name="forget",
-        )
-        normal_tokenized = data_lib.tokenize_pairs(
-            tokenizer, normal_train if use_normal else [], prompt_format, cfg.data.max_length, name="normal"
-        )
+    try:  # a bad file, data.max_length shorter than every prompt, too few pairs for the ranks: EXIT_USAGE
+        step_data = StepData(cfg, tokenizer, world_size)
     except ValueError as err:
         raise distributed.UsageError(str(err)) from None
-    forget_train, normal_examples = forget_tokenized.pairs, normal_tokenized.pairs if use_normal else normal_train
     if is_main:
-        logger.info("data: forget: %s", forget_tokenized.summary())
-        if use_normal:
-            logger.info("data: normal: %s", normal_tokenized.summary())
-    for name, pairs, used in (("forget", forget_train, True), ("normal", normal_examples, use_normal or use_random)):
-        if used and len(pairs) < world_size:
-            raise distributed.UsageError(
-                f"{name} train split has {len(pairs)} samples but the run has {world_size} ranks: "
-                f"every rank needs at least one (use fewer ranks or more data)"
-            )
-
-    def tokenize(pair):
-        return data_lib.tokenize_pair(tokenizer, pair, prompt_format, cfg.data.max_length, prefix_ids)
-
-    forget_sequences = forget_tokenized.sequences if use_forget else []
-    normal_sequences = normal_tokenized.sequences
-    random_answer_pool = [pair.response for pair in normal_train]
+        step_data.log_summary()
     gas = cfg.train.gradient_accumulation_steps
-    forget_sampler = data_lib.StepSampler(
-        len(forget_train), cfg.train.forget_batch_size, world_size=world_size, gradient_accumulation_steps=gas,
-        seed=cfg.data.seed,
-    )
-    normal_sampler = data_lib.StepSampler(
-        len(normal_examples), max(cfg.train.normal_batch_size, 1), world_size=world_size,
-        gradient_accumulation_steps=gas, seed=cfg.data.seed + 1,
-    )
-    if is_main:
-        logger.info(
-            "data: %d forget and %d normal training pairs, %d ranks x %d micro-steps, %d forget + %d random + "
-            "%d normal sequences per micro-step and rank", len(forget_train), len(normal_examples), world_size, gas,
-            cfg.train.forget_batch_size, cfg.train.forget_batch_size * cfg.objective.num_random_answers * use_random,
-            cfg.train.normal_batch_size * use_normal,
-        )
-
-    def micro_sequences(step: int, micro: int) -> tuple[list, list, list]:
-        """The (forget, random, normal) sequences of this rank's slot in micro-step ``micro`` of step ``step``."""
-        forget_indices = forget_sampler.indices(step, rank, micro)
-        forget = [forget_sequences[i] for i in forget_indices] if use_forget else []
-        random_sequences = []
-        if use_random:
-            answers = data_lib.draw_random_answers(
-                random_answer_pool, forget_sampler.positions(step, rank, micro), cfg.objective.num_random_answers,
-                cfg.data.seed,
-            )
-            random_sequences = [
-                tokenize(dataclasses.replace(forget_train[i], response=answer))
-                for i, example_answers in zip(forget_indices, answers)
-                for answer in example_answers
-            ]
-        normal = [normal_sequences[i] for i in normal_sampler.indices(step, rank, micro)] if use_normal else []
-        return forget, random_sequences, normal
 
     def step_batches(step: int) -> list[objective.StepBatch]:
-        """This rank's micro-batches of optimizer step ``step``: a function of (data seed, step, slot) only, so a
-        resumed run sees the same data, and so does any split of the global batch into ranks x micro-steps."""
-        slots = [micro_sequences(step, micro) for micro in range(gas)]
+        """This rank's micro-batches of optimizer step ``step``."""
+        slots = [step_data.slot(step, rank, micro) for micro in range(gas)]
         step_term_tokens = None
         if cfg.objective.reduction == "token_mean":
             # token_mean divides by the tokens of the whole step: count every micro-batch up front, one all_reduce.
-            step_term_tokens = sum(objective.term_token_counts(*slot) for slot in slots).to(device)
+            step_term_tokens = sum(
+                objective.term_token_counts(slot.forget, slot.random, slot.normal) for slot in slots
+            ).to(device)
             torch.distributed.all_reduce(step_term_tokens)
         return [
-            objective.build_step_batch(*slot, pad_id, cfg.objective, step_term_tokens, world_size * gas).to(device)
+            objective.build_step_batch(
+                slot.forget, slot.random, slot.normal, step_data.pad_id, cfg.objective, step_term_tokens,
+                world_size * gas,
+            ).to(device)
             for slot in slots
         ]
 
@@ -174,7 +112,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
     policy_engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     ref_engine = None
-    if use_normal and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
+    if step_data.use_normal and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
         ref_ds_config = ds_config.build_reference_ds_config(policy_ds_config, cfg.model.reference_offload)
         ref_lm = engines.load_causal_lm(ref_ds_config, cfg, reference=True)
         ref_engine = engines.build_reference_engine(ref_lm, cfg, ref_ds_config)
@@ -267,15 +205,6 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     if is_main:
         logger.info("metrics: %s; checkpoints: %s", metrics_path, checkpoint_dir)
     return out_dir
-
-
-def _load_pairs(name: str, spec: data_lib.DatasetSpec) -> list:
-    """The pairs of data set ``name``; a bad file is bad user input, not a bug: one message naming the setting,
-    EXIT_USAGE."""
-    try:
-        return data_lib.load_pairs(spec)
-    except (OSError, ValueError) as err:
-        raise distributed.UsageError(f"data.{name}: {err}") from None
 
 
 def _load_model_config_and_tokenizer(cfg: RunConfig):
