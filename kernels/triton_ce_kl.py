@@ -13,8 +13,8 @@ whole row's logsumexp before any dL/dz exists): 12·N·H·V flops instead of the
 (2 for the logits, 2 for the reference logits, 2 + 2 for the two gradients). Keeping one [C, V] chunk keeps the
 flop count at 8·N·H·V, lets the four matrix products run in cuBLAS at the device's matrix rate, and leaves the
 Triton kernel the memory-bound part, which it does in one read of each logits row for the statistics and one
-more to write dL/dz. The chunk height is chosen so that the chunk buffers stay O(N·H) (see
-``default_chunk_rows``), so no buffer scales with N·V.
+more to write dL/dz. The chunk height is chosen so that the chunk buffers stay O(N·H), or hold at most twice
+``MIN_CHUNK_ROWS`` rows where that is larger (see ``default_chunk_rows``), so no buffer scales with N·V.
 
 As in Liger-Kernel's fused linear cross-entropy, the gradients are made during the forward and the backward only
 scales them by the upstream gradient; the loss is linear in that gradient, so this is exact for any value,
