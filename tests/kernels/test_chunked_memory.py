@@ -125,7 +125,8 @@ def test_chunked_bf16_head_makes_no_fp32_copy_of_its_weights():
     assert result.returncode == 0, result.stderr
     run = json.loads(result.stdout.strip().splitlines()[-1])
     fp32_weight_bytes = BF16_VOCAB_SIZE * BF16_HIDDEN_SIZE * 4
-    print(f"peak extra {run['peak_extra_bytes'] / 2**20:.0f} MiB; one fp32 [V, H] is {fp32_weight_bytes / 2**20:.0f} MiB")
+    mib = 2**20
+    print(f"peak extra {run['peak_extra_bytes'] / mib:.0f} MiB; one fp32 [V, H] is {fp32_weight_bytes / mib:.0f} MiB")
     # Alive at the peak: the fp32 weight-gradient accumulator, the bf16 gradient made from it, one chunk's buffers
     # and one cast block (~1.6x an fp32 [V, H] here). fp32 copies of W and W_ref would add 2x more.
     assert run["peak_extra_bytes"] < 2 * fp32_weight_bytes

@@ -301,7 +301,7 @@ def test_dispatcher_routes_to_triton():
 @pytest.mark.parametrize(
     "num_rows, hidden_size, vocab_size, has_kl, expected_rows",
     [
-        # Llama-3 8B head, bf16: the budget 8·16384·4096·2 B / (128256·10 B) = 837 rows is under the floor: 16 x 1024.
+        # Llama-3 8B head, bf16: the budget 8·16384·4096·2 B / (128256·10 B) = 837 rows, under the floor: 16 x 1024.
         (16384, 4096, 128256, True, 1024),
         # Gemma-2 9B's 256k vocabulary: budget 367 rows (256-row chunks before the floor rose): 16 x 1024.
         (16384, 3584, 256000, True, 1024),
