@@ -70,7 +70,8 @@ class _Fp32HeadProducts:
             return hidden @ self.weight.float().T
         logits = hidden.new_empty(hidden.shape[0], self.weight.shape[0])
         for rows, block in self._blocks():
-            logits[:, rows] = hidden @ block.T  # [C, B]
+            # Written in place: a column block of the logits is a matrix with a leading dimension BLAS takes.
+            torch.mm(hidden, block.T, out=logits[:, rows])  # [C, B]
         return logits
 
     def add_gradients(self, grad_logits, hidden, grad_hidden_out, grad_weight):
