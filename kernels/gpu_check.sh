@@ -57,7 +57,8 @@ step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, append stdo
 wheels=("$repo"/kernels/wheels/*.whl)
 if [ -e "${wheels[0]}" ]; then
     step "wheels (${#wheels[@]})" 30 "$out_dir/env.txt" \
-        "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}"
+        "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+        "${wheels[@]}"
 else
     echo "no kernels/wheels/*.whl: run kernels/gpu_wheels.sh where pip has network and carry kernels/wheels" \
         >>"$out_dir/env.txt"

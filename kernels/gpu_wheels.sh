@@ -45,7 +45,8 @@ download "$(pinned pydantic)" "$(pinned annotated-types)" "$(pinned typing-inspe
     "$(pinned datasets)" "$(pinned dill)" "$(pinned multiprocess)"
 # pydantic pins the pydantic-core it was released with: take that one, not this environment's.
 pydantic_wheel=$(ls "$wheels"/pydantic-[0-9]*.whl)
-core_requirement=$(unzip -p "$pydantic_wheel" '*/METADATA' | sed -n 's/^Requires-Dist: pydantic[-_]core *\(==[^ ;]*\).*/pydantic-core\1/p')
+core_requirement=$(unzip -p "$pydantic_wheel" '*/METADATA' |
+    sed -n 's/^Requires-Dist: pydantic[-_]core *\(==[^ ;]*\).*/pydantic-core\1/p')
 download "${core_requirement:?no pydantic-core pin in $pydantic_wheel}"
 
 # No wheel of deepspeed on the registry: build it from its sdist against this torch (its setup.py imports torch),
