@@ -1,7 +1,13 @@
 """Benchmark of the fused linear CE + KL loss against eager PyTorch, torch.compile, Liger-Kernel and CCE.
 
     python -m dsunlearn.kernels.bench [--n N --h H --v V --dtype bf16 --device cuda --terms both
-                                       --impls torch,torch.compile,chunked,triton,liger,cce --json out.json]
+                                       --impls torch,torch.compile,chunked,triton,liger,liger.1pass,cce
+                                       --json out.json]
+
+Liger-Kernel appears twice: ``liger`` is its fused linear CE (fp32 accumulation where the release has
+``accum_dtype``) followed by its fused linear JSD at β = 0, two passes over the head; ``liger.1pass`` is its
+single-pass ``LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=1, beta=0)``, which does the same
+work as ``fused_linear_ce_kl`` in one pass. At β = 0 both compute the forward KL(p_ref ‖ p_θ), as this package.
 
 For each implementation: forward, backward and forward+backward time (median of ``--repeats``; CUDA events on a
 GPU), peak extra memory (on a GPU ``torch.cuda.max_memory_allocated`` over the inputs; on the CPU the peak
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -33,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("torch", "torch.compile", "chunked", "triton", "liger", "cce")
+IMPLEMENTATIONS = ("torch", "torch.compile", "chunked", "triton", "liger", "liger.1pass", "cce")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_DEFAULT_SIZE = (16384, 4096, 128256)  # Llama-3 8B head over 16k tokens
 CPU_DEFAULT_SIZE = (2048, 256, 16384)
@@ -146,15 +153,15 @@ def make_loss_fn(name: str, problem: Problem):
             raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
         chunk_rows = int(name.split("@", 1)[1])
         return lambda inputs: triton_fused_linear_ce_kl(**inputs, chunk_rows=chunk_rows)
-    if name == "liger":
-        return _liger_loss_fn(problem)
+    if name in ("liger", "liger.1pass"):
+        return _liger_loss_fn(problem, name)
     if name == "cce":
         return _cce_loss_fn(problem)
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
 
 
 # Implementations that run on CUDA only, with how the skip note names them.
-CUDA_ONLY = {"liger": "Liger-Kernel", "cce": "cut-cross-entropy"}
+CUDA_ONLY = {"liger": "Liger-Kernel", "liger.1pass": "Liger-Kernel", "cce": "cut-cross-entropy"}
 
 
 def _require_cuda(name: str, problem: Problem) -> None:
@@ -162,32 +169,78 @@ def _require_cuda(name: str, problem: Problem) -> None:
         raise Skipped(f"{CUDA_ONLY[name]} runs on CUDA only")
 
 
-def _liger_loss_fn(problem: Problem):
-    _require_cuda("liger", problem)
+def _liger_loss_fn(problem: Problem, name: str):
+    _require_cuda(name, problem)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
     except ImportError:
         raise Skipped("liger_kernel is not installed") from None
-    fused_ce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    if name == "liger":
+        return liger_two_pass_loss_fn(problem, LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD)
     try:
-        # β = 0 makes Liger's generalised JSD the forward KL(p_ref ‖ p_θ) (its teacher is the reference).
-        fused_kl = LigerFusedLinearJSD(jsd_beta=0.0)
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        raise Skipped("this Liger-Kernel has no LigerFusedLinearJSDLoss (liger_kernel.chunked_loss)") from None
+    return liger_single_pass_loss_fn(problem, LigerFusedLinearJSDLoss)
+
+
+def _with_fp32_accumulation(module_class) -> dict:
+    """``accum_dtype=torch.float32`` where this Liger-Kernel's module takes it (newer releases), else nothing."""
+    return {"accum_dtype": torch.float32} if "accum_dtype" in inspect.signature(module_class).parameters else {}
+
+
+def liger_two_pass_loss_fn(problem: Problem, fused_ce_class, fused_jsd_class):
+    """Liger's fused linear CE, then its fused linear JSD at β = 0: two passes over the head.
+
+    At β = 0 Liger's generalised JSD is the forward KL(p_teacher ‖ p_student) (``ops/jsd.py``: "beta == 0.0:
+    forward KL"), the teacher being the reference here: the same direction as this package's KL.
+    """
+    ce_options = dict(reduction="sum", **_with_fp32_accumulation(fused_ce_class))
+    fused_ce = fused_ce_class(**ce_options)
+    kl_options = dict(jsd_beta=0.0, **_with_fp32_accumulation(fused_jsd_class))
+    try:
+        fused_kl = fused_jsd_class(**kl_options)
     except (AssertionError, ValueError) as error:
         if problem.has_kl:
             raise Skipped(f"this Liger-Kernel has no forward KL (jsd_beta=0): {error}") from None
         fused_kl = None
 
     def loss_fn(inputs):
-        # Two separate heads' passes: Liger has no single op for both terms. Its JSD averages over tokens
-        # ("batchmean"): scale back to a sum so the work and the value match the other rows.
+        # Its JSD averages over tokens ("batchmean"): scale back to a sum so the work and the value match the
+        # other rows.
         loss = inputs["hidden"].new_zeros((), dtype=torch.float32)
         if problem.has_ce:
             loss = loss + fused_ce(inputs["weight"], inputs["hidden"], inputs["targets"])
         if problem.has_kl:
-            kl = fused_kl(inputs["hidden"], inputs["weight"], inputs["ref_hidden"], inputs["ref_weight"])
+            kl = fused_kl(inputs["hidden"], inputs["weight"], inputs["ref_hidden"], inputs["ref_weight"], None)
             loss = loss + kl * problem.num_tokens
         return loss
 
+    accumulation = "fp32" if "accum_dtype" in ce_options else "the input dtype (no accum_dtype in this release)"
+    loss_fn.note = f"fused linear CE (accumulates in {accumulation}) + fused linear JSD at beta=0: two passes"
+    return loss_fn
+
+
+def liger_single_pass_loss_fn(problem: Problem, fused_jsd_loss_class):
+    """Liger's single-pass distillation loss ``LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=1,
+    beta=0)``: one pass over the head for CE and KL, the same work as ``fused_linear_ce_kl``.
+
+    Per Liger's ``chunked_loss/fused_linear_distillation.py`` it returns (w_hard·Σ CE + w_soft·Σ KL) / (number of
+    targets other than ignore_index); at β = 0 its soft loss is ``F.kl_div(log p_student, log p_teacher,
+    log_target=True)`` summed over the vocabulary, the forward KL(p_teacher ‖ p_student) with the reference as
+    the teacher. Every target here is valid, so N times its value is this benchmark's sum.
+    """
+    if not problem.has_kl:
+        raise Skipped("single-pass distillation loss: needs the KL term (the liger row covers CE only)")
+    fused_loss = fused_jsd_loss_class(weight_hard_loss=1.0 if problem.has_ce else 0.0, weight_soft_loss=1.0, beta=0.0)
+
+    def loss_fn(inputs):
+        loss = fused_loss(
+            inputs["hidden"], inputs["weight"], inputs["ref_hidden"], inputs["ref_weight"], inputs["targets"]
+        )
+        return loss.float() * problem.num_tokens
+
+    loss_fn.note = "LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=1, beta=0): one pass"
     return loss_fn
 
 
@@ -298,6 +351,7 @@ def run_implementation(name: str, problem: Problem, warmup: int, repeats: int) -
     row = Row(name, size=[problem.num_tokens, problem.hidden_size, problem.vocab_size])
     try:
         loss_fn = make_loss_fn(name, problem)
+        row.note = getattr(loss_fn, "note", "")
         inputs = problem.make_inputs()
         # Warm-up outside the measurements: compilation, autotuning, lazy initialisation.
         _clear_grads(inputs)

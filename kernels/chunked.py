@@ -12,6 +12,9 @@ import torch
 
 # Bytes of one [chunk, V] fp32 tensor; a chunk holds a handful of these at once.
 CHUNK_LOGITS_BYTES = 32 * 2**20
+# Bytes of the fp32 cast of one vocabulary block of a low-precision head weight: the products accumulate in fp32
+# without an fp32 copy of the whole [V, H] weight (3 GB each for W and W_ref at 128k x 4096).
+WEIGHT_BLOCK_BYTES = 8 * 2**20
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -24,12 +27,63 @@ def scale_precomputed_gradients(ctx, grad_loss: torch.Tensor):
     ``ctx.save_for_backward``; target dtypes in ``ctx.hidden_dtype``/``ctx.weight_dtype``): scale them by the
     upstream gradient, which makes any upstream value (negative, ≠ 1) exact."""
     grad_hidden, grad_weight = ctx.saved_tensors
-    # Out of place: the stored gradients must survive a second backward with retain_graph=True.
     if grad_hidden is not None:
-        grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype)
+        grad_hidden = _scaled(grad_hidden, grad_loss, ctx.hidden_dtype)
     if grad_weight is not None:
-        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        grad_weight = _scaled(grad_weight, grad_loss, ctx.weight_dtype)
     return grad_hidden, grad_weight
+
+
+def _scaled(stored: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """stored [R, H] fp32 × factor, rounded once to ``dtype``, a block of rows at a time: out of place (the stored
+    gradient must survive a second backward with retain_graph=True) and without an fp32 temporary of its size."""
+    if dtype == torch.float32:
+        return stored * factor
+    out = torch.empty(stored.shape, dtype=dtype, device=stored.device)
+    block_rows = max(1, WEIGHT_BLOCK_BYTES // (4 * max(1, stored.shape[1])))
+    for start in range(0, stored.shape[0], block_rows):
+        torch.mul(stored[start : start + block_rows], factor, out=out[start : start + block_rows])
+    return out
+
+
+class _Fp32HeadProducts:
+    """The products of one head weight [V, H] in fp32 whatever its storage dtype: an fp32 weight is used as it is,
+    a low-precision one is cast a vocabulary block at a time (``WEIGHT_BLOCK_BYTES``), just before the products
+    that need the block."""
+
+    def __init__(self, weight: torch.Tensor):
+        vocab_size, hidden_size = weight.shape
+        self.weight = weight
+        self.block_rows = (
+            vocab_size if weight.dtype == torch.float32 else max(1, WEIGHT_BLOCK_BYTES // (4 * hidden_size))
+        )
+
+    def _blocks(self):
+        """(vocabulary slice, fp32 weight rows [B, H]) pairs covering the vocabulary."""
+        for start in range(0, self.weight.shape[0], self.block_rows):
+            rows = slice(start, start + self.block_rows)
+            yield rows, self.weight[rows].float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[C, H] fp32 → [C, V] fp32."""
+        if self.block_rows >= self.weight.shape[0]:
+            return hidden @ self.weight.float().T
+        logits = hidden.new_empty(hidden.shape[0], self.weight.shape[0])
+        for rows, block in self._blocks():
+            # Written in place: a column block of the logits is a matrix with a leading dimension BLAS takes.
+            torch.mm(hidden, block.T, out=logits[:, rows])  # [C, B]
+        return logits
+
+    def add_gradients(self, grad_logits, hidden, grad_hidden_out, grad_weight):
+        """grad_hidden_out [C, H] ← grad_logits [C, V] @ weight (if given); grad_weight [V, H] += grad_logits.T @
+        hidden [C, H] (if given). One cast of each block serves both products."""
+        if grad_hidden_out is not None:
+            grad_hidden_out.zero_()
+        for rows, block in self._blocks():
+            if grad_hidden_out is not None:
+                grad_hidden_out.addmm_(grad_logits[:, rows], block)
+            if grad_weight is not None:
+                grad_weight[rows].addmm_(grad_logits[:, rows].T, hidden)
 
 
 class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
@@ -58,9 +112,8 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
     ):
         num_rows = hidden.shape[0]
         vocab_size = weight.shape[0]
-        # Accumulate in fp32 whatever the storage dtype; a no-op for fp32 weights.
-        weight_fp32 = weight.float()  # [V, H]
-        ref_weight_fp32 = ref_weight.float() if kl_weight is not None else None  # [V, H_ref]
+        policy = _Fp32HeadProducts(weight)
+        reference = _Fp32HeadProducts(ref_weight) if kl_weight is not None else None
 
         fp32 = dict(dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), **fp32)
@@ -72,7 +125,7 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
         for start in range(0, num_rows, chunk_size):
             end = min(start + chunk_size, num_rows)
             chunk_hidden = hidden[start:end].float()  # [C, H]
-            logits = chunk_hidden @ weight_fp32.T  # [C, V]
+            logits = policy.logits(chunk_hidden)  # [C, V]
             if softcap is not None:
                 tanh_logits = torch.tanh(logits / softcap)  # [C, V], kept for the softcap derivative
                 logits = tanh_logits * softcap
@@ -95,7 +148,7 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
             if has_kl:
                 ref_rows = slice(start + kl_start - num_without_kl, end - num_without_kl)
                 chunk_kl_weight = kl_weight[ref_rows]  # [Ck]
-                ref_log_probs = ref_hidden[ref_rows].float() @ ref_weight_fp32.T  # [Ck, V]
+                ref_log_probs = reference.logits(ref_hidden[ref_rows].float())  # [Ck, V]
                 if softcap is not None:
                     ref_log_probs = torch.tanh(ref_log_probs / softcap).mul_(softcap)
                 ref_log_probs -= torch.logsumexp(ref_log_probs, dim=-1, keepdim=True)
@@ -124,10 +177,9 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
                 # d(c·tanh(x/c))/dx = 1 − tanh²(x/c)
                 grad_logits.mul_(tanh_logits.square_().neg_().add_(1.0))
                 del tanh_logits
-            if needs_grad_hidden:
-                grad_hidden[start:end] = grad_logits @ weight_fp32  # [C, H]
-            if needs_grad_weight:
-                grad_weight.addmm_(grad_logits.T, chunk_hidden)  # [V, H]
+            policy.add_gradients(
+                grad_logits, chunk_hidden, grad_hidden[start:end] if needs_grad_hidden else None, grad_weight
+            )
 
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype = hidden.dtype

@@ -13,8 +13,8 @@ whole row's logsumexp before any dL/dz exists): 12·N·H·V flops instead of the
 (2 for the logits, 2 for the reference logits, 2 + 2 for the two gradients). Keeping one [C, V] chunk keeps the
 flop count at 8·N·H·V, lets the four matrix products run in cuBLAS at the device's matrix rate, and leaves the
 Triton kernel the memory-bound part, which it does in one read of each logits row for the statistics and one
-more to write dL/dz. The chunk height is chosen so that the chunk buffers stay O(N·H) (see
-``default_chunk_rows``), so no buffer scales with N·V.
+more to write dL/dz. The chunk height is chosen so that the chunk buffers stay O(N·H), or hold at most twice
+``MIN_CHUNK_ROWS`` rows where that is larger (see ``default_chunk_rows``), so no buffer scales with N·V.
 
 As in Liger-Kernel's fused linear cross-entropy, the gradients are made during the forward and the backward only
 scales them by the upstream gradient; the loss is linear in that gradient, so this is exact for any value,
@@ -38,7 +38,9 @@ synchronisation; a loop of cuBLAS calls cannot size itself on the device).
 from __future__ import annotations
 
 import functools
+import math
 import os
+import warnings
 
 import torch
 import triton
@@ -47,8 +49,10 @@ import triton.language as tl
 # Rows of the [C, V] chunk buffers are bounded so that they hold about this many times the bytes of the
 # [N, H] input: O(N·H) memory whatever V is.
 CHUNK_BYTES_PER_INPUT_BYTE = 8
-# Matrix products with fewer rows than this run well below the device's matrix rate.
-MIN_CHUNK_ROWS = 256
+# The chunk height is the K of the weight-gradient product grad_logits.T @ hidden, which streams the [V, H] fp32
+# accumulator once per chunk: below about 1024 rows that product is bound by memory, not by the matrix rate (256
+# rows at Gemma's 256k vocabulary). At V = 256k the chunk buffers of 1024 rows take 2.5 GB.
+MIN_CHUNK_ROWS = 1024
 MAX_BLOCK_V = 2048
 # The stored weight gradient's largest entry lies in [2^(E-1), 2^E): far from fp16's overflow at 65504, and 2^37
 # above its smallest subnormal.
@@ -212,7 +216,8 @@ class _HeadMatmuls:
     are upcast to fp32 once per call.
     """
 
-    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, hidden_dtype: torch.dtype, names: tuple[str, str]):
+        compute_dtype = torch.promote_types(hidden_dtype, weight.dtype)
         low_precision = compute_dtype != torch.float32
         self.mm_fp32_out, self.addmm_fp32_out = (
             _cuda_supports_fp32_out(weight.device.index or 0) if weight.is_cuda and low_precision else (False, False)
@@ -220,6 +225,7 @@ class _HeadMatmuls:
         # Operand dtype of the products: the input dtype where cuBLAS gives fp32 results from it, else fp32.
         self.dtype = compute_dtype if (not low_precision or self.mm_fp32_out) else torch.float32
         self.input_dtype = compute_dtype
+        _warn_about_slow_paths(weight, hidden_dtype, self, names)
         self.weight = weight.to(self.dtype)  # [V, H]; no copy in the usual case
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -247,6 +253,48 @@ class _HeadMatmuls:
             accumulator += torch.mm(grad_logits.T, hidden, out_dtype=torch.float32)
 
 
+class SlowPathWarning(UserWarning):
+    """The triton backend runs a path several times slower, or larger, than it needs to; the message says why and
+    how to avoid it."""
+
+
+def _warn_about_slow_paths(weight: torch.Tensor, hidden_dtype: torch.dtype, products: _HeadMatmuls, names) -> None:
+    """Warn (once per message, Python's default filter) where the products lose cuBLAS's low-precision rate.
+
+    Under the interpreter the CPU upcasts every low-precision product: that path exists for the tests only and
+    is not reported, unless the dtypes are mixed, which is slow on every device.
+    """
+    hidden_name, weight_name = names
+    copy_gib = weight.numel() * 4 / 2**30
+    if products.dtype != weight.dtype and hidden_dtype != weight.dtype:
+        warnings.warn(
+            f"fused_linear_ce_kl (triton): {hidden_name} is {hidden_dtype} but {weight_name} is {weight.dtype}, so "
+            f"the head's products run in fp32 on an fp32 copy of {weight_name} ({copy_gib:.2f} GiB), about 10x "
+            f"slower than {weight.dtype} products with fp32 accumulation. Pass {hidden_name} in {weight_name}'s "
+            f"dtype ({hidden_name}.to({weight_name}.dtype)), or both in fp32 if fp32 products are wanted.",
+            SlowPathWarning,
+            stacklevel=3,
+        )
+    elif weight.is_cuda and products.dtype != weight.dtype:
+        warnings.warn(
+            f"fused_linear_ce_kl (triton): torch {torch.__version__} cannot write fp32 results of {weight.dtype} "
+            f"products on this GPU (torch.mm(..., out_dtype=torch.float32) failed), so the head's products run in "
+            f"fp32 on an fp32 copy of {weight_name} ({copy_gib:.2f} GiB), about 10x slower. Use a PyTorch whose "
+            f"torch.mm takes out_dtype for {weight.dtype} inputs on CUDA.",
+            SlowPathWarning,
+            stacklevel=3,
+        )
+    elif weight.is_cuda and products.dtype != torch.float32 and not products.addmm_fp32_out:
+        warnings.warn(
+            f"fused_linear_ce_kl (triton): torch {torch.__version__} has no in-place torch.addmm(..., "
+            f"out_dtype=torch.float32) for {weight.dtype} inputs, so every chunk adds its weight gradient through "
+            f"an fp32 [V, H] temporary ({copy_gib:.2f} GiB, one more pass over it per chunk). Use a PyTorch whose "
+            f"torch.addmm takes out_dtype with out=.",
+            SlowPathWarning,
+            stacklevel=3,
+        )
+
+
 def _power_of_two_scale(magnitude: torch.Tensor, exponent: int) -> torch.Tensor:
     """2^(exponent − e) for magnitude = m·2^e, m in [0.5, 1), elementwise: magnitude × scale lies in
     [2^(exponent−1), 2^exponent), and multiplying by it changes no mantissa. ``magnitude`` fp32, ≥ 0 (0 gives
@@ -269,11 +317,14 @@ def _unscaled(stored: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) ->
 
 def default_chunk_rows(num_rows: int, hidden_size: int, vocab_size: int, input_itemsize: int, has_kl: bool) -> int:
     """Token rows per chunk: the chunk's fp32 logits (and reference logits) stay within a few times the bytes of
-    the [N, H] input, with at least ``MIN_CHUNK_ROWS`` rows so the matrix products stay efficient."""
+    the [N, H] input, or take ``MIN_CHUNK_ROWS`` rows where that budget is smaller. The rows are split into as
+    many equal chunks (to one row) as fit that height: no chunk, the last included, is shorter than the height,
+    and none is more than twice as tall."""
     bytes_per_row = vocab_size * (4 + 4 * has_kl + input_itemsize)
     budget_rows = CHUNK_BYTES_PER_INPUT_BYTE * num_rows * hidden_size * input_itemsize // bytes_per_row
-    # Multiples of 128 rows keep the products on whole tensor-core tiles.
-    return max(1, min(num_rows, max(MIN_CHUNK_ROWS, budget_rows // 128 * 128)))
+    target_rows = max(MIN_CHUNK_ROWS, budget_rows)
+    num_chunks = max(1, num_rows // target_rows)
+    return max(1, math.ceil(num_rows / num_chunks))
 
 
 class TritonFusedLinearCEKLFunction(torch.autograd.Function):
@@ -305,10 +356,10 @@ class TritonFusedLinearCEKLFunction(torch.autograd.Function):
         device = hidden.device
         compute_grad = needs_grad_hidden or needs_grad_weight
 
-        policy = _HeadMatmuls(weight, torch.promote_types(hidden.dtype, weight.dtype))
+        policy = _HeadMatmuls(weight, hidden.dtype, ("hidden", "weight"))
         reference = None
         if kl_weight is not None and kl_weight.numel() > 0:
-            reference = _HeadMatmuls(ref_weight, torch.promote_types(ref_hidden.dtype, ref_weight.dtype))
+            reference = _HeadMatmuls(ref_weight, ref_hidden.dtype, ("ref_hidden", "ref_weight"))
         # The interpreter narrows fp32 to bf16 by truncation, not round-to-nearest: let torch round instead.
         grad_logits_dtype = torch.float32 if _interpreting() else policy.dtype
 

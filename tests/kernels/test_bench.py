@@ -9,7 +9,20 @@ import sys
 
 import pytest
 
-from dsunlearn.kernels.bench import IMPLEMENTATIONS, Problem, format_table, parse_args, Row
+import torch
+import torch.nn.functional as F
+
+from dsunlearn.kernels.bench import (
+    IMPLEMENTATIONS,
+    Problem,
+    Row,
+    Skipped,
+    eager_loss,
+    format_table,
+    liger_single_pass_loss_fn,
+    liger_two_pass_loss_fn,
+    parse_args,
+)
 
 
 def test_flops_count_six_nhv_for_the_head_and_two_for_the_reference():
@@ -64,5 +77,71 @@ def test_bench_runs_on_cpu_and_writes_a_row_per_implementation(tmp_path):
         assert math.isclose(rows[name]["loss"], rows["torch"]["loss"], rel_tol=1e-5)
         assert rows[name]["speedup_vs_torch"] > 0
     assert rows["torch"]["speedup_vs_torch"] == 1.0
-    for name in ("liger", "cce"):
+    for name in ("liger", "liger.1pass", "cce"):
         assert rows[name]["status"] == "skipped" and "CUDA" in rows[name]["note"]
+
+
+# Stand-ins for Liger-Kernel's modules (not installed here), written from its source (v0.8,
+# src/liger_kernel/transformers/fused_linear_{cross_entropy,jsd}.py, chunked_loss/jsd_loss.py): same constructor
+# options, same call signatures, same reductions, in plain PyTorch.
+class FusedLinearCrossEntropyLoss:
+    def __init__(self, ignore_index=-100, reduction="mean", accum_dtype=None):
+        self.reduction, self.accum_dtype = reduction, accum_dtype
+
+    def __call__(self, lin_weight, _input, target, bias=None):
+        return F.cross_entropy(_input.float() @ lin_weight.float().T, target, reduction=self.reduction)
+
+
+class FusedLinearJSD:  # a release without accum_dtype
+    def __init__(self, jsd_beta=0.5, ignore_index=-100, temperature=1.0):
+        assert jsd_beta == 0.0, "this stand-in implements only beta = 0 (forward KL)"
+
+    def __call__(self, student_input, student_weight, teacher_input, teacher_weight, shift_labels):
+        student = torch.log_softmax(student_input.float() @ student_weight.float().T, dim=-1)
+        teacher = torch.log_softmax(teacher_input.float() @ teacher_weight.float().T, dim=-1)
+        # "batchmean": Σ over tokens and vocabulary of p_teacher (log p_teacher − log p_student), over the tokens.
+        return (teacher.exp() * (teacher - student)).sum() / student_input.shape[0]
+
+
+class FusedLinearJSDLoss:
+    def __init__(self, weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5, ignore_index=-100, temperature=1.0):
+        assert beta == 0.0, "this stand-in implements only beta = 0 (forward KL)"
+        self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
+        self.ignore_index = ignore_index
+
+    def __call__(self, student_input, student_weight, teacher_input, teacher_weight, true_labels):
+        student = torch.log_softmax(student_input.float() @ student_weight.float().T, dim=-1)
+        teacher = torch.log_softmax(teacher_input.float() @ teacher_weight.float().T, dim=-1)
+        valid = true_labels != self.ignore_index
+        hard = F.nll_loss(student, true_labels, reduction="sum", ignore_index=self.ignore_index)
+        soft = F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)[valid].sum()
+        return (self.weight_hard_loss * hard + self.weight_soft_loss * soft) / valid.sum().clamp_min(1)
+
+
+@pytest.mark.parametrize("terms", ["ce", "kl", "both"])
+def test_liger_rows_compute_the_same_sum_as_the_eager_loss(terms):
+    problem = Problem(24, 8, 97, "fp32", "cpu", terms)
+    inputs = problem.make_inputs()
+    expected = eager_loss(**inputs, with_ce=problem.has_ce).item()
+
+    two_pass = liger_two_pass_loss_fn(problem, FusedLinearCrossEntropyLoss, FusedLinearJSD)
+    assert two_pass(inputs).item() == pytest.approx(expected, rel=1e-5)
+    assert "accumulates in fp32" in two_pass.note and "two passes" in two_pass.note
+
+    if terms == "ce":
+        with pytest.raises(Skipped, match="needs the KL term"):
+            liger_single_pass_loss_fn(problem, FusedLinearJSDLoss)
+    else:
+        single_pass = liger_single_pass_loss_fn(problem, FusedLinearJSDLoss)
+        assert single_pass(inputs).item() == pytest.approx(expected, rel=1e-5)
+        assert "beta=0" in single_pass.note
+
+
+def test_liger_release_without_accum_dtype_is_named_in_the_note():
+    class OlderFusedLinearCrossEntropyLoss(FusedLinearCrossEntropyLoss):
+        def __init__(self, ignore_index=-100, reduction="mean"):
+            super().__init__(ignore_index, reduction)
+
+    problem = Problem(4, 8, 16, "fp32", "cpu", "ce")
+    loss_fn = liger_two_pass_loss_fn(problem, OlderFusedLinearCrossEntropyLoss, FusedLinearJSD)
+    assert "no accum_dtype" in loss_fn.note

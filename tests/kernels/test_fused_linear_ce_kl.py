@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dsunlearn.kernels as kernels
+import dsunlearn.kernels.chunked as chunked
 from dsunlearn.kernels import fused_linear_ce_kl
 from dsunlearn.kernels.chunked import chunked_fused_linear_ce_kl
 
@@ -165,6 +166,28 @@ def test_reference_of_another_width(name, softcap):
     assert_close_relative(token_kl, expected_kl, 1e-5)
     assert (token_kl > 0).any()
     assert ref_hidden.grad is None and ref_weight.grad is None
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_bf16_head_cast_block_by_block_accumulates_in_fp32(monkeypatch, chunk_size, softcap):
+    # Vocabulary blocks of 100 rows (the last one 13): the fp32 cast of W and W_ref is made per block, never whole.
+    num_tokens, vocab_size, hidden_size = SHAPES["odd"]
+    monkeypatch.setattr(chunked, "WEIGHT_BLOCK_BYTES", 4 * hidden_size * 100)
+    inputs = make_inputs(num_tokens, vocab_size, hidden_size, "both", dtype=torch.bfloat16)
+    implementation = functools.partial(chunked_fused_linear_ce_kl, chunk_size=chunk_size)
+    loss, token_ce, token_kl, grad_hidden, grad_weight = run(implementation, inputs, softcap, upstream=-1.5)
+    expected_loss, expected_grad_hidden, expected_grad_weight, expected_ce, expected_kl, loss_scale = float64_formula(
+        *inputs, softcap
+    )
+    # fp32 accumulation on the exact bf16 values: the loss and the token terms are fp32-accurate; the gradients
+    # are rounded once to bf16 (relative step 2^-8).
+    assert_close_relative(loss, expected_loss, 1e-5, scale=loss_scale)
+    assert_close_relative(token_ce, expected_ce, 1e-5)
+    assert_close_relative(token_kl, expected_kl, 1e-5)
+    assert grad_hidden.dtype == grad_weight.dtype == torch.bfloat16
+    assert_close_relative(grad_hidden, -1.5 * expected_grad_hidden, 2**-8)
+    assert_close_relative(grad_weight, -1.5 * expected_grad_weight, 2**-8)
 
 
 def test_hand_derived_two_token_vocabulary():

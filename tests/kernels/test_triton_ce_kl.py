@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -297,13 +298,68 @@ def test_dispatcher_routes_to_triton():
     assert relative_error(inputs["weight"].grad, weight64.grad) < 1e-5
 
 
-def test_default_chunk_rows_stays_within_a_multiple_of_the_input():
-    # Llama-3 8B head: 16384 tokens, H=4096, V=128256, bf16.
-    rows = triton_ce_kl.default_chunk_rows(16384, 4096, 128256, 2, has_kl=True)
-    assert rows % 128 == 0 and triton_ce_kl.MIN_CHUNK_ROWS <= rows < 16384
-    chunk_bytes = rows * 128256 * (4 + 4 + 2)
-    assert chunk_bytes <= triton_ce_kl.CHUNK_BYTES_PER_INPUT_BYTE * 16384 * 4096 * 2
-    assert triton_ce_kl.default_chunk_rows(5, 4096, 128256, 2, has_kl=False) == 5
+@pytest.mark.parametrize(
+    "num_rows, hidden_size, vocab_size, has_kl, expected_rows",
+    [
+        # Llama-3 8B head, bf16: the budget 8·16384·4096·2 B / (128256·10 B) = 837 rows, under the floor: 16 x 1024.
+        (16384, 4096, 128256, True, 1024),
+        # Gemma-2 9B's 256k vocabulary: budget 367 rows (256-row chunks before the floor rose): 16 x 1024.
+        (16384, 3584, 256000, True, 1024),
+        # V = 32k: budget 1073741824 / 320000 = 3355 rows: 16384 // 3355 = 4 chunks of 4096.
+        (16384, 4096, 32000, True, 4096),
+        # CE only, 6 B per logit: budget 5592 rows: 2 chunks of 8192.
+        (16384, 4096, 32000, False, 8192),
+        # Odd N at the floor: budget 255 rows -> 1024: 5001 // 1024 = 4 chunks, 5001 / 4 = 1250.25 -> 1251 (1251 x 3
+        # + 1248, not 1024 x 4 + 905).
+        (5001, 4096, 128256, True, 1251),
+        # Just over the floor: one chunk, not 1024 + 1.
+        (1025, 3584, 256000, True, 1025),
+        # Fewer rows than the floor: one chunk.
+        (777, 4096, 256000, True, 777),
+        (5, 4096, 128256, False, 5),
+    ],
+)
+def test_default_chunk_rows(num_rows, hidden_size, vocab_size, has_kl, expected_rows):
+    rows = triton_ce_kl.default_chunk_rows(num_rows, hidden_size, vocab_size, 2, has_kl=has_kl)
+    assert rows == expected_rows
+
+
+@pytest.mark.parametrize("vocab_size", [32000, 128256, 256000])
+@pytest.mark.parametrize("num_rows", [1, 999, 1023, 1024, 1025, 2047, 3001, 16383, 65537])
+def test_default_chunk_rows_balanced_above_the_floor_within_the_budget(num_rows, vocab_size):
+    hidden_size, itemsize = 4096, 2
+    rows = triton_ce_kl.default_chunk_rows(num_rows, hidden_size, vocab_size, itemsize, has_kl=True)
+    num_chunks = -(-num_rows // rows)
+    last_chunk = num_rows - (num_chunks - 1) * rows
+    floor = min(num_rows, triton_ce_kl.MIN_CHUNK_ROWS)
+    # Every chunk, the last included, has at least the floor's rows (or all of them); they differ by less than one
+    # row per chunk.
+    assert floor <= last_chunk <= rows <= num_rows
+    assert rows - last_chunk < num_chunks
+    # The buffers stay within twice the budget, or twice the floor's buffers.
+    budget = triton_ce_kl.CHUNK_BYTES_PER_INPUT_BYTE * num_rows * hidden_size * itemsize
+    bytes_per_row = vocab_size * (4 + 4 + itemsize)
+    assert rows * bytes_per_row <= 2 * max(budget, triton_ce_kl.MIN_CHUNK_ROWS * bytes_per_row)
+
+
+@needs_interpreter
+def test_mixed_dtypes_warn_of_the_fp32_copy_and_still_match():
+    inputs = make_problem(37, 19, 1013, torch.bfloat16, "cpu", "both", seed=3)
+    inputs["ref_hidden"] = inputs["ref_hidden"].float()  # fp32 reference rows, bf16 reference head
+    with pytest.warns(triton_ce_kl.SlowPathWarning) as caught:
+        check_against_reference(inputs, tolerance=1e-2)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 1, messages
+    assert "ref_hidden is torch.float32 but ref_weight is torch.bfloat16" in messages[0]
+    assert "fp32 copy of ref_weight" in messages[0] and "ref_hidden.to(ref_weight.dtype)" in messages[0]
+
+
+@needs_interpreter
+def test_matching_dtypes_take_no_reported_slow_path():
+    inputs = make_problem(37, 19, 1013, torch.bfloat16, "cpu", "both", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", triton_ce_kl.SlowPathWarning)
+        triton_fused_linear_ce_kl(**inputs).backward()
 
 
 # Compiled in a fresh process: in this one the kernel may be the interpreter's.
