@@ -128,13 +128,14 @@ def head_softcap(config) -> Optional[float]:
     return None
 
 
-# Largest difference, relative to the largest value, that is rounding: between the model's own logits and the fused
-# loss's (the same matmul on the same hidden states, so anything beyond is another head), and between the hidden states
-# of packed sequences and of the same sequences run one by one (the same layers on other shapes).
-PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Largest difference between the model's own logits and the fused loss's, relative to the largest logit, that is
+# rounding: the two run the same matmul on the same hidden states, so anything beyond is another head.
+HEAD_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 HEAD_PROBE_TOKENS = 8
-# The packing probe's two sequences, the second shorter than the first: a model that let it see the first, or read
-# its positions as continuing the first's, gives it other hidden states.
+# The same bound between the hidden states of packed sequences and of the sequences run one by one: the same layers on
+# other shapes. The second sequence is shorter than the first: a model that let it see the first, or read its
+# positions as continuing the first's, gives it other hidden states.
+PACKING_PROBE_TOLERANCE = HEAD_PROBE_TOLERANCE
 PACKING_PROBE_LENGTHS = (6, 4)
 
 
@@ -196,7 +197,7 @@ class UnlearningModel(nn.Module):
                 ])  # [T, H]
         finally:
             self.lm.train(was_training)
-        tolerance = PROBE_TOLERANCE[packed.dtype]
+        tolerance = PACKING_PROBE_TOLERANCE[packed.dtype]
         packed, alone = packed.float(), alone.float()
         scale = float(alone.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
         difference = float((packed - alone).abs().max()) / scale
@@ -260,11 +261,11 @@ class UnlearningModel(nn.Module):
             fused = softcap * torch.tanh(fused / softcap)
         scale = float(logits.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
         difference = float((logits - fused).abs().max()) / scale
-        if difference <= PROBE_TOLERANCE[head.weight.dtype]:
+        if difference <= HEAD_PROBE_TOLERANCE[head.weight.dtype]:
             return None
         # Least-squares factor: names a logit multiplier (Falcon-H1's lm_head_multiplier, Cohere's logit_scale).
         factor = float((logits * fused).sum() / (fused * fused).sum().clamp_min(torch.finfo(torch.float32).tiny))
-        if float((logits - factor * fused).abs().max()) / scale <= PROBE_TOLERANCE[head.weight.dtype]:
+        if float((logits - factor * fused).abs().max()) / scale <= HEAD_PROBE_TOLERANCE[head.weight.dtype]:
             return f"the model's logits are {factor:.3g} x hidden @ W^T"
         capped = f" with softcap {softcap:g}" if softcap else ""
         return f"the model's logits differ from hidden @ W^T{capped} by {difference:.3g} of their largest value"

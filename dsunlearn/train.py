@@ -89,7 +89,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         return [
             objective.build_step_batch(
                 slot.forget, slot.random, slot.normal, step_data.pad_id, cfg.objective, step_term_tokens,
-                world_size * gas, policy_engine.module.packing, (ref_engine or policy_engine).module.packing,
+                world_size * gas, layout=policy_engine.module.packing,
+                ref_layout=(ref_engine or policy_engine).module.packing,  # both probed when built (below)
             ).to(device)
             for slot in slots
         ]
