@@ -58,6 +58,14 @@ class ModelConfig:
     optional softcap); ``logits`` runs the model's own head (any head: bias, logit scaling); ``auto`` picks fused when
     the model's own logits for a few tokens, checked at start-up, are softcap(hidden @ W^T), and says why when not
     (``fused`` then is an error). May change on resume (the same numbers within float tolerance)."""
+    packing: Literal["auto", "packed", "padded"] = "auto"
+    """How a micro-batch's sequences reach the model (the reference's too): ``packed`` concatenates them into one row
+    with no padding, ``position_ids`` restarting at 0 at each sequence and attention kept within each sequence (a
+    block-causal mask for sdpa/eager, varlen for flash_attention_2, as transformers derives from the position ids);
+    ``padded`` runs one forward per term (forget, random, normal), each padded to its own longest sequence; ``auto``
+    packs when a model's hidden states for two packed sequences, checked at start-up, equal those of the sequences run
+    one by one, and says why when not (``packed`` then is an error; OPT, whose attention mask ignores position ids,
+    is padded). May change on resume (the same numbers within float tolerance)."""
     loss_backend: Literal["auto", "torch", "chunked", "triton"] = "auto"
     """Backend of the fused loss: ``auto`` is triton on CUDA and chunked elsewhere (may change on resume)."""
     reference_offload: bool = False
@@ -88,6 +96,8 @@ class ModelConfig:
                 found.append("model.reference_revision: with LoRA the reference is the base model (adapters off)")
             if importlib.util.find_spec("peft") is None:
                 found.append("model.lora_rank > 0 needs peft: pip install 'dsunlearn[lora]'")
+        if self.packing not in ("auto", "packed", "padded"):
+            found.append(f"model.packing={self.packing!r} must be auto, packed or padded")
         if not self.name_or_path:
             found.append("model.name_or_path is empty: give a hub id or a local folder")
         for name in ("name_or_path", "reference_path"):
@@ -334,7 +344,7 @@ CHANGEABLE_ON_RESUME = (
     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.deepspeed_config",
     "train.forget_batch_size", "train.normal_batch_size", "train.gradient_accumulation_steps",
     "model.gradient_checkpointing", "model.attn_implementation", "model.trust_remote_code", "model.head_path",
-    "model.loss_backend", "model.reference_offload",
+    "model.packing", "model.loss_backend", "model.reference_offload",
     "train.collective_timeout_s", "train.max_fp16_skips", "train.max_normal_kl", "train.max_zero_grad_steps",
     "objective.stop_forget_ce",
 )

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import types
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import nn
 
 from dsunlearn.config import RunConfig
 from dsunlearn.kernels import torch_ce_kl_from_logits
+from dsunlearn.objective import PACKED, PADDED, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -131,25 +132,80 @@ def head_softcap(config) -> Optional[float]:
 # rounding: the two run the same matmul on the same hidden states, so anything beyond is another head.
 HEAD_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 HEAD_PROBE_TOKENS = 8
+# The same bound between the hidden states of packed sequences and of the sequences run one by one: the same layers on
+# other shapes. The second sequence is shorter than the first: a model that let it see the first, or read its
+# positions as continuing the first's, gives it other hidden states.
+PACKING_PROBE_TOLERANCE = HEAD_PROBE_TOLERANCE
+PACKING_PROBE_LENGTHS = (6, 4)
 
 
 class UnlearningModel(nn.Module):
     """The causal LM plus the entry points the objective needs, behind one ``forward`` that DeepSpeed wraps.
 
-    ``mode="hidden"``: final hidden states at the flat positions ``token_index`` of the [B, L] grid, [M, H] (the state
-    at position t predicts token t+1). ``mode="logits"``: the model's own logits there, [M, V]. ``mode="loss"``: the
-    loss; on the fused path it is computed inside the head module's forward so ZeRO-3 gathers the head weight for it,
-    on the logits path from the model's own logits (materialised: [B, L, V]). The path is the logits path until
-    ``choose_head_path`` has probed the head.
+    ``forward`` runs the model once per segment (objective.Segment: packed sequences in one row, or padded rows).
+    ``mode="hidden"``: final hidden states at each segment's flat positions ``token_index``, segment after segment,
+    [M, H] (the state at position t predicts token t+1). ``mode="logits"``: the model's own logits there, [M, V].
+    ``mode="loss"``: the loss over those M tokens, once; on the fused path it is computed inside the head module's
+    forward so ZeRO-3 gathers the head weight for it, on the logits path from the model's own logits (materialised:
+    [R, L, V] per segment). The path is the logits path until ``choose_head_path`` has probed the head, and the
+    layout the batches must take (``packing``) is padded until ``choose_packing`` has probed the model.
     """
 
-    def __init__(self, lm: nn.Module, head_path: str = "auto", loss_backend: str = "auto"):
+    def __init__(self, lm: nn.Module, head_path: str = "auto", loss_backend: str = "auto", packing: str = "auto"):
         super().__init__()
         self.lm = lm
         self.requested_head_path = head_path
         self.head_path = "logits"
         self.loss_backend = loss_backend
         self.softcap = head_softcap(lm.config)
+        self.requested_packing = packing
+        self.packing = PADDED
+
+    def choose_packing(self) -> None:
+        """Take the packed layout where the model keeps packed sequences apart, checked on two short sequences, else
+        the padded one (saying why). Runs the model's forward: under ZeRO-3 a collective, so call it on every rank,
+        after ``deepspeed.initialize``."""
+        if self.requested_packing == PADDED:
+            return
+        problem = self._packing_probe_problem()
+        if problem and self.requested_packing == PACKED:
+            from dsunlearn.distributed import UsageError
+
+            raise UsageError(f"model.packing=packed is not exact for this model: {problem}; use auto or padded")
+        if problem and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            logger.warning("%s: each term runs its own padded forward (model.packing=padded)", problem)
+        self.packing = PADDED if problem else PACKED
+
+    def _packing_probe_problem(self) -> Optional[str]:
+        """Compare the final hidden states of two sequences packed in one row (positions restarting at 0, no
+        attention mask) with those of each sequence run alone; None when they agree to the dtype's rounding."""
+        first, second = PACKING_PROBE_LENGTHS
+        device = next(self.lm.parameters()).device
+        # The same tokens on every rank (every rank runs the same collectives), from the first half of the
+        # vocabulary as in the head probe.
+        input_ids = torch.linspace(1, text_vocab_size(self.lm.config) // 2, first + second, device=device).long()[None]
+        position_ids = torch.cat([torch.arange(first), torch.arange(second)]).to(device)[None]  # [1, T]
+        base_model = self.lm.base_model
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            with torch.no_grad():
+                packed = base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0][0]  # [T, H]
+                alone = torch.cat([
+                    base_model(input_ids=input_ids[:, :first], use_cache=False)[0][0],
+                    base_model(input_ids=input_ids[:, first:], use_cache=False)[0][0],
+                ])  # [T, H]
+        finally:
+            self.lm.train(was_training)
+        tolerance = PACKING_PROBE_TOLERANCE[packed.dtype]
+        packed, alone = packed.float(), alone.float()
+        scale = float(alone.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
+        difference = float((packed - alone).abs().max()) / scale
+        if difference <= tolerance:
+            return None
+        attention = getattr(self.lm.config, "_attn_implementation", None)
+        return (f"two packed sequences do not get the hidden states they get one by one with {attention} attention "
+                f"(they differ by {difference:.3g} of their largest value)")
 
     def choose_head_path(self) -> None:
         """Take the fused path where it computes the model's own logits, checked on a fixed short input, else the
@@ -214,23 +270,28 @@ class UnlearningModel(nn.Module):
         capped = f" with softcap {softcap:g}" if softcap else ""
         return f"the model's logits differ from hidden @ W^T{capped} by {difference:.3g} of their largest value"
 
-    def forward(self, input_ids, attention_mask, token_index, mode: str = "hidden", **loss_inputs):
+    def forward(self, segments: Sequence[Segment], mode: str = "hidden", **loss_inputs):
         if mode == "logits" or (mode == "loss" and self.head_path == "logits"):
-            # The model's own forward, so every head transformation (bias, scaling, softcap) is applied:
-            # logits [B, L, V] -> [B*L, V] -> the selected positions [M, V].
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, token_index)
+            # The model's own forward, so every head transformation (bias, scaling, softcap) is applied.
+            logits = torch.cat([
+                _selected(self.lm(**segment.model_inputs(), use_cache=False).logits, segment) for segment in segments
+            ])  # [M, V]
             if mode == "logits":
                 return logits
             return torch_ce_kl_from_logits(logits, **loss_inputs, return_token_terms=True)
-        # hidden: [B, L, H] -> [B*L, H] -> the selected positions [M, H]
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_index)
+        hidden = torch.cat([
+            _selected(self.lm.base_model(**segment.model_inputs(), use_cache=False)[0], segment) for segment in segments
+        ])  # [M, H]
         if mode == "hidden":
             return hidden
         if mode == "loss":
             return self.lm.get_output_embeddings()(hidden, **loss_inputs)
         raise ValueError(f"unknown mode {mode!r}")
+
+
+def _selected(states: torch.Tensor, segment: Segment) -> torch.Tensor:
+    """[R, L, D] states of a segment -> [R*L, D] -> the rows at its response positions, [M_s, D]."""
+    return states.reshape(-1, states.shape[-1]).index_select(0, segment.token_index)
 
 
 def _attach_fused_loss(head: nn.Linear, softcap: Optional[float], backend: str) -> None:
@@ -340,7 +401,7 @@ def build_policy_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
         disable_dropout(lm)
     if cfg.model.lora_rank > 0:
         lm = add_lora_adapters(lm, cfg)
-    model = UnlearningModel(lm, cfg.model.head_path, cfg.model.loss_backend)
+    model = UnlearningModel(lm, cfg.model.head_path, cfg.model.loss_backend, cfg.model.packing)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, ds_config)
     train = cfg.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -348,6 +409,7 @@ def build_policy_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     model.choose_head_path()
+    model.choose_packing()
     engine.train()
     return engine
 
@@ -357,8 +419,9 @@ def build_reference_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
     import deepspeed
 
     lm.requires_grad_(False)
-    model = UnlearningModel(lm, cfg.model.head_path, cfg.model.loss_backend)
+    model = UnlearningModel(lm, cfg.model.head_path, cfg.model.loss_backend, cfg.model.packing)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    model.choose_packing()  # the reference may be another model (model.reference_path): its layout is its own
     engine.eval()
     return engine
 

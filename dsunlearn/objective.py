@@ -1,6 +1,13 @@
 """The unlearning objective as per-token weights of one fused loss (DESIGN.md §1, §4).
 
-The policy runs ONE forward over the concatenated [forget; random; normal] batch. Each response token gets
+The policy reads the step's [forget; random; normal] sequences in one of two layouts, and the loss runs once over
+their response tokens, in that order:
+    packed  every sequence of the micro-batch in ONE row [1, T], no padding, ``position_ids`` restarting at 0 at each
+            sequence and no attention mask (transformers then keeps attention within each sequence), one forward;
+    padded  one forward per term (forget, random, normal), each padded to its own longest sequence, as in the authors'
+            loop: for models where packing is not exact. The number of forwards is the number of terms in use, fixed
+            by the settings, so every rank runs the same modules the same number of times (ZeRO-3).
+The reference reads the normal sequences in its own model's layout. Each response token gets
     forget  ce_weight = -e1 / (n_s * B_f)          (gradient ascent)
     random  ce_weight = +e2 / (n_s * B_f * K)
     normal  kl_weight = +e3 / (n_s * B_n)          (forward KL to the reference)
@@ -24,28 +31,43 @@ from dsunlearn.config import ObjectiveConfig
 
 FORGET, RANDOM, NORMAL = 0, 1, 2
 TERM_NAMES = ("forget", "random", "normal")
+PACKED, PADDED = "packed", "padded"  # the layouts of a step's sequences (module docstring)
+
+
+@dataclass
+class Segment:
+    """The input of one forward of a model: sequences packed into one row, or padded into rows."""
+
+    input_ids: torch.Tensor  # [R, L]
+    attention_mask: Optional[torch.Tensor]  # [R, L] when padded; None when packed (position_ids delimit sequences)
+    position_ids: Optional[torch.Tensor]  # [1, L] restarting at 0 at each sequence when packed; None when padded
+    token_index: torch.Tensor  # [M_s] flat positions in the [R*L] grid whose hidden state predicts a response token
+
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def to(self, device: torch.device) -> "Segment":
+        return Segment(**{k: v if v is None else v.to(device) for k, v in vars(self).items()})
 
 
 @dataclass
 class StepBatch:
-    """Tensors of one micro-step. B sequences padded to L; M response tokens; the normal sequences come last."""
+    """Tensors of one micro-step: M response tokens of B sequences, the normal sequences' tokens last."""
 
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    token_index: torch.Tensor  # [M] flat positions in the [B*L] grid whose hidden state predicts a response token
+    segments: list[Segment]  # the policy's forwards; their selected positions, concatenated, are the M tokens in order
     targets: torch.Tensor  # [M] the response token predicted at each position
     ce_weight: torch.Tensor  # [M] fp32
     kl_weight: Optional[torch.Tensor]  # [M] fp32, None when there is no normal data
     token_sequence: torch.Tensor  # [M] which sequence each token belongs to
     sequence_term: torch.Tensor  # [B] FORGET, RANDOM or NORMAL
     sequence_length: torch.Tensor  # [B] response tokens per sequence (n_s)
-    ref_input_ids: Optional[torch.Tensor]  # [B_n, L_n] the normal sequences, for the reference
-    ref_attention_mask: Optional[torch.Tensor]  # [B_n, L_n]
-    ref_token_index: Optional[torch.Tensor]  # [M_n] flat positions in the [B_n*L_n] grid; the last M_n tokens
-    num_tokens: int  # non-padding tokens the policy processes
+    ref_segment: Optional[Segment]  # the normal sequences, for the reference; it selects the last M_n tokens
+    num_tokens: int  # real tokens the policy processes
+    num_positions: int  # positions the policy processes: real tokens and padding
 
     def to(self, device: torch.device) -> "StepBatch":
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        moved = {k: v.to(device) if isinstance(v, (torch.Tensor, Segment)) else v for k, v in vars(self).items()}
+        moved["segments"] = [segment.to(device) for segment in self.segments]
         return StepBatch(**moved)
 
 
@@ -62,6 +84,58 @@ def response_positions(response_mask: torch.Tensor, input_ids: torch.Tensor):
     return sequence * length + position, input_ids[sequence, position + 1], sequence
 
 
+def pack_sequences(sequences: Sequence) -> tuple[Segment, torch.Tensor, torch.Tensor]:
+    """``sequences`` (objects with ``input_ids`` and ``response_mask`` lists) in one row with no padding: the segment,
+    and for each of its response tokens the token and its sequence, [M] each.
+
+    The hidden state at t predicts token t+1 only within a sequence: the first token of the next sequence is not
+    predicted by the last of this one.
+    """
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
+    input_ids = torch.tensor([token for sequence in sequences for token in sequence.input_ids])  # [T]
+    response_mask = torch.tensor([flag for sequence in sequences for flag in sequence.response_mask], dtype=torch.bool)
+    sequence_of = torch.repeat_interleave(torch.arange(len(sequences)), lengths)  # [T]
+    starts = torch.cumsum(lengths, 0) - lengths
+    position_ids = torch.arange(input_ids.numel()) - torch.repeat_interleave(starts, lengths)  # [T]
+    predicts_response = torch.zeros_like(response_mask)
+    predicts_response[:-1] = response_mask[1:] & (sequence_of[1:] == sequence_of[:-1])
+    token_index = predicts_response.nonzero()[:, 0]
+    segment = Segment(input_ids[None], None, position_ids[None], token_index)
+    return segment, input_ids[token_index + 1], sequence_of[token_index]
+
+
+def pad_sequences(sequences: Sequence, pad_id: int) -> tuple[Segment, torch.Tensor, torch.Tensor]:
+    """``sequences`` right-padded to their longest, one per row: the segment, and for each response token the token
+    and its sequence, [M] each."""
+    from dsunlearn.data import pad_batch
+
+    padded = pad_batch(list(sequences), pad_id)
+    input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
+    token_index, targets, token_sequence = response_positions(padded["response_mask"] * attention_mask, input_ids)
+    return Segment(input_ids, attention_mask, None, token_index), targets, token_sequence
+
+
+def lay_out(groups: Sequence[Sequence], layout: str, pad_id: int) -> tuple[list[Segment], torch.Tensor, torch.Tensor]:
+    """The segments of the sequences of ``groups`` (in order) in ``layout``: ONE packed row, or one padded segment per
+    non-empty group. With the response tokens of all segments in order, and the index of each token's sequence among
+    all of them, [M] each."""
+    if layout == PACKED:
+        segment, targets, token_sequence = pack_sequences([sequence for group in groups for sequence in group])
+        return [segment], targets, token_sequence
+    if layout != PADDED:
+        raise ValueError(f"unknown layout {layout!r}")
+    segments, targets, token_sequence, first = [], [], [], 0
+    for group in groups:
+        if not group:
+            continue
+        segment, group_targets, group_sequence = pad_sequences(group, pad_id)
+        segments.append(segment)
+        targets.append(group_targets)
+        token_sequence.append(group_sequence + first)
+        first += len(group)
+    return segments, torch.cat(targets), torch.cat(token_sequence)
+
+
 def build_step_batch(
     forget: Sequence,
     random: Sequence,
@@ -70,21 +144,19 @@ def build_step_batch(
     objective: ObjectiveConfig,
     step_term_tokens: Optional[torch.Tensor] = None,
     micro_batches_per_step: int = 1,
+    layout: str = PACKED,
+    ref_layout: str = PACKED,
 ) -> StepBatch:
-    """Concatenate [forget; random; normal] tokenised sequences (objects with ``input_ids`` and ``response_mask``
-    lists) into one padded batch with the objective's per-token weights.
+    """The [forget; random; normal] tokenised sequences (objects with ``input_ids`` and ``response_mask`` lists) in the
+    policy's ``layout`` (and the normal ones in the reference's ``ref_layout``), with the objective's per-token weights.
 
     ``token_mean`` only: ``step_term_tokens`` [3] holds each term's response tokens in the whole optimizer step
     (every rank's and micro-step's, see :func:`term_token_counts`), and ``micro_batches_per_step`` the number of
     micro-batches DeepSpeed averages the gradient over (world size x gradient accumulation steps).
     """
-    from dsunlearn.data import pad_batch
-
     sequences = list(forget) + list(random) + list(normal)
     terms = [FORGET] * len(forget) + [RANDOM] * len(random) + [NORMAL] * len(normal)
-    padded = pad_batch(sequences, pad_id)
-    input_ids, attention_mask, response_mask = padded["input_ids"], padded["attention_mask"], padded["response_mask"]
-    token_index, targets, token_sequence = response_positions(response_mask * attention_mask, input_ids)
+    segments, targets, token_sequence = lay_out([forget, random, normal], layout, pad_id)
 
     sequence_term = torch.tensor(terms, dtype=torch.long)
     sequence_length = torch.bincount(token_sequence, minlength=len(sequences))
@@ -105,31 +177,22 @@ def build_step_batch(
     is_normal = token_term == NORMAL
     ce_weight = torch.where(is_normal, torch.zeros_like(weight), weight)
 
-    kl_weight = ref_input_ids = ref_attention_mask = ref_token_index = None
+    kl_weight = ref_segment = None
     if normal:
         kl_weight = torch.where(is_normal, weight, torch.zeros_like(weight))
-        first_normal = len(forget) + len(random)
-        # The reference sees only the normal rows, trimmed to their longest sequence.
-        ref_length = int(attention_mask[first_normal:].sum(1).max())
-        ref_input_ids = input_ids[first_normal:, :ref_length]
-        ref_attention_mask = attention_mask[first_normal:, :ref_length]
-        ref_token_index, _, _ = response_positions(
-            response_mask[first_normal:, :ref_length] * ref_attention_mask, ref_input_ids
-        )
+        # The reference sees only the normal sequences: one segment in either layout.
+        (ref_segment,), _, _ = lay_out([normal], ref_layout, pad_id)
     return StepBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        token_index=token_index,
+        segments=segments,
         targets=targets,
         ce_weight=ce_weight,
         kl_weight=kl_weight,
         token_sequence=token_sequence,
         sequence_term=sequence_term,
         sequence_length=sequence_length,
-        ref_input_ids=ref_input_ids,
-        ref_attention_mask=ref_attention_mask,
-        ref_token_index=ref_token_index,
-        num_tokens=int(attention_mask.sum()),
+        ref_segment=ref_segment,
+        num_tokens=sum(len(sequence) for sequence in sequences),
+        num_positions=sum(segment.input_ids.numel() for segment in segments),
     )
 
 

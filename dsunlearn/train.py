@@ -76,7 +76,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     gas = cfg.train.gradient_accumulation_steps
 
     def step_batches(step: int) -> list[objective.StepBatch]:
-        """This rank's micro-batches of optimizer step ``step``."""
+        """This rank's micro-batches of optimizer step ``step``, in the layouts the engines chose (packed or padded,
+        engines.UnlearningModel.choose_packing; the reference's is its own model's)."""
         slots = [step_data.slot(step, rank, micro) for micro in range(gas)]
         step_term_tokens = None
         if cfg.objective.reduction == "token_mean":
@@ -88,7 +89,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         return [
             objective.build_step_batch(
                 slot.forget, slot.random, slot.normal, step_data.pad_id, cfg.objective, step_term_tokens,
-                world_size * gas,
+                world_size * gas, layout=policy_engine.module.packing,
+                ref_layout=(ref_engine or policy_engine).module.packing,  # both probed when built (below)
             ).to(device)
             for slot in slots
         ]
@@ -147,6 +149,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         sums = torch.zeros(8, device=device)
         step_loss = torch.zeros((), device=device)
         step_tokens = torch.zeros((), device=device)
+        step_positions = torch.zeros((), device=device)
         for batch in step_batches(step):
             loss, token_ce, token_kl = forward_loss(policy_engine, ref_engine, batch)
             policy_engine.backward(loss)
@@ -154,10 +157,11 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
             sums += objective.term_sums(batch, token_ce, token_kl)
             step_loss += loss.detach() / gas
             step_tokens += batch.num_tokens
+            step_positions += batch.num_positions
         # Per-rank sums and means -> global values (each rank holds the same number of sequences).
         # The stop flag rides along, so all ranks agree to stop after the same step.
         stop = torch.tensor([float(watchdog.stop_requested)], device=device)
-        totals = torch.cat([sums, step_loss.view(1), step_tokens.view(1), stop])
+        totals = torch.cat([sums, step_loss.view(1), step_tokens.view(1), stop, step_positions.view(1)])
         torch.distributed.all_reduce(totals)
         elapsed = time.perf_counter() - started
         row = {"step": step + 1, **objective.term_means(totals[:8])}
@@ -166,6 +170,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
             lr=lr,
             grad_norm=_grad_norm(policy_engine),
             tokens_per_s=float(totals[9]) / elapsed,
+            padded_share=1 - float(totals[9]) / float(totals[11]),
         )
         if is_main:
             metrics_log.append(row)
@@ -243,7 +248,8 @@ def _in_one_line(err: BaseException) -> str:
 
 
 def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
-    """One policy forward over [forget; random; normal]; before it, the reference's hidden states for the normal rows.
+    """The policy's forward over [forget; random; normal] (one packed row, or one padded forward per term), then one
+    loss over their response tokens; before it, the reference's hidden states for the normal rows.
 
     On the fused path the reference's head goes into the loss inputs: its weight, a ZeRO-3 shard, is gathered (on
     every rank) inside the policy head's forward, only while the fused loss reads it, and never receives a gradient.
@@ -260,21 +266,18 @@ def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
         # its own logits [M_n, V].
         on_logits = policy_engine.module.head_path == "logits"
         with reference_context:
-            ref_selected = reference(
-                batch.ref_input_ids, batch.ref_attention_mask, batch.ref_token_index,
-                mode="logits" if on_logits else "hidden",
-            )
+            ref_selected = reference([batch.ref_segment], mode="logits" if on_logits else "hidden")
         ref_rows = _pad_reference_rows(ref_selected, batch)
         loss_inputs.update({"ref_logits" if on_logits else "ref_hidden": ref_rows, "kl_weight": batch.kl_weight})
         if ref_engine is not None and not on_logits:
             loss_inputs["ref_head"] = ref_engine.module.lm.get_output_embeddings()
-    return policy_engine(batch.input_ids, batch.attention_mask, batch.token_index, mode="loss", **loss_inputs)
+    return policy_engine(batch.segments, mode="loss", **loss_inputs)
 
 
 def _pad_reference_rows(ref_selected: torch.Tensor, batch: objective.StepBatch) -> torch.Tensor:
     """[M_n, D] reference rows of the normal tokens -> [M, D], one row per token as the loss wants: zeros for the
     forget and random tokens before them (their kl_weight is 0)."""
-    num_tokens = batch.token_index.numel()
+    num_tokens = batch.targets.numel()
     rows = ref_selected.new_zeros(num_tokens, ref_selected.shape[-1])
     rows[num_tokens - ref_selected.shape[0]:] = ref_selected
     return rows

@@ -8,6 +8,7 @@ from torch import nn
 from dsunlearn.config import ConfigError, ModelConfig, RunConfig
 from dsunlearn.distributed import UsageError
 from dsunlearn.engines import UnlearningModel, disable_dropout, head_structure_problem, lr_lambda, pretrained_source
+from dsunlearn.objective import Segment
 
 
 def tiny_llama_config(**extra):
@@ -118,6 +119,7 @@ def test_loss_is_the_objective_on_the_models_own_logits(make_model, expected_pat
     input_ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.ones_like(input_ids)
     token_index = torch.tensor([2, 3, 4, 9, 10, 11])  # positions of the [2*7] grid
+    segments = [Segment(input_ids, attention_mask, None, token_index)]
     targets = input_ids.reshape(-1)[token_index + 1]
     ce_weight = torch.tensor([-0.5, -0.5, 1.0, 0.0, 0.0, 0.0])
     kl_weight = torch.tensor([0.0, 0.0, 0.0, 0.7, 0.7, 0.7])
@@ -129,11 +131,10 @@ def test_loss_is_the_objective_on_the_models_own_logits(make_model, expected_pat
     ref_model = UnlearningModel(reference)
     with torch.no_grad():
         if model.head_path == "fused":
-            ref_inputs = {"ref_hidden": ref_model(input_ids, attention_mask, token_index, mode="hidden"),
-                          "ref_head": reference.lm_head}
+            ref_inputs = {"ref_hidden": ref_model(segments, mode="hidden"), "ref_head": reference.lm_head}
         else:
-            ref_inputs = {"ref_logits": ref_model(input_ids, attention_mask, token_index, mode="logits")}
-    loss, token_ce, token_kl = model(input_ids, attention_mask, token_index, mode="loss", targets=targets,
+            ref_inputs = {"ref_logits": ref_model(segments, mode="logits")}
+    loss, token_ce, token_kl = model(segments, mode="loss", targets=targets,
                                      ce_weight=ce_weight, kl_weight=kl_weight, **ref_inputs)
 
     with torch.no_grad():

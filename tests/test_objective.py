@@ -50,9 +50,9 @@ def test_sequence_mean_weights_by_hand():
     assert batch.targets.tolist() == [3, 4, 5, 6, 7, 8, 9, 6, 7, 4, 4]
     assert batch.sequence_term.tolist() == [FORGET] * 2 + [RANDOM] * 4 + [NORMAL]
     # The reference sees only the normal row; its two response tokens are the last two of the batch.
-    assert batch.ref_input_ids.tolist() == [[1, 1, 1, 4, 4]]
-    assert batch.ref_token_index.tolist() == [2, 3]
-    assert batch.num_tokens == 4 + 2 + 3 + 5 + 2 + 2 + 5
+    assert batch.ref_segment.input_ids.tolist() == [[1, 1, 1, 4, 4]]
+    assert batch.ref_segment.token_index.tolist() == [2, 3]
+    assert batch.num_tokens == batch.num_positions == 4 + 2 + 3 + 5 + 2 + 2 + 5
 
 
 def test_token_mean_divides_by_the_tokens_of_the_whole_step():
@@ -94,7 +94,7 @@ def test_term_sums_are_sequence_means():
 def test_empty_term_logs_none_and_truncated_response_is_an_error():
     objective = ObjectiveConfig(random_weight=0.0, normal_weight=0.0)
     batch = build_step_batch([seq([1], [2])], [], [], 0, objective)
-    assert batch.kl_weight is None and batch.ref_input_ids is None
+    assert batch.kl_weight is None and batch.ref_segment is None
     means = term_means(term_sums(batch, torch.tensor([2.0]), torch.zeros(1)))
     assert means["forget_ce"] == 2.0 and means["normal_kl"] is None
     with pytest.raises(ValueError, match="no response token"):

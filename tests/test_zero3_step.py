@@ -1,6 +1,8 @@
 """One step of the full objective under ZeRO-3 on 2 CPU ranks equals the same step in one plain PyTorch process.
 
-Plain SGD, so the updated weights expose the gradient's scale too (Adam's first step would hide it: it normalises).
+The ranks run the layout the engines chose (packed, or one padded forward per term); the single process runs the
+old layout, every sequence of a rank in one batch padded to the longest. Plain SGD, so the updated weights expose the
+gradient's scale too (Adam's first step would hide it: it normalises).
 """
 
 import os
@@ -11,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsunlearn.data import TokenizedSequence
+from dsunlearn.data import TokenizedSequence, pad_batch
 from dsunlearn.config import ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
-from dsunlearn.objective import build_step_batch
+from dsunlearn.objective import PADDED, build_step_batch, response_positions
 from launching import free_port
 
 WORLD_SIZE = 2
@@ -21,10 +23,11 @@ LR = 0.5
 VOCAB = 97
 
 
-def make_config(policy_dir: str, reference_dir: str, backend: str = "chunked", head_path: str = "auto") -> RunConfig:
+def make_config(policy_dir: str, reference_dir: str, backend: str = "chunked", head_path: str = "auto",
+                packing: str = "auto") -> RunConfig:
     return RunConfig(
         model=ModelConfig(name_or_path=policy_dir, reference_path=reference_dir, precision="fp32", loss_backend=backend,
-                          head_path=head_path),
+                          head_path=head_path, packing=packing),
         objective=ObjectiveConfig(forget_weight=0.5, random_weight=1.0, normal_weight=2.0, num_random_answers=2),
         train=TrainConfig(optimizer="sgd", lr=LR, lr_schedule="constant", max_steps=1, forget_batch_size=2, normal_batch_size=2),
     )
@@ -35,14 +38,27 @@ def _Sequence(generator, prompt_len, response_len):
     return TokenizedSequence(input_ids=ids, response_mask=[0] * prompt_len + [1] * response_len)
 
 
-def rank_batch(rank: int, cfg: RunConfig):
-    """This rank's micro-batch: 2 forget, 2*K random and 2 normal sequences of varied lengths (so padding matters)."""
+def rank_sequences(rank: int, cfg: RunConfig):
+    """This rank's micro-batch: 2 forget, 2*K random and 2 normal sequences of varied lengths (so padding matters),
+    the forget answers longer than the others."""
     generator = torch.Generator().manual_seed(1000 + rank)
-    lengths = lambda: (int(torch.randint(2, 6, (1,), generator=generator)), int(torch.randint(1, 7, (1,), generator=generator)))
-    forget = [_Sequence(generator, *lengths()) for _ in range(2)]
-    random = [_Sequence(generator, *lengths()) for _ in range(2 * cfg.objective.num_random_answers)]
-    normal = [_Sequence(generator, *lengths()) for _ in range(2)]
-    return build_step_batch(forget, random, normal, pad_id=0, objective=cfg.objective)
+    draw = lambda low, high: int(torch.randint(low, high, (1,), generator=generator))
+    forget = [_Sequence(generator, draw(2, 6), draw(6, 14)) for _ in range(2)]
+    random = [_Sequence(generator, draw(2, 6), draw(1, 4)) for _ in range(2 * cfg.objective.num_random_answers)]
+    normal = [_Sequence(generator, draw(2, 6), draw(1, 7)) for _ in range(2)]
+    return forget, random, normal
+
+
+def rank_batch(rank: int, cfg: RunConfig, layout: str, ref_layout: str):
+    return build_step_batch(*rank_sequences(rank, cfg), pad_id=0, objective=cfg.objective, layout=layout,
+                            ref_layout=ref_layout)
+
+
+def _old_padded_inputs(sequences):
+    """Every sequence in one batch padded to the longest, and the flat positions that predict a response token."""
+    padded = pad_batch(sequences, pad_id=0)
+    token_index, targets, _ = response_positions(padded["response_mask"], padded["input_ids"])
+    return padded["input_ids"], padded["attention_mask"], token_index, targets
 
 
 def _tiny_llama(path: Path, seed: int, tied: bool):
@@ -68,12 +84,16 @@ def _single_process_step(policy_dir, reference_dir, cfg):
     reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
     losses = []
     for rank in range(WORLD_SIZE):
-        batch = rank_batch(rank, cfg)
-        hidden = policy.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.token_index]
+        forget, random, normal = rank_sequences(rank, cfg)
+        batch = rank_batch(rank, cfg, PADDED, PADDED)  # the weights; the tokens are in the same order in any layout
+        input_ids, attention_mask, token_index, targets = _old_padded_inputs(forget + random + normal)
+        assert targets.tolist() == batch.targets.tolist()
+        hidden = policy.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        hidden = hidden.reshape(-1, hidden.shape[-1])[token_index]
         with torch.no_grad():
-            ref_hidden = reference.model(input_ids=batch.ref_input_ids, attention_mask=batch.ref_attention_mask)[0]
-            ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])[batch.ref_token_index]
+            ref_input_ids, ref_attention_mask, ref_token_index, _ = _old_padded_inputs(normal)
+            ref_hidden = reference.model(input_ids=ref_input_ids, attention_mask=ref_attention_mask)[0]
+            ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])[ref_token_index]
         padded_ref = torch.zeros_like(hidden)
         padded_ref[-ref_hidden.shape[0]:] = ref_hidden
         losses.append(
@@ -95,14 +115,16 @@ def _relative_error(actual, expected):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "tied, backend, head_path",
-    [(False, "chunked", "auto"), (True, "chunked", "auto"), (False, "triton", "auto"), (False, "torch", "logits")],
-    ids=["untied_head", "tied_embeddings", "triton_interpreter", "logits_path"],
+    "tied, backend, head_path, packing",
+    [(False, "chunked", "auto", "auto"), (True, "chunked", "auto", "padded"), (False, "triton", "auto", "auto"),
+     (False, "torch", "logits", "auto")],
+    ids=["untied_head", "tied_embeddings_padded_per_term", "triton_interpreter", "logits_path"],
 )
-def test_zero3_step_matches_single_process(tmp_path, tied, backend, head_path):
+def test_zero3_step_matches_single_process(tmp_path, tied, backend, head_path, packing):
     # The triton case runs the trainer's head path with the Triton kernel in Triton's CPU interpreter; the logits
     # case the path for heads the fused loss cannot stand in for (the model's own logits, materialised).
     # Tied embeddings: the head weight is the embedding, a parameter used by two modules under ZeRO-3.
+    # packing=auto packs (a Llama keeps packed sequences apart); padded runs three forwards per rank, one per term.
     policy_dir, reference_dir = tmp_path / "policy", tmp_path / "reference"
     _tiny_llama(policy_dir, seed=0, tied=tied)
     _tiny_llama(reference_dir, seed=1, tied=tied)  # a different reference, so the KL term has a non-zero gradient
@@ -113,7 +135,8 @@ def test_zero3_step_matches_single_process(tmp_path, tied, backend, head_path):
                **({"TRITON_INTERPRET": "1"} if backend == "triton" else {}))
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(policy_dir), str(reference_dir), str(out_file), backend, head_path],
+            [sys.executable, str(worker), str(policy_dir), str(reference_dir), str(out_file), backend, head_path,
+             packing],
             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(WORLD_SIZE)
@@ -123,6 +146,7 @@ def test_zero3_step_matches_single_process(tmp_path, tied, backend, head_path):
 
     result = torch.load(out_file)
     assert result["head_path"] == ("logits" if head_path == "logits" else "fused")  # the probe passes a plain head
+    assert result["packing"] == ["padded" if packing == "padded" else "packed"] * 2  # the policy's, the reference's
     if result["head_path"] == "fused":
         # The reference head [V, H] is gathered only inside the policy head's fused loss, not through the layers.
         assert set(result["ref_head_status"]["policy_layers"]) == {"NOT_AVAILABLE"}

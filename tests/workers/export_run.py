@@ -67,6 +67,7 @@ def main() -> None:
 
     from dsunlearn import distributed, ds_config, engines, export
     from dsunlearn.config import ModelConfig, OutputConfig, RunConfig, TrainConfig
+    from dsunlearn.objective import Segment
 
     rank, world_size, _ = distributed.init_distributed()
     cfg = RunConfig(
@@ -84,7 +85,8 @@ def main() -> None:
         # Any loss that moves every weight (the head included) will do: the export must hold the trained values.
         generator = torch.Generator().manual_seed(rank)
         input_ids = torch.randint(3, lm.config.vocab_size, (2, 8), generator=generator)
-        logits = engine(input_ids, torch.ones_like(input_ids), torch.arange(input_ids.numel()), mode="logits")
+        segment = Segment(input_ids, torch.ones_like(input_ids), None, torch.arange(input_ids.numel()))
+        logits = engine([segment], mode="logits")
         engine.backward(logits.logsumexp(-1).mean())
         engine.step()
 

@@ -10,7 +10,7 @@ import sys
 import torch
 
 
-def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_path: str) -> None:
+def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_path: str, packing: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from dsunlearn import distributed, ds_config as ds_configs, engines
@@ -20,7 +20,7 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
     from test_zero3_step import make_config, rank_batch
 
     rank, world_size, _ = distributed.init_distributed()
-    cfg = make_config(policy_dir, reference_dir, backend, head_path)
+    cfg = make_config(policy_dir, reference_dir, backend, head_path, packing)
     from transformers import AutoConfig
 
     hidden_size = AutoConfig.from_pretrained(policy_dir).hidden_size
@@ -49,7 +49,7 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
     for layer in policy.module.lm.model.layers:
         layer.register_forward_pre_hook(lambda *_: ref_head_status_at("policy_layers"))
 
-    batch = rank_batch(rank, cfg)
+    batch = rank_batch(rank, cfg, policy.module.packing, reference.module.packing)
     loss, _, _ = forward_loss(policy, reference, batch)
     policy.backward(loss)
     names = [name for name, _ in policy.module.named_parameters()]
@@ -60,13 +60,14 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
     torch.distributed.all_gather(losses, loss.detach().reshape(()))
     if rank == 0:
         torch.save({"names": names, "grads": grads, "weights": weights, "losses": [float(x) for x in losses],
-                    "head_path": policy.module.head_path, "ref_head_status": ref_head_status}, out_file)
+                    "head_path": policy.module.head_path, "ref_head_status": ref_head_status,
+                    "packing": [policy.module.packing, reference.module.packing]}, out_file)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])
     # As train.py: the interpreter's teardown can abort in C++ now and then ("terminate called without an active
     # exception"), even after destroy_process_group; the result is written, so end here.
     sys.stdout.flush()
