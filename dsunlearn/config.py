@@ -59,11 +59,12 @@ class ModelConfig:
     the model's own logits for a few tokens, checked at start-up, are softcap(hidden @ W^T), and says why when not
     (``fused`` then is an error). May change on resume (the same numbers within float tolerance)."""
     packing: Literal["auto", "packed", "padded"] = "auto"
-    """How a micro-batch's sequences reach the model (the reference's too): ``packed`` concatenates them into one row
-    with no padding, ``position_ids`` restarting at 0 at each sequence and attention kept within each sequence (a
-    block-causal mask for sdpa/eager, varlen for flash_attention_2, as transformers derives from the position ids);
+    """How a micro-batch's sequences reach the model (the reference's too): ``packed`` concatenates them with
+    ``position_ids`` restarting at 0 at each sequence and attention kept within each sequence, as transformers derives
+    from the position ids: into one row with no padding for flash_attention_2/3 (varlen kernels), else into rows as
+    long as the longest sequence (a block-causal mask; only the rows' tails are padding);
     ``padded`` runs one forward per term (forget, random, normal), each padded to its own longest sequence; ``auto``
-    packs when a model's hidden states for two packed sequences, checked at start-up, equal those of the sequences run
+    packs when a model's hidden states for packed sequences, checked at start-up, equal those of the sequences run
     one by one, and says why when not (``packed`` then is an error; OPT, whose attention mask ignores position ids,
     is padded). May change on resume (the same numbers within float tolerance)."""
     loss_backend: Literal["auto", "torch", "chunked", "triton"] = "auto"

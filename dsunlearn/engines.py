@@ -20,7 +20,7 @@ from torch import nn
 
 from dsunlearn.config import RunConfig
 from dsunlearn.kernels import torch_ce_kl_from_logits
-from dsunlearn.objective import PACKED, PADDED, Segment
+from dsunlearn.objective import PACKED, PADDED, VARLEN, Segment, pack_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +133,10 @@ def head_softcap(config) -> Optional[float]:
 HEAD_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 HEAD_PROBE_TOKENS = 8
 # The same bound between the hidden states of packed sequences and of the sequences run one by one: the same layers on
-# other shapes. The second sequence is shorter than the first: a model that let it see the first, or read its
-# positions as continuing the first's, gives it other hidden states.
+# other shapes. Packed in rows, the 7 fills one row and the 4 and the 2 share the other, with a padded tail: a model
+# that let a sequence see another, or read its positions as continuing another's, gives it other hidden states.
 PACKING_PROBE_TOLERANCE = HEAD_PROBE_TOLERANCE
-PACKING_PROBE_LENGTHS = (6, 4)
+PACKING_PROBE_LENGTHS = (4, 7, 2)
 
 
 class UnlearningModel(nn.Module):
@@ -162,39 +162,48 @@ class UnlearningModel(nn.Module):
         self.packing = PADDED
 
     def choose_packing(self) -> None:
-        """Take the packed layout where the model keeps packed sequences apart, checked on two short sequences, else
-        the padded one (saying why). Runs the model's forward: under ZeRO-3 a collective, so call it on every rank,
-        after ``deepspeed.initialize``."""
+        """Take a packed layout where the model keeps packed sequences apart, checked on three short sequences, else
+        the padded one (saying why): one row for FlashAttention's variable-length kernels, rows for an attention that
+        applies a mask (objective: layouts). Runs the model's forward: under ZeRO-3 a collective, so call it on every
+        rank, after ``deepspeed.initialize``."""
         if self.requested_packing == PADDED:
             return
-        problem = self._packing_probe_problem()
+        attention = getattr(self.lm.config, "_attn_implementation", None) or ""
+        layout = VARLEN if "flash" in attention else PACKED
+        problem = self._packing_probe_problem(layout)
         if problem and self.requested_packing == PACKED:
             from dsunlearn.distributed import UsageError
 
             raise UsageError(f"model.packing=packed is not exact for this model: {problem}; use auto or padded")
         if problem and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             logger.warning("%s: each term runs its own padded forward (model.packing=padded)", problem)
-        self.packing = PADDED if problem else PACKED
+        self.packing = PADDED if problem else layout
 
-    def _packing_probe_problem(self) -> Optional[str]:
-        """Compare the final hidden states of two sequences packed in one row (positions restarting at 0, no
-        attention mask) with those of each sequence run alone; None when they agree to the dtype's rounding."""
-        first, second = PACKING_PROBE_LENGTHS
+    def _packing_probe_problem(self, layout: str) -> Optional[str]:
+        """Compare the final hidden states of three sequences packed in ``layout`` (positions restarting at 0, no
+        attention mask; in rows, one row has a padded tail) with those of each sequence run alone; None when they
+        agree to the dtype's rounding."""
         device = next(self.lm.parameters()).device
         # The same tokens on every rank (every rank runs the same collectives), from the first half of the
         # vocabulary as in the head probe.
-        input_ids = torch.linspace(1, text_vocab_size(self.lm.config) // 2, first + second, device=device).long()[None]
-        position_ids = torch.cat([torch.arange(first), torch.arange(second)]).to(device)[None]  # [1, T]
+        tokens = torch.linspace(1, text_vocab_size(self.lm.config) // 2, sum(PACKING_PROBE_LENGTHS)).long().tolist()
+        starts = [sum(PACKING_PROBE_LENGTHS[:i]) for i in range(len(PACKING_PROBE_LENGTHS))]
+        sequences = [
+            types.SimpleNamespace(input_ids=tokens[start:start + length], response_mask=[True] * length)
+            for start, length in zip(starts, PACKING_PROBE_LENGTHS)
+        ]
+        segment, _, _ = pack_sequences(sequences, pad_id=0, one_row=layout == VARLEN)
+        segment = segment.to(device)  # it selects every position of every sequence but its last, in sequence order
         base_model = self.lm.base_model
         was_training = self.lm.training
         self.lm.eval()
         try:
             with torch.no_grad():
-                packed = base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0][0]  # [T, H]
+                packed = _selected(base_model(**segment.model_inputs(), use_cache=False)[0], segment)  # [T - 3, H]
                 alone = torch.cat([
-                    base_model(input_ids=input_ids[:, :first], use_cache=False)[0][0],
-                    base_model(input_ids=input_ids[:, first:], use_cache=False)[0][0],
-                ])  # [T, H]
+                    base_model(input_ids=torch.tensor([sequence.input_ids], device=device), use_cache=False)[0][0, :-1]
+                    for sequence in sequences
+                ])  # [T - 3, H]
         finally:
             self.lm.train(was_training)
         tolerance = PACKING_PROBE_TOLERANCE[packed.dtype]
@@ -204,7 +213,7 @@ class UnlearningModel(nn.Module):
         if difference <= tolerance:
             return None
         attention = getattr(self.lm.config, "_attn_implementation", None)
-        return (f"two packed sequences do not get the hidden states they get one by one with {attention} attention "
+        return (f"packed sequences do not get the hidden states they get one by one with {attention} attention "
                 f"(they differ by {difference:.3g} of their largest value)")
 
     def choose_head_path(self) -> None:

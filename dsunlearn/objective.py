@@ -1,9 +1,14 @@
 """The unlearning objective as per-token weights of one fused loss (DESIGN.md §1, §4).
 
-The policy reads the step's [forget; random; normal] sequences in one of two layouts, and the loss runs once over
+The policy reads the step's [forget; random; normal] sequences in one of three layouts, and the loss runs once over
 their response tokens, in that order:
-    packed  every sequence of the micro-batch in ONE row [1, T], no padding, ``position_ids`` restarting at 0 at each
-            sequence and no attention mask (transformers then keeps attention within each sequence), one forward;
+    packed  the micro-batch's sequences packed into rows of one to two times its longest sequence (first fit,
+            longest first), ``position_ids`` restarting at 0 at each sequence and no attention mask (transformers
+            then keeps attention within each sequence), one forward; only the rows' tails are padding. Rows, not one
+            row: an attention that applies a block-causal mask computes every query x key pair of its row, so one
+            row of T tokens would cost T^2 where rows cost about T x the longest sequence;
+    varlen  every sequence in ONE row [1, T], no padding at all, for FlashAttention's variable-length kernels, which
+            skip the pairs across sequences (transformers takes that path only for a single row);
     padded  one forward per term (forget, random, normal), each padded to its own longest sequence, as in the authors'
             loop: for models where packing is not exact. The number of forwards is the number of terms in use, fixed
             by the settings, so every rank runs the same modules the same number of times (ZeRO-3).
@@ -31,16 +36,16 @@ from dsunlearn.config import ObjectiveConfig
 
 FORGET, RANDOM, NORMAL = 0, 1, 2
 TERM_NAMES = ("forget", "random", "normal")
-PACKED, PADDED = "packed", "padded"  # the layouts of a step's sequences (module docstring)
+PACKED, VARLEN, PADDED = "packed", "varlen", "padded"  # the layouts of a step's sequences (module docstring)
 
 
 @dataclass
 class Segment:
-    """The input of one forward of a model: sequences packed into one row, or padded into rows."""
+    """The input of one forward of a model: sequences packed into rows, or padded one per row."""
 
     input_ids: torch.Tensor  # [R, L]
     attention_mask: Optional[torch.Tensor]  # [R, L] when padded; None when packed (position_ids delimit sequences)
-    position_ids: Optional[torch.Tensor]  # [1, L] restarting at 0 at each sequence when packed; None when padded
+    position_ids: Optional[torch.Tensor]  # [R, L] restarting at 0 at each sequence when packed; None when padded
     token_index: torch.Tensor  # [M_s] flat positions in the [R*L] grid whose hidden state predicts a response token
 
     def model_inputs(self) -> dict:
@@ -84,24 +89,62 @@ def response_positions(response_mask: torch.Tensor, input_ids: torch.Tensor):
     return sequence * length + position, input_ids[sequence, position + 1], sequence
 
 
-def pack_sequences(sequences: Sequence) -> tuple[Segment, torch.Tensor, torch.Tensor]:
-    """``sequences`` (objects with ``input_ids`` and ``response_mask`` lists) in one row with no padding: the segment,
-    and for each of its response tokens the token and its sequence, [M] each.
+def pack_sequences(
+    sequences: Sequence, pad_id: int, one_row: bool = False
+) -> tuple[Segment, torch.Tensor, torch.Tensor]:
+    """``sequences`` (objects with ``input_ids`` and ``response_mask`` lists) packed into rows: the segment, and for
+    each response token, in the order of ``sequences``, the token and its sequence, [M] each.
 
-    The hidden state at t predicts token t+1 only within a sequence: the first token of the next sequence is not
-    predicted by the last of this one.
+    ``one_row``: all in one row [1, T] with no padding. Otherwise rows of one to two times the longest sequence (the
+    capacity that leaves the least padding), filled first fit, longest first, and right-padded to the fullest row
+    (attention costs a row's length squared, so rows stay short); a row's padded tail is a sequence of its own (positions
+    restarting at 0), so it attends to nothing real and nothing real attends to it. The hidden state at t predicts
+    token t+1 only within a sequence: the first token of the next sequence is not predicted by the last of this one.
     """
-    lengths = torch.tensor([len(sequence) for sequence in sequences])
-    input_ids = torch.tensor([token for sequence in sequences for token in sequence.input_ids])  # [T]
-    response_mask = torch.tensor([flag for sequence in sequences for flag in sequence.response_mask], dtype=torch.bool)
-    sequence_of = torch.repeat_interleave(torch.arange(len(sequences)), lengths)  # [T]
-    starts = torch.cumsum(lengths, 0) - lengths
-    position_ids = torch.arange(input_ids.numel()) - torch.repeat_interleave(starts, lengths)  # [T]
-    predicts_response = torch.zeros_like(response_mask)
-    predicts_response[:-1] = response_mask[1:] & (sequence_of[1:] == sequence_of[:-1])
-    token_index = predicts_response.nonzero()[:, 0]
-    segment = Segment(input_ids[None], None, position_ids[None], token_index)
-    return segment, input_ids[token_index + 1], sequence_of[token_index]
+    lengths = [len(sequence.input_ids) for sequence in sequences]
+    if one_row:
+        rows = [list(range(len(sequences)))]
+    else:
+        # Rows of 1 to 2 longest sequences: the capacity that leaves the fewest positions (the shortest on a tie).
+        candidates = [_fill_rows(lengths, max(lengths) * quarters // 4) for quarters in range(4, 9)]
+        rows = min(candidates, key=lambda rows: len(rows) * _row_length(rows, lengths))
+    row_length = _row_length(rows, lengths)
+    input_ids = torch.full((len(rows), row_length), pad_id, dtype=torch.long)  # [R, L]
+    position_ids = torch.empty((len(rows), row_length), dtype=torch.long)  # [R, L]
+    token_index, targets, token_sequence = [None] * len(sequences), [None] * len(sequences), [None] * len(sequences)
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            sequence, length = sequences[index], lengths[index]
+            ids = torch.tensor(sequence.input_ids)
+            input_ids[r, start:start + length] = ids
+            position_ids[r, start:start + length] = torch.arange(length)
+            # position t of the sequence predicts its token t+1: a response token at t+1 is scored at t
+            scored = torch.tensor(sequence.response_mask[1:], dtype=torch.bool).nonzero()[:, 0]  # [M_s]
+            token_index[index] = r * row_length + start + scored
+            targets[index] = ids[scored + 1]
+            token_sequence[index] = torch.full_like(scored, index)
+            start += length
+        position_ids[r, start:] = torch.arange(row_length - start)
+    segment = Segment(input_ids, None, position_ids, torch.cat(token_index))
+    return segment, torch.cat(targets), torch.cat(token_sequence)
+
+
+def _fill_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sequence indices in rows of at most ``capacity`` tokens: first fit, longest first."""
+    rows, fills = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: equal lengths keep their order
+        row = next((r for r, fill in enumerate(fills) if fill + lengths[index] <= capacity), len(rows))
+        if row == len(rows):
+            rows.append([])
+            fills.append(0)
+        rows[row].append(index)
+        fills[row] += lengths[index]
+    return rows
+
+
+def _row_length(rows: list[list[int]], lengths: list[int]) -> int:
+    return max(sum(lengths[i] for i in row) for row in rows)
 
 
 def pad_sequences(sequences: Sequence, pad_id: int) -> tuple[Segment, torch.Tensor, torch.Tensor]:
@@ -116,11 +159,12 @@ def pad_sequences(sequences: Sequence, pad_id: int) -> tuple[Segment, torch.Tens
 
 
 def lay_out(groups: Sequence[Sequence], layout: str, pad_id: int) -> tuple[list[Segment], torch.Tensor, torch.Tensor]:
-    """The segments of the sequences of ``groups`` (in order) in ``layout``: ONE packed row, or one padded segment per
-    non-empty group. With the response tokens of all segments in order, and the index of each token's sequence among
-    all of them, [M] each."""
-    if layout == PACKED:
-        segment, targets, token_sequence = pack_sequences([sequence for group in groups for sequence in group])
+    """The segments of the sequences of ``groups`` (in order) in ``layout``: ONE packed segment, or one padded segment
+    per non-empty group. With the response tokens of all segments in order, and the index of each token's sequence
+    among all of them, [M] each."""
+    if layout in (PACKED, VARLEN):
+        sequences = [sequence for group in groups for sequence in group]
+        segment, targets, token_sequence = pack_sequences(sequences, pad_id, one_row=layout == VARLEN)
         return [segment], targets, token_sequence
     if layout != PADDED:
         raise ValueError(f"unknown layout {layout!r}")

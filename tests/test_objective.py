@@ -52,7 +52,10 @@ def test_sequence_mean_weights_by_hand():
     # The reference sees only the normal row; its two response tokens are the last two of the batch.
     assert batch.ref_segment.input_ids.tolist() == [[1, 1, 1, 4, 4]]
     assert batch.ref_segment.token_index.tolist() == [2, 3]
-    assert batch.num_tokens == batch.num_positions == 4 + 2 + 3 + 5 + 2 + 2 + 5
+    assert batch.num_tokens == 4 + 2 + 3 + 5 + 2 + 2 + 5
+    # Packed in rows of 5 to 10 tokens (1 to 2 longest sequences), longest first, the capacity that leaves the fewest
+    # positions: 8, with rows [5 3] [5 2] [4 2 2]; 5 gives [5] [5] [4] [3 2] [2 2], 25 positions.
+    assert batch.num_positions == 3 * 8
 
 
 def test_token_mean_divides_by_the_tokens_of_the_whole_step():

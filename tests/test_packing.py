@@ -1,5 +1,5 @@
-"""Packed micro-batches (one row, position_ids restarting per sequence) and the padded fallback (one padded forward per
-term) give the loss, the per-token CE and KL and the gradients of the old single padded batch, on every model family;
+"""Packed micro-batches (rows, or one row for varlen attention; position_ids restarting per sequence) and the padded
+fallback (one padded forward per term) give the loss, the per-token CE and KL and the gradients of the old single padded batch, on every model family;
 the probe packs only models that keep packed sequences apart."""
 
 import pytest
@@ -9,7 +9,7 @@ from dsunlearn.config import ObjectiveConfig
 from dsunlearn.data import TokenizedSequence, pad_batch
 from dsunlearn.distributed import UsageError
 from dsunlearn.engines import UnlearningModel, disable_dropout
-from dsunlearn.objective import NORMAL, PACKED, PADDED, build_step_batch
+from dsunlearn.objective import NORMAL, PACKED, PADDED, VARLEN, build_step_batch, lay_out
 from dsunlearn.train import forward_loss
 
 VOCAB = 61
@@ -191,7 +191,7 @@ def test_the_probe_packs_each_family_that_keeps_packed_sequences_apart(make_mode
         policy, reference = models(make_model)
     assert policy.packing == reference.packing == FAMILIES[make_model]
     if FAMILIES[make_model] == PADDED:
-        assert "two packed sequences do not get the hidden states they get one by one" in caplog.text
+        assert "packed sequences do not get the hidden states they get one by one" in caplog.text
         assert "model.packing=padded" in caplog.text
         with pytest.raises(UsageError, match="model.packing=packed is not exact"):
             models(make_model, packing=PACKED)
@@ -211,9 +211,23 @@ def test_each_layout_gives_the_loss_terms_and_gradients_of_one_padded_batch(make
     batch = assert_step_equals_old_padded_batch(policy, reference, layout)
     if make_model is cohere:
         assert policy.head_path == "logits"  # the logits path takes both layouts too
-    # 3 padded forwards (one per term) or one packed row with no padding.
+    # 3 padded forwards (one per term), or one packed forward whose rows are 1 to 2 longest sequences long.
     assert len(batch.segments) == (1 if layout == PACKED else 3)
-    assert (batch.num_positions == batch.num_tokens) == (layout == PACKED)
+    if layout == PACKED:
+        forget, random, normal = step_sequences()
+        (segment,) = batch.segments
+        longest = max(len(s) for s in forget + random + normal)
+        assert longest <= segment.input_ids.shape[1] <= 2 * longest
+        assert batch.num_positions < 1.1 * batch.num_tokens
+
+
+@pytest.mark.parametrize("make_model", [llama, gemma3_text, gpt2])
+def test_one_varlen_row_gives_the_loss_terms_and_gradients_of_one_padded_batch(make_model):
+    """The layout FlashAttention's varlen kernels get (one row, no padding at all) is exact under sdpa too."""
+    policy, reference = models(make_model)
+    policy.packing = reference.packing = VARLEN
+    batch = assert_step_equals_old_padded_batch(policy, reference, VARLEN)
+    assert batch.segments[0].input_ids.shape[0] == 1 and batch.num_positions == batch.num_tokens
 
 
 def test_gradient_checkpointing_keeps_the_packed_step_exact():
@@ -231,7 +245,7 @@ def test_packed_layout_by_hand():
 
     forget, random, normal = [seq([5, 6], [7, 8])], [seq([5], [9])], [seq([4, 4, 4], [3])]
     objective = ObjectiveConfig(num_random_answers=1)
-    packed = build_step_batch(forget, random, normal, 0, objective, layout=PACKED, ref_layout=PACKED)
+    packed = build_step_batch(forget, random, normal, 0, objective, layout=VARLEN, ref_layout=VARLEN)
     (segment,) = packed.segments
     assert segment.input_ids.tolist() == [[5, 6, 7, 8, 5, 9, 4, 4, 4, 3]]
     assert segment.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 3]]
@@ -240,6 +254,20 @@ def test_packed_layout_by_hand():
     assert packed.targets.tolist() == [7, 8, 9, 3]
     assert packed.ref_segment.input_ids.tolist() == [[4, 4, 4, 3]] and packed.ref_segment.token_index.tolist() == [2]
     assert (packed.num_tokens, packed.num_positions) == (10, 10)
+
+    # In rows as long as the longest sequence (4), longest first: the forget and the normal sequence fill a row each,
+    # the random one shares nothing and gets a padded tail, a sequence of its own.
+    rows = build_step_batch(forget, random, normal, 0, objective, layout=PACKED, ref_layout=PACKED)
+    (segment,) = rows.segments
+    assert segment.input_ids.tolist() == [[5, 6, 7, 8], [4, 4, 4, 3], [5, 9, 0, 0]]
+    assert segment.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1]]
+    assert segment.token_index.tolist() == [1, 2, 8, 6]  # in sequence order: forget, random, normal
+    assert rows.targets.tolist() == packed.targets.tolist()
+    assert (rows.num_tokens, rows.num_positions) == (10, 12)
+    two_in_a_row = build_step_batch(forget, [seq([5], [9]), seq([6], [8])], [], 0, objective, layout=PACKED)
+    assert two_in_a_row.segments[0].input_ids.tolist() == [[5, 6, 7, 8], [5, 9, 6, 8]]
+    assert two_in_a_row.segments[0].position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
+    assert two_in_a_row.segments[0].token_index.tolist() == [1, 2, 4, 6]
 
     padded = build_step_batch(forget, random, normal, 0, objective, layout=PADDED, ref_layout=PADDED)
     assert [s.input_ids.tolist() for s in padded.segments] == [[[5, 6, 7, 8]], [[5, 9]], [[4, 4, 4, 3]]]
@@ -280,12 +308,15 @@ def test_the_trainer_on_two_ranks_logs_the_same_step_in_both_layouts_and_its_pad
 
     cfg, _ = parse_run_config(args)
     step_data = StepData(cfg, AutoTokenizer.from_pretrained(tiny_model_dir), world_size=2)
-    tokens = positions = 0
+    tokens = positions = packed_positions = 0
     for rank in range(2):
         slot = step_data.slot(0, rank, 0)
         for group in (slot.forget, slot.random, slot.normal):
             tokens += sum(len(sequence) for sequence in group)
             positions += len(group) * max(len(sequence) for sequence in group)
-    assert rows[PACKED]["padded_share"] == 0
+        (segment,), _, _ = lay_out([slot.forget, slot.random, slot.normal], PACKED, pad_id=0)
+        packed_positions += segment.input_ids.numel()
+    assert rows[PACKED]["padded_share"] == pytest.approx(1 - tokens / packed_positions, rel=1e-6)
+    assert rows[PACKED]["padded_share"] < rows[PADDED]["padded_share"] / 2
     assert rows[PADDED]["padded_share"] == pytest.approx(1 - tokens / positions, rel=1e-6)
     assert rows[PADDED]["padded_share"] > 0.05  # the demo's answers differ in length: the check says something
