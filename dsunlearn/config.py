@@ -336,7 +336,8 @@ class RunConfig:
 # other field must be equal. Per-rank batch sizes and accumulation are compared through the global batch instead.
 CHANGEABLE_ON_RESUME = (
     "resume", "overwrite", "output",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.time_phases", "train.deepspeed_config",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.time_phases",
+    "train.deepspeed_config",
     "train.forget_batch_size", "train.normal_batch_size", "train.gradient_accumulation_steps",
     "model.gradient_checkpointing", "model.attn_implementation", "model.trust_remote_code", "model.head_path",
     "model.loss_backend", "model.reference_offload",

@@ -1,14 +1,14 @@
 """Where a training step's time and memory go (``train.time_phases``), measured inside the real loop.
 
-Phases: ``batch`` (the step's batches built), ``policy_forward`` (the policy's body), ``reference_forward``, ``head_loss``
-(the output head and the loss), ``backward`` and ``optimizer``; ``zero3_gather`` (ZeRO-3 parameter fetch and release)
-and ``zero3_reduce`` (gradient reduce-scatter) are "of which" inside the forward and backward phases. The forwards are
-timed by module hooks, so ``forward_loss`` needs no edit; the others by ``with timer.phase(name)`` in the loop. The
-device is synchronised at every boundary, and only while timing is on.
+Phases: ``batch`` (the step's batches built), ``policy_forward`` (the policy's body), ``reference_forward``,
+``head_loss`` (the output head and the loss), ``backward`` and ``optimizer``; ``zero3_gather`` (ZeRO-3 parameter
+fetch and release) and ``zero3_reduce`` (gradient reduce-scatter) are "of which" inside the forward and backward
+phases. The forwards are timed by module hooks, so ``forward_loss`` needs no edit; the others by
+``with timer.phase(name)`` in the loop. The device is synchronised at every boundary, and only while timing is on.
 
-Each metrics row then carries the step's seconds per phase (the mean over ranks) and peak memory (the largest), and the work of
-the step: real tokens, padded positions and a checksum of the token ids that does not depend on how the sequences
-were split into ranks, batches and padding (the step benchmark checks it against the paper-style loop's).
+Each metrics row then carries the step's seconds per phase (the mean over ranks) and peak memory (the largest), and
+the work of the step: real tokens, padded positions and a checksum of the token ids that does not depend on how the
+sequences were split into ranks, batches and padding (the step benchmark checks it against the paper-style loop's).
 """
 
 from __future__ import annotations
