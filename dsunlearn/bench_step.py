@@ -49,6 +49,8 @@ from typing import Optional
 import torch
 
 RUN_TIMEOUT_S = 1800  # only stops a hung run
+PREEMPTION_RESUMES = 2
+EXIT_PREEMPTED = 75  # dsunlearn.distributed.EXIT_PREEMPTED, not imported: the paper loop runs without deepspeed
 
 
 @dataclass(frozen=True)
@@ -329,18 +331,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait(processes: list, logs: list[Path], what: str) -> None:
+def _wait(processes: list, logs: list[Path]) -> list[int]:
+    """The exit codes of ``processes``, killed if they outlast ``RUN_TIMEOUT_S``."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        codes = [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in processes]
+        return [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    if any(codes):
-        tail = "".join(log.read_text(errors="replace")[-3000:] for log in logs)
-        raise RuntimeError(f"{what} exited {codes}:\n{tail}")
+
+
+def _failed(what: str, codes: list[int], logs: list[Path]) -> RuntimeError:
+    tail = "".join(log.read_text(errors="replace")[-3000:] for log in logs)
+    return RuntimeError(f"{what} exited {codes}:\n{tail}")
 
 
 def _worker_env() -> dict:
@@ -357,7 +362,9 @@ def run_paper(case: Case, run_dir: Path) -> list[dict]:
                "--worker-result", str(result)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=_worker_env(), stdout=out, stderr=subprocess.STDOUT)
-    _wait([process], [log], "the paper loop")
+    codes = _wait([process], [log])
+    if codes != [0]:
+        raise _failed("the paper loop", codes, [log])
     return json.loads(result.read_text())["steps"]
 
 
@@ -365,18 +372,27 @@ def run_dsunlearn(case: Case, ranks: int, run_dir: Path) -> list[dict]:
     """``python -m dsunlearn train`` on ``ranks`` ranks, started as srun does; the rows of its metrics.jsonl."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = write_run_yaml(build_run_config(case, ranks, str(run_dir / "run")), run_dir / "run.yaml")
-    port = str(_free_port())
-    processes, logs = [], []
-    for rank in range(ranks):
-        env = dict(_worker_env(), RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        logs.append(run_dir / f"rank{rank}.log")
-        with open(logs[-1], "w") as out:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "dsunlearn", "train", "--config", str(config), "--overwrite", "true"],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-            ))
-    _wait(processes, logs, f"dsunlearn on {ranks} ranks")
+    start = ["--overwrite", "true"]
+    for attempt in range(PREEMPTION_RESUMES + 1):
+        port = str(_free_port())
+        processes, logs = [], []
+        for rank in range(ranks):
+            env = dict(_worker_env(), RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            logs.append(run_dir / f"rank{rank}.attempt{attempt}.log")
+            with open(logs[-1], "w") as out:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "dsunlearn", "train", "--config", str(config), *start],
+                    env=env, stdout=out, stderr=subprocess.STDOUT,
+                ))
+        codes = _wait(processes, logs)
+        if not any(codes):
+            break
+        # A SIGTERM from outside (the CI machines send one now and then, see tests/launching.py) stops the ranks after
+        # a saved step: finish the run as a user would, by resuming it (metrics.jsonl keeps the steps done).
+        if set(codes) != {EXIT_PREEMPTED} or attempt == PREEMPTION_RESUMES:
+            raise _failed(f"dsunlearn on {ranks} ranks", codes, logs)
+        start = ["--resume", "true"]
     lines = (run_dir / "run" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
@@ -560,16 +576,7 @@ def main(argv=None) -> dict:
     from dsunlearn.engines import PRECISION_DTYPES
 
     rate = matmul_rate(PRECISION_DTYPES[preset.precision], device, 8192 if device.type == "cuda" else 1024)
-    with tempfile.TemporaryDirectory() as scratch:
-        work_dir = args.out / "runs" if args.out else Path(scratch)
-        cases = []
-        for vocab_size in preset.vocab_sizes:
-            model_dir = build_model(work_dir / f"model_V{vocab_size}", preset, vocab_size)
-            for profile in preset.length_profiles:
-                forget, normal = write_data(work_dir / f"data_{profile}", preset, profile)
-                case = Case(args.preset, vocab_size, profile, str(model_dir), str(forget), str(normal), steps)
-                cases.append(run_case(case, work_dir, preset, warmup, ranks, rate))
-                print(f"done: {case.name}", file=sys.stderr, flush=True)
+    cases = []
     result = {
         "preset": args.preset,
         "machine": machine_description(),
@@ -581,13 +588,25 @@ def main(argv=None) -> dict:
         "settings": dataclasses.asdict(preset),
         "cases": cases,
     }
-    table = format_markdown(result)
-    print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_step.json").write_text(json.dumps(result, indent=1))
-        (args.out / "bench_step.md").write_text(table)
+    with tempfile.TemporaryDirectory() as scratch:
+        work_dir = args.out / "runs" if args.out else Path(scratch)
+        for vocab_size in preset.vocab_sizes:
+            model_dir = build_model(work_dir / f"model_V{vocab_size}", preset, vocab_size)
+            for profile in preset.length_profiles:
+                forget, normal = write_data(work_dir / f"data_{profile}", preset, profile)
+                case = Case(args.preset, vocab_size, profile, str(model_dir), str(forget), str(normal), steps)
+                cases.append(run_case(case, work_dir, preset, warmup, ranks, rate))
+                print(f"done: {case.name}", file=sys.stderr, flush=True)
+                if args.out:  # after every case, so a later failure keeps the cases done
+                    write_result(args.out, result)
+    print(format_markdown(result))
     return result
+
+
+def write_result(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_step.json").write_text(json.dumps(result, indent=1))
+    (out / "bench_step.md").write_text(format_markdown(result))
 
 
 if __name__ == "__main__":
