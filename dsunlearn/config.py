@@ -222,6 +222,11 @@ checkout's or the installed package's ds_configs/: dsunlearn/paths.py). On resum
     keep_checkpoints: int = 2
     """How many complete checkpoints to keep, the one just written included (0: keep all; may change on resume).
     Only complete checkpoints older than the one just written are removed."""
+    time_phases: bool = False
+    """Time each step's phases (batch, policy forward, reference forward, head and loss, backward, optimizer, ZeRO-3
+    gathers and reduces) and record them with peak memory and the step's token counts in metrics.jsonl
+    (dsunlearn/step_timing.py). Synchronises the device at every phase boundary, so it slows the step a little; may
+    change on resume."""
     log_every: int = 1
     """Update the progress bar every this many steps (metrics.jsonl gets every step; may change on resume)."""
     seed: int = 42
@@ -342,7 +347,8 @@ class RunConfig:
 # other field must be equal. Per-rank batch sizes and accumulation are compared through the global batch instead.
 CHANGEABLE_ON_RESUME = (
     "resume", "overwrite", "output",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.deepspeed_config",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.time_phases",
+    "train.deepspeed_config",
     "train.forget_batch_size", "train.normal_batch_size", "train.gradient_accumulation_steps",
     "model.gradient_checkpointing", "model.attn_implementation", "model.trust_remote_code", "model.head_path",
     "model.packing", "model.loss_backend", "model.reference_offload",

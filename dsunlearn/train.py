@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, noise, objective
+from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, noise, objective, step_timing
 from dsunlearn.config import RunConfig, parse_run_config
 from dsunlearn.step_data import StepData
 
@@ -52,6 +52,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
     device = distributed.device()
+    step_timer = step_timing.StepTimer(cfg.train.time_phases, device)  # train.time_phases: off, it does nothing
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
 
@@ -86,14 +87,16 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
                 objective.term_token_counts(slot.forget, slot.random, slot.normal) for slot in slots
             ).to(device)
             torch.distributed.all_reduce(step_term_tokens)
-        return [
-            objective.build_step_batch(
+        batches = []
+        for slot in slots:
+            batch = objective.build_step_batch(
                 slot.forget, slot.random, slot.normal, step_data.pad_id, cfg.objective, step_term_tokens,
                 world_size * gas, layout=policy_engine.module.packing,
                 ref_layout=(ref_engine or policy_engine).module.packing,  # both probed when built (below)
-            ).to(device)
-            for slot in slots
-        ]
+            )
+            step_timer.count_sequences(slot.forget + slot.random + slot.normal, batch.num_positions)
+            batches.append(batch.to(device))
+        return batches
 
     # ---- every input checked on every rank (the DeepSpeed config last); from here on the run writes ----
     if ref_config is not None:
@@ -121,6 +124,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         if cfg.model.reference_path:  # another model: is the fused loss exact for its head too?
             policy_engine.module.check_reference_head(ref_engine.module)
     policy_lm = policy_engine.module.lm
+    step_timer.attach(policy_engine, ref_engine)
     if is_main and cfg.model.lora_rank > 0:
         trainable = sum(p.ds_numel for p in policy_lm.parameters() if p.requires_grad)
         logger.info("LoRA rank %d: %d trainable parameters; the reference is this model with its adapters off",
@@ -150,10 +154,14 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         step_loss = torch.zeros((), device=device)
         step_tokens = torch.zeros((), device=device)
         step_positions = torch.zeros((), device=device)
-        for batch in step_batches(step):
+        with step_timer.phase("batch"):
+            batches = step_batches(step)
+        for batch in batches:
             loss, token_ce, token_kl = forward_loss(policy_engine, ref_engine, batch)
-            policy_engine.backward(loss)
-            policy_engine.step()
+            with step_timer.phase("backward"):
+                policy_engine.backward(loss)
+            with step_timer.phase("optimizer"):
+                policy_engine.step()
             sums += objective.term_sums(batch, token_ce, token_kl)
             step_loss += loss.detach() / gas
             step_tokens += batch.num_tokens
@@ -172,6 +180,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
             tokens_per_s=float(totals[9]) / elapsed,
             padded_share=1 - float(totals[9]) / float(totals[11]),
         )
+        if cfg.train.time_phases:  # per-phase seconds, peak memory and the step's work, over all ranks
+            row.update(step_timer.step_fields(), step_s=elapsed)
         if is_main:
             metrics_log.append(row)
             progress.update(1)
