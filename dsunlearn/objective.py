@@ -43,6 +43,7 @@ class StepBatch:
     ref_attention_mask: Optional[torch.Tensor]  # [B_n, L_n]
     ref_token_index: Optional[torch.Tensor]  # [M_n] flat positions in the [B_n*L_n] grid; the last M_n tokens
     num_tokens: int  # non-padding tokens the policy processes
+    normal_indices: tuple[int, ...] = ()  # [B_n] each normal sequence's index in the normal set (the reference cache)
 
     def to(self, device: torch.device) -> "StepBatch":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
