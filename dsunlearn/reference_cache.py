@@ -386,5 +386,5 @@ def resident_bytes() -> int:
 
 
 def _log_on_rank_zero(message: str, *args) -> None:
-    if torch.distributed.get_rank() == 0:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         logger.info(message, *args)
