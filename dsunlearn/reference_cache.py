@@ -16,6 +16,7 @@ rebuilds it.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import json
@@ -370,13 +371,24 @@ def _build(cfg, step_data, policy_engine, ref_engine, row_counts, total_rows, hi
 def release_reference(ref_engine) -> nn.Module:
     """Free the reference engine except its output head and return the head (still a ZeRO-3 shard, gathered by the
     fused loss). Logs this process's resident memory before and after."""
+    return_free_memory()  # so that the difference below is the reference's alone, not the loading's leftovers
     before = resident_bytes()
     head = engines.release_all_but_head(ref_engine)
-    gc.collect()
+    return_free_memory()
     after = resident_bytes()
     _log_on_rank_zero("reference model freed except its head: resident memory %.1f -> %.1f MiB (rank 0)",
                       before / 2**20, after / 2**20)
     return head
+
+
+def return_free_memory() -> None:
+    """Collect garbage and hand the allocator's free pages back to the system: glibc keeps freed shards of a few MB
+    in its heap, where the system (and the resident size) still counts them."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory by itself, or not at all
+        pass
 
 
 def resident_bytes() -> int:
