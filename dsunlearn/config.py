@@ -72,6 +72,20 @@ class ModelConfig:
     reference_offload: bool = False
     """Keep the reference engine's parameter shards in CPU memory (ZeRO-3 ``offload_param``; may change on
     resume)."""
+    reference_cache: Literal["auto", "off", "memory", "disk"] = "auto"
+    """Compute the reference's hidden states for every normal training example once, at start, then free the
+    reference model except its output head: no reference forward in the loop (with LoRA: no adapters-off forward).
+    ``memory``: the rows in a tensor on every rank; ``disk``: in one file per node under ``reference_cache_dir``,
+    memory-mapped by its ranks, reused by a later run whose reference, precision and normal data are the same;
+    ``auto``: memory up to ``reference_cache_memory_limit``, else disk, and off on the logits head path (which
+    memory and disk refuse); ``off``: a reference forward every step. May change on resume (the same numbers within
+    float tolerance)."""
+    reference_cache_dir: Optional[str] = None
+    """Folder of the disk cache file (None: ``output.dir/reference_cache``). Runs sharing it share their file while
+    its key matches; may change on resume."""
+    reference_cache_memory_limit: str = "2GiB"
+    """Largest cache ``auto`` keeps in memory on each rank (the rows of the whole normal set: every rank may be handed
+    any example); above it, ``auto`` takes disk. Units as ``output.max_shard_size``; may change on resume."""
     lora_rank: int = 0
     """0: train every weight. > 0: train LoRA adapters of this rank (peft) and use the same engine with its adapters
     disabled as the reference, so no second model is loaded. The export merges the adapters into the weights."""
@@ -101,6 +115,13 @@ class ModelConfig:
             found.append(f"model.packing={self.packing!r} must be auto, packed or padded")
         if not self.name_or_path:
             found.append("model.name_or_path is empty: give a hub id or a local folder")
+        if self.reference_cache in ("memory", "disk") and self.head_path == "logits":
+            found.append(f"model.reference_cache={self.reference_cache} keeps hidden states for the fused head, but "
+                         f"model.head_path=logits: use reference_cache auto or off")
+        try:
+            parse_size(self.reference_cache_memory_limit)
+        except ValueError as err:
+            found.append(f"model.reference_cache_memory_limit: {err}")
         for name in ("name_or_path", "reference_path"):
             value = getattr(self, name)
             if value and names_a_local_path(value) and not Path(value).expanduser().is_dir():
@@ -351,7 +372,8 @@ CHANGEABLE_ON_RESUME = (
     "train.deepspeed_config",
     "train.forget_batch_size", "train.normal_batch_size", "train.gradient_accumulation_steps",
     "model.gradient_checkpointing", "model.attn_implementation", "model.trust_remote_code", "model.head_path",
-    "model.packing", "model.loss_backend", "model.reference_offload",
+    "model.packing", "model.loss_backend", "model.reference_offload", "model.reference_cache",
+    "model.reference_cache_dir", "model.reference_cache_memory_limit",
     "train.collective_timeout_s", "train.max_fp16_skips", "train.max_normal_kl", "train.max_zero_grad_steps",
     "objective.stop_forget_ce",
 )

@@ -435,6 +435,24 @@ def build_reference_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
     return engine
 
 
+def release_all_but_head(engine) -> nn.Module:
+    """Free a reference engine's parameters except its output head's, end the engine (its hooks) and return the head:
+    a ZeRO-3 shard still, which ``GatheredParameters`` gathers without the engine. For a reference whose rows are
+    cached (reference_cache.py): nothing but the fused loss reads it again."""
+    lm = engine.module.lm
+    head = lm.get_output_embeddings()
+    kept = {id(param) for param in head.parameters()}  # tied embeddings: the embedding is the head's weight
+    for param in lm.parameters():
+        if id(param) in kept:
+            continue
+        # Under ZeRO-3 ``data`` is an empty placeholder and the shard lives in ``ds_tensor``.
+        if hasattr(param, "ds_tensor"):
+            param.ds_tensor.data = torch.empty(0, dtype=param.ds_tensor.dtype, device=param.ds_tensor.device)
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    engine.destroy()
+    return head
+
+
 def load_inference_engine(model_path: str, ds_config: dict, dtype: torch.dtype):
     """A causal LM from ``model_path`` as a ZeRO-3 inference engine; ``engine.module`` is the Hugging Face model."""
     import deepspeed

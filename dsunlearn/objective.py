@@ -69,6 +69,7 @@ class StepBatch:
     ref_segment: Optional[Segment]  # the normal sequences, for the reference; it selects the last M_n tokens
     num_tokens: int  # real tokens the policy processes
     num_positions: int  # positions the policy processes: real tokens and padding
+    normal_indices: tuple[int, ...] = ()  # [B_n] each normal sequence's index in the normal set (the reference cache)
 
     def to(self, device: torch.device) -> "StepBatch":
         moved = {k: v.to(device) if isinstance(v, (torch.Tensor, Segment)) else v for k, v in vars(self).items()}

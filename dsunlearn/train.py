@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, noise, objective, step_timing
+from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, noise, objective, reference_cache
+from dsunlearn import step_timing
 from dsunlearn.config import RunConfig, parse_run_config
 from dsunlearn.step_data import StepData
 
@@ -94,6 +95,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
                 world_size * gas, layout=policy_engine.module.packing,
                 ref_layout=(ref_engine or policy_engine).module.packing,  # both probed when built (below)
             )
+            batch.normal_indices = tuple(slot.normal_indices)  # the reference cache's rows of this batch
             step_timer.count_sequences(slot.forget + slot.random + slot.normal, batch.num_positions)
             batches.append(batch.to(device))
         return batches
@@ -135,6 +137,15 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         start_step = int(checkpoints.load_checkpoint(policy_engine, checkpoint_dir, resume_from)["step"])
         if is_main:
             logger.info("resumed from %s at step %d", checkpoint_dir / resume_from.tag, start_step)
+    # ---- the reference cache: the reference's rows of every normal example, computed once (or reused from disk);
+    # the reference model is then freed but its head (reference_cache.py) ----
+    ref_cache = None
+    if step_data.use_normal:
+        ref_hidden_size = engines.text_hidden_size(ref_config or model_config)
+        ref_cache = reference_cache.prepare(cfg, step_data, policy_engine, ref_engine, ref_hidden_size, device)
+        if ref_cache is not None:
+            ref_engine = None  # freed: the end-of-run evaluation loads the original again
+
     metrics_path = out_dir / "metrics.jsonl"
     metrics_log = checkpoints.MetricsLog(metrics_path, start_step) if is_main else None
 
@@ -157,7 +168,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         with step_timer.phase("batch"):
             batches = step_batches(step)
         for batch in batches:
-            loss, token_ce, token_kl = forward_loss(policy_engine, ref_engine, batch)
+            loss, token_ce, token_kl = forward_loss(policy_engine, ref_engine, batch, ref_cache)
             with step_timer.phase("backward"):
                 policy_engine.backward(loss)
             with step_timer.phase("optimizer"):
@@ -257,9 +268,11 @@ def _in_one_line(err: BaseException) -> str:
     return f"{text} ({' '.join(str(cause).split())})" if cause is not None and str(cause) else text
 
 
-def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
-    """The policy's forward over [forget; random; normal] (one packed row, or one padded forward per term), then one
-    loss over their response tokens; before it, the reference's hidden states for the normal rows.
+def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch,
+                 ref_cache: Optional[reference_cache.ReferenceCache] = None):
+    """The policy's forward over [forget; random; normal] (packed, or one padded forward per term), then one loss over
+    their response tokens; before it, the reference's hidden states for the normal rows (from ``ref_cache`` when
+    there is one: no reference forward).
 
     On the fused path the reference's head goes into the loss inputs: its weight, a ZeRO-3 shard, is gathered (on
     every rank) inside the policy head's forward, only while the fused loss reads it, and never receives a gradient.
@@ -267,7 +280,12 @@ def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch):
     has no adapter) is shared.
     """
     loss_inputs = {"targets": batch.targets, "ce_weight": batch.ce_weight}
-    if batch.kl_weight is not None:
+    if batch.kl_weight is not None and ref_cache is not None:
+        ref_rows = _pad_reference_rows(ref_cache.rows_of(batch.normal_indices, batch.targets.device), batch)
+        loss_inputs.update({"ref_hidden": ref_rows, "kl_weight": batch.kl_weight})
+        if ref_cache.head is not None:
+            loss_inputs["ref_head"] = ref_cache.head
+    elif batch.kl_weight is not None:
         if ref_engine is None:
             reference, reference_context = policy_engine, engines.reference_mode(policy_engine.module.lm)
         else:
