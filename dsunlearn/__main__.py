@@ -5,6 +5,7 @@
     compare    put several saved evaluations (eval.json) side by side in one report
     make-demo  build the embedded demo's "original" model (tiny Llama taught the demo data)
     bench      benchmark the fused loss implementations; see ``bench --help``
+    bench-step benchmark a whole unlearning step against the paper's loop (``python -m dsunlearn.bench_step``)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         from dsunlearn.demo import main as run
     elif command == "bench":
         from dsunlearn.kernels.bench import main as run
+    elif command == "bench-step":
+        from dsunlearn.bench_step import main as run
     else:
         print(f"dsunlearn: unknown command {command!r}\n{__doc__}", file=sys.stderr)
         raise SystemExit(2)

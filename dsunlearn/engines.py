@@ -348,7 +348,10 @@ def build_optimizer(params, cfg: RunConfig, ds_config: dict):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    # Fused: one pass over each parameter. ZeRO hands the optimizer one flat fp32 partition per group, and torch's
+    # default AdamW walks that whole tensor once per operation: 7x slower on a 20M-element partition on one CPU core
+    # (dsunlearn/BENCHMARKS.md), and on the GPU the fused kernel is torch's fastest too.
+    return torch.optim.AdamW(params, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay, fused=True)
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
