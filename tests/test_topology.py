@@ -32,4 +32,5 @@ def test_one_rank_accumulating_matches_two_ranks(tiny_model_dir, tmp_path, reduc
     assert one_rank[2]["normal_kl"] > 5e-4
     for single, double in zip(one_rank, two_ranks):
         for key in COMPARED:
-            assert double[key] == pytest.approx(single[key], rel=1e-5), (single["step"], key)
+            # abs: the KL of step 1 is rounding (~1e-9: the cached reference rows came from other batch shapes)
+            assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-8), (single["step"], key)
