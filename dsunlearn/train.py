@@ -126,7 +126,6 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         if cfg.model.reference_path:  # another model: is the fused loss exact for its head too?
             policy_engine.module.check_reference_head(ref_engine.module)
     policy_lm = policy_engine.module.lm
-    step_timer.attach(policy_engine, ref_engine)
     if is_main and cfg.model.lora_rank > 0:
         trainable = sum(p.ds_numel for p in policy_lm.parameters() if p.requires_grad)
         logger.info("LoRA rank %d: %d trainable parameters; the reference is this model with its adapters off",
@@ -145,6 +144,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         ref_cache = reference_cache.prepare(cfg, step_data, policy_engine, ref_engine, ref_hidden_size, device)
         if ref_cache is not None:
             ref_engine = None  # freed: the end-of-run evaluation loads the original again
+    step_timer.attach(policy_engine, ref_engine)  # after the cache pass, whose forwards belong to no step
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics_log = checkpoints.MetricsLog(metrics_path, start_step) if is_main else None
