@@ -25,8 +25,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def finish_if_stopped_from_outside(run, args):
+    """``run(args) -> (code, output)``, and while it ends stopped from outside (OUTSIDE_STOP, exit 75 with its step
+    saved), at most twice, resumed as a user would; returns the last code and every attempt's output."""
+    code, output = run(args)
+    for _ in range(2):
+        if code != 75 or OUTSIDE_STOP not in output:
+            break
+        code, more = run([*args, "--resume", "true", "--overwrite", "false"])
+        output += more
+    return code, output
+
+
 def launch(args, nproc=2, timeout=420, launcher="direct"):
-    """Run the trainer on ``nproc`` CPU ranks; return (exit code, output).
+    """Run the trainer on ``nproc`` CPU ranks; return (exit code, output). A run stopped from outside is resumed
+    (finish_if_stopped_from_outside).
 
     ``launcher="direct"``: one process per rank with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in its environment, as
     srun starts them (launch.sh under SLURM); the code is the first non-zero rank code, else 0, and the output is the
@@ -34,6 +47,10 @@ def launch(args, nproc=2, timeout=420, launcher="direct"):
     SLURM; it costs two more interpreters that import DeepSpeed (test_launch.py, test_failures.py and the cluster
     tests cover that path).
     """
+    return finish_if_stopped_from_outside(lambda run_args: _launch_once(run_args, nproc, timeout, launcher), args)
+
+
+def _launch_once(args, nproc, timeout, launcher):
     if launcher == "deepspeed":
         deepspeed_bin = Path(sys.executable).with_name("deepspeed")
         command = [str(deepspeed_bin), "--num_gpus", str(nproc), "--master_port", str(free_port()),

@@ -15,7 +15,7 @@ import pytest
 
 from dsunlearn import checkpoints
 from dsunlearn.checkpoints import MARKER_NAME, RunShape, choose_resume_checkpoint, step_tag
-from launching import REPO, free_port, launch
+from launching import REPO, finish_if_stopped_from_outside, free_port, launch
 
 COMPARED = ("forget_ce", "random_ce", "normal_kl", "total", "lr")
 
@@ -27,11 +27,16 @@ def run_args(model_dir, out_dir, *extra):
 
 
 def train_one_process(args, timeout=300, **env_vars):
-    """``python -m dsunlearn train`` as a world of one; returns (returncode, output)."""
+    """``python -m dsunlearn train`` as a world of one; returns (returncode, output). A run stopped from outside is
+    resumed (launching.finish_if_stopped_from_outside)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_vars)
-    done = subprocess.run([sys.executable, "-m", "dsunlearn", "train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    return done.returncode, done.stdout + done.stderr
+
+    def run(run_args):
+        done = subprocess.run([sys.executable, "-m", "dsunlearn", "train", *run_args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        return done.returncode, done.stdout + done.stderr
+
+    return finish_if_stopped_from_outside(run, args)
 
 
 def read_metrics(run_dir):

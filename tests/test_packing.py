@@ -284,9 +284,12 @@ def test_packed_layout_by_hand():
 
 @pytest.mark.distributed
 @pytest.mark.integration
-def test_the_trainer_on_two_ranks_logs_the_same_step_in_both_layouts_and_its_padded_share(tiny_model_dir, tmp_path):
-    """One step of the demo config through the trainer on 2 ranks, packed and padded: the same metrics, and the share
-    of padded positions the per-term padding of this step's sequences gives (0 when packed)."""
+def test_the_trainer_on_two_ranks_logs_the_same_step_in_both_layouts_and_its_padded_share(
+    tiny_model_dir, straight_run, tmp_path
+):
+    """The first step of the demo config through the trainer on 2 ranks, packed (the shared straight run: its first
+    step does not depend on the run's length) and padded: the same metrics, and the share of padded positions each
+    layout of this step's sequences gives."""
     import json
 
     from transformers import AutoTokenizer
@@ -295,14 +298,13 @@ def test_the_trainer_on_two_ranks_logs_the_same_step_in_both_layouts_and_its_pad
     from dsunlearn.step_data import StepData
     from launching import launch
 
-    rows = {}
-    for layout in (PACKED, PADDED):
-        args = ["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir), "--output.dir",
-                str(tmp_path / layout), "--train.max_steps", "1", "--model.packing", layout,
-                "--output.evaluate", "false", "--output.export", "false"]
-        code, output = launch(args)
-        assert code == 0, output[-4000:]
-        rows[layout] = json.loads((tmp_path / layout / "metrics.jsonl").read_text().splitlines()[0])
+    args = ["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir), "--output.dir",
+            str(tmp_path / PADDED), "--train.max_steps", "1", "--model.packing", PADDED,
+            "--output.evaluate", "false", "--output.export", "false"]
+    code, output = launch(args)
+    assert code == 0, output[-4000:]
+    rows = {layout: json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+            for layout, run_dir in ((PACKED, straight_run), (PADDED, tmp_path / PADDED))}
     for key in ("forget_ce", "random_ce", "normal_kl", "normal_ce", "total", "grad_norm"):
         assert rows[PADDED][key] == pytest.approx(rows[PACKED][key], rel=1e-5, abs=1e-7), key
 

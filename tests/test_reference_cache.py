@@ -16,7 +16,7 @@ import torch
 from dsunlearn import checkpoints, reference_cache
 from dsunlearn.config import ConfigError, ModelConfig, RunConfig
 from dsunlearn.data import TokenizedSequence
-from launching import OUTSIDE_STOP, REPO, free_port, launch
+from launching import REPO, free_port, launch
 
 WORKER = Path(__file__).parent / "workers" / "reference_cache_step.py"
 METRICS_TOLERANCE = 1e-5
@@ -156,9 +156,7 @@ def _args(model_dir, out_dir, *extra):
 
 
 def _launch(args):
-    code, output = launch(args)
-    if code == 75 and OUTSIDE_STOP in output:  # stopped from outside (launching.OUTSIDE_STOP): finish it
-        code, output = launch([*args, "--resume", "true"])
+    code, output = launch(args)  # a run stopped from outside is finished (launching.OUTSIDE_STOP)
     assert code == 0, output[-4000:]
     return output
 
