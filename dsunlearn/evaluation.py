@@ -339,8 +339,9 @@ def evaluate_models(
                     )
                 samples += [_sample_row(set_name, record) for record in records]
             if mia.MEMBER_SET in sets and mia.NONMEMBER_SET in sets:
+                members, nonmembers = sets[mia.MEMBER_SET], sets[mia.NONMEMBER_SET]
                 summary["mia"] = mia.evaluate_mia(
-                    model, reference, tokenizer, sets[mia.MEMBER_SET], sets[mia.NONMEMBER_SET], context, rank, world_size
+                    model, reference, tokenizer, members, nonmembers, context, rank, world_size
                 )
     finally:
         model.train(modes[0])

@@ -135,10 +135,9 @@ def evaluate_mia(
 
     cfg = context.cfg
     models = {"original": reference, "unlearned": model}
-    # The engine owns the ZeRO-3 hooks of the retrained model: it stays referenced until the scores are made.
-    retrained_engines = ()
     if cfg.retrained_path:
-        models["retrained"], retrained_engines = _load_retrained(cfg, world_size)
+        # The engine owns the ZeRO-3 hooks of the retrained model: it stays referenced until the scores are made.
+        models["retrained"], _retrained_engines = _load_retrained(cfg, world_size)
     scores: dict[str, dict[str, list]] = {role: {} for role in models}
     for set_name, pairs in ((MEMBER_SET, member_pairs), (NONMEMBER_SET, nonmember_pairs)):
         # Pairs whose prompt leaves no room for a response are left out, as training and the other sets leave them.
@@ -162,7 +161,8 @@ def _load_retrained(cfg, world_size: int):
         from dsunlearn import engines
         from dsunlearn.ds_config import inference_ds_config
 
-        engine = engines.load_inference_engine(cfg.retrained_path, inference_ds_config(dtype, offload=cfg.offload_param), dtype)
+        ds_config = inference_ds_config(dtype, offload=cfg.offload_param)
+        engine = engines.load_inference_engine(cfg.retrained_path, ds_config, dtype)
         return engine.module, (engine,)
     from transformers import AutoModelForCausalLM
 

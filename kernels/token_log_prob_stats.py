@@ -146,7 +146,9 @@ def _check_inputs(hidden, weight, targets, softcap, backend):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.dtype not in _FLOAT_INPUT_DTYPES:
             raise ValueError(f"{name} must be a 2-D fp32, bf16 or fp16 tensor, got {_describe(tensor)}")
     if weight.shape[1] != hidden.shape[1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V >= 1, {hidden.shape[1]}] to match hidden, got {list(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [V >= 1, {hidden.shape[1]}] to match hidden, got {list(weight.shape)}"
+        )
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if (
@@ -155,8 +157,9 @@ def _check_inputs(hidden, weight, targets, softcap, backend):
         or targets.shape != (hidden.shape[0],)
         or targets.device != hidden.device
     ):
-        raise ValueError(f"targets must be an int64 tensor of shape [{hidden.shape[0]}] on {hidden.device}, got "
-                         f"{_describe(targets)}")
+        raise ValueError(
+            f"targets must be an int64 tensor of shape [{hidden.shape[0]}] on {hidden.device}, got {_describe(targets)}"
+        )
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
         raise ValueError(f"targets must lie in [0, {weight.shape[0]})")
     if softcap is not None and not softcap > 0:
