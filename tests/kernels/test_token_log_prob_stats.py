@@ -104,3 +104,17 @@ def test_no_gradient_and_bad_inputs_rejected():
         token_log_prob_stats(hidden, weight, targets, backend="cuda")
     with pytest.raises(ValueError, match="softcap"):
         token_log_prob_stats(hidden, weight, targets, softcap=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_matches_float64_with_several_chunks(dtype, monkeypatch):
+    """The compiled kernel over several chunks of rows, a vocabulary that is not a multiple of the block."""
+    from dsunlearn.kernels.triton_token_log_prob_stats import triton_token_log_prob_stats
+
+    # TF32 would change fp32 products; the contract is fp32 accumulation of fp32 products.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    hidden, weight, targets = random_problem(300, 64, 5003, dtype, seed=11)
+    actual = triton_token_log_prob_stats(hidden, weight, targets, softcap=None, chunk_rows=128)
+    assert_stats_close(actual, expected_stats(hidden, weight, targets), dtype)
