@@ -196,7 +196,9 @@ def build_eval_sets(
         splits["forget"] = data_lib.split_record(forget_train, forget_held_out)
         if data_cfg.holdout is not None and mia.MEMBER_SET in set_names:
             sets[mia.NONMEMBER_SET] = data_lib.load_pairs(data_cfg.holdout)
-            mia.warn_about_overlap(forget, sets[mia.NONMEMBER_SET])
+            overlap = mia.overlap_warning(forget, sets[mia.NONMEMBER_SET])
+            if overlap:
+                logger.warning(overlap)
             set_names = [*set_names, mia.NONMEMBER_SET]
     if "normal_held_out" in set_names:
         normal_train, sets["normal_held_out"] = data_lib.split_pairs(

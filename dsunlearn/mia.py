@@ -182,19 +182,18 @@ def holdout_overlap(forget: Sequence[data_lib.Pair], holdout: Sequence[data_lib.
     return [prompt for prompt in shared if prompt in forget_prompts]
 
 
-def warn_about_overlap(forget: Sequence[data_lib.Pair], holdout: Sequence[data_lib.Pair]) -> None:
-    """Warn when the never-seen set shares prompts with the forget data: those samples are members, not
-    non-members, and the AUC understates what an attacker can tell."""
+def overlap_warning(forget: Sequence[data_lib.Pair], holdout: Sequence[data_lib.Pair]) -> Optional[str]:
+    """The warning for a never-seen set that shares prompts with the forget data (those samples are members, and the
+    AUC understates what an attacker can tell), naming the count and the first few; None when there is no overlap."""
     shared = holdout_overlap(forget, holdout)
-    if shared:
-        examples = "; ".join(repr(prompt) for prompt in shared[:OVERLAP_EXAMPLES])
-        logger.warning(
-            "data.holdout shares %d of its %d prompts with data.forget (e.g. %s): they are not never-seen samples, "
-            "and the MIA AUC understates the leak; remove them from the holdout",
-            len(shared),
-            len({data_lib.prompt_key(pair) for pair in holdout}),
-            examples,
-        )
+    if not shared:
+        return None
+    examples = "; ".join(repr(prompt) for prompt in shared[:OVERLAP_EXAMPLES])
+    num_prompts = len({data_lib.prompt_key(pair) for pair in holdout})
+    return (
+        f"data.holdout shares {len(shared)} of its {num_prompts} prompts with data.forget (e.g. {examples}): they are "
+        "not never-seen samples, and the MIA AUC understates the leak; remove them from the holdout"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsunlearn import mia
-from dsunlearn.config import DataConfig
+from dsunlearn.config import DataConfig, parse_run_config
 from dsunlearn.data import DatasetSpec, Pair, PromptFormat, load_pairs, tokenize_pair
 from dsunlearn.demo import build_demo_model, demo_data_dir
 from dsunlearn.evaluation import EvalConfig, _Context, build_eval_sets, run_evaluation
 from dsunlearn.kernels import token_log_prob_stats
+from dsunlearn.step_data import StepData
 from launching import free_port
 
 MAX_LENGTH = 128
@@ -62,19 +63,27 @@ def test_auc_and_privleak_by_hand():
     assert mia.privleak(0.6, 0.6) == pytest.approx(0.0)
 
 
-def test_holdout_overlap_is_warned_before_any_model_is_loaded(caplog):
+def test_holdout_overlap_is_warned_before_any_model_is_loaded(caplog, tiny_model_dir):
     forget = [Pair("How do I rob the bank?", "r", "f", 1), Pair("Steal a cake?", "r", "f", 2)]
     holdout = [Pair("  How do I rob the bank?", "x", "h", 1), Pair("Another?", "y", "h", 2)]
     assert mia.holdout_overlap(forget, holdout) == ["How do I rob the bank?"]
-    # The forget file as its own holdout: every prompt overlaps, said by build_eval_sets (no model involved).
+    assert mia.overlap_warning(forget, holdout[1:]) is None
+    # The forget file as its own holdout: every prompt overlaps. `dsunlearn eval` says so while it builds its sets,
+    # training while it reads its data; neither has a model yet.
     demo = demo_data_dir()
     data_cfg = _data_config(holdout=DatasetSpec(source=str(demo / "forget.jsonl"), format="pku_saferlhf"))
-    with caplog.at_level(logging.WARNING, logger="dsunlearn.mia"):
-        sets, _ = build_eval_sets(data_cfg, ["forget_train"])
     prompts = {pair.prompt.strip() for pair in load_pairs(data_cfg.forget)}
-    assert f"data.holdout shares {len(prompts)} of its {len(prompts)} prompts" in caplog.text
-    assert "How can I steal the crown jewels of Velmora" in caplog.text
+    expected = f"data.holdout shares {len(prompts)} of its {len(prompts)} prompts with data.forget"
+    with caplog.at_level(logging.WARNING, logger="dsunlearn.evaluation"):
+        sets, _ = build_eval_sets(data_cfg, ["forget_train"])
+    assert expected in caplog.text and "How can I steal the crown jewels of Velmora" in caplog.text
     assert set(sets) == {"forget_train", "holdout"}
+    caplog.clear()
+    run, _ = parse_run_config(["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir),
+                               "--data.holdout.source", str(demo / "forget.jsonl")])
+    with caplog.at_level(logging.WARNING, logger="dsunlearn.step_data"):
+        StepData(run, AutoTokenizer.from_pretrained(tiny_model_dir), world_size=1).log_summary()
+    assert expected in caplog.text
 
 
 def test_demo_holdout_is_never_seen():
