@@ -18,6 +18,9 @@ before and an after:
 * for the unlearned model, ``similarity_to_original``: mean ROUGE-L F1 between its generation and
   the original model's generation for the same prompt.
 
+With ``data.holdout`` (never-seen samples of the forget data's kind), membership inference
+(:mod:`dsunlearn.mia`) between ``forget_train`` and the holdout gives ``mia`` in ``eval.json``.
+
 Token-level means are over all response tokens of a set (sum of NLL / number of tokens). A
 perplexity too large for a double (mean NLL above ~709 nats, after heavy gradient ascent) is
 written as ``null`` (``Infinity`` is not JSON); the report shows it as "–".
@@ -279,7 +282,9 @@ def evaluate_models(
     ``world_size`` > 1 this is a collective: call it on every rank. Returns the summary written to
     ``eval.json`` (on every rank); rank 0 also writes ``samples.jsonl`` and ``report.md``. ``splits`` (from
     :func:`build_eval_sets`) goes into ``eval.json`` as ``split``. Pairs whose prompt leaves no room for a response
-    within ``data.max_length`` are left out, as training leaves them out.
+    within ``data.max_length`` are left out, as training leaves them out. With a never-seen ``holdout`` set beside
+    ``forget_train`` (:func:`build_eval_sets` adds ``data.holdout``), ``summary["mia"]`` holds the membership-inference
+    AUCs of :mod:`dsunlearn.mia` (the holdout gets no other measurement).
     """
     problems = cfg.evaluation_problems()
     if problems:
