@@ -4,8 +4,10 @@ An evaluation summary (``eval.json``, written by :mod:`dsunlearn.evaluation`) ho
 the metrics of the original model (``"original"``) and of the unlearned one (``"unlearned"``):
 
     {"name": ..., "model": ..., "reference": ..., "metrics_jsonl": ... | null,
-     "original":  {"forget_train": {"nll": ..., ...}, "forget_held_out": {...}, "normal_held_out": {...}},
+     "original":  {"forget_train": {"nll": ..., ..., "ci": {"nll": [low, high], ...}}, "forget_held_out": {...}, ...},
      "unlearned": {...same sets...}}
+
+Each value with a confidence interval (``ci``) is shown as ``0.8 [0.62, 0.95]``.
 
 :func:`write_report` puts several runs side by side: one column per distinct original model, then
 one per run (the paper's comparison: original, gradient ascent only, + random mismatch, + KL).
@@ -27,22 +29,30 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dsunlearn.metrics import rouge_settings  # noqa: E402
+
 SET_ORDER = ("forget_train", "forget_held_out", "normal_held_out")
 
 METRIC_DESCRIPTIONS = {
     "nll": "teacher-forced NLL per response token of the dataset response (nats)",
     "ppl": "exp(nll): perplexity of the dataset responses",
     "kl": "mean per-token KL(original ‖ model) over response tokens (nats)",
-    "reproduction_rate": "fraction of greedy generations with ROUGE-L recall of the dataset response ≥ threshold",
-    "rouge_l_recall": "mean ROUGE-L recall of the dataset response by the generation",
+    "behaviour_rate": "fraction of generations showing the behaviour being unlearned (the application's test)",
+    "reproduction_rate": "fraction of greedy generations whose ROUGE-L of the dataset response is ≥ the threshold",
+    "rouge_l_recall": "mean ROUGE-L recall (rouge-score rougeL: LCS / response words) of the dataset response",
+    "rouge_l_precision": "mean ROUGE-L precision (rouge-score rougeL: LCS / generation words) of the dataset response",
+    "rouge_l_f1": "mean ROUGE-L F1 (rouge-score rougeL) between the generation and the dataset response",
+    "rouge_l": "mean ROUGE-L (the preset's measure) of the generation against the reference text",
+    "bleu": "mean sentence BLEU (sacrebleu, 0-100) of the generation against the reference text",
     "harmful_rate": "fraction of generations the harm classifier labels harmful",
+    "hallucination_rate": "fraction of generations closer (ROUGE-L) to the hallucinated answer than to the right one",
     "similarity_to_original": "mean ROUGE-L F1 between the model's and the original model's generations",
     "distinct_1": "distinct unigrams / all unigrams over the generations",
     "distinct_2": "distinct bigrams / all bigrams over the generations",
     "fluency_ppl": "perplexity of the generated tokens under the original model",
     "generation_tokens": "mean number of generated tokens",
 }
-"""Every metric an evaluation may report, in table order, with what it measures."""
+"""Every metric an evaluation may report, in table order, with what it measures (one line each)."""
 
 OBJECTIVE_TERMS = ("forget_ce", "random_ce", "normal_kl", "total")
 """Columns of the trainer's metrics.jsonl plotted over the steps (a term may be null or absent)."""
@@ -81,14 +91,15 @@ def write_report(out_dir: str | Path, runs: Sequence[Run]) -> Path:
     lines += ["| set / metric | " + " | ".join(label for label, _ in columns) + " |"]
     lines += ["|---|" + "---:|" * len(columns)]
     for set_name, metric in rows:
-        cells = [_format(values.get(set_name, {}).get(metric)) for _, values in columns]
+        cells = [
+            _format(values.get(set_name, {}).get(metric), values.get(set_name, {}).get("ci", {}).get(metric))
+            for _, values in columns
+        ]
         lines.append(f"| {set_name} / {metric} | " + " | ".join(cells) + " |")
-    lines += ["", "Metrics:", ""]
+    lines += ["", "### Metric definitions", "", "| metric | definition |", "|---|---|"]
     used_metrics = [m for m in METRIC_DESCRIPTIONS if any(metric == m for _, metric in rows)]
-    lines += [f"- `{m}`: {METRIC_DESCRIPTIONS[m]}" for m in used_metrics]
-    thresholds = {summary.get("config", {}).get("reproduction_threshold") for _, summary, _ in runs} - {None}
-    if thresholds:
-        lines.append(f"- reproduction threshold (ROUGE-L recall): {', '.join(str(t) for t in sorted(thresholds))}")
+    lines += [f"| `{m}` | {METRIC_DESCRIPTIONS[m]} |" for m in used_metrics]
+    lines += ["", *_settings_notes(runs)]
 
     lines += ["", "## Before / after", ""]
     for set_name in _ordered_sets(columns):
@@ -159,13 +170,49 @@ def _rows(columns: Sequence[tuple[str, dict]]) -> list[tuple[str, str]]:
     """(set, metric) pairs that any column reports, sets and metrics in their canonical order."""
     rows = []
     for set_name in _ordered_sets(columns):
-        present = {m for _, values in columns for m in values.get(set_name, {})}
+        present = {m for _, values in columns for m in values.get(set_name, {}) if m != "ci"}
         ordered = [m for m in METRIC_DESCRIPTIONS if m in present] + sorted(present - set(METRIC_DESCRIPTIONS))
         rows += [(set_name, m) for m in ordered]
     return rows
 
 
-def _format(value) -> str:
+def _settings_notes(runs: Sequence[Run]) -> list[str]:
+    """One line each on the settings that define the metrics above: ROUGE convention, threshold, interval."""
+    configs = [summary.get("config", {}) for _, summary, _ in runs]
+
+    def distinct(describe) -> str:
+        return ", ".join(sorted({describe(config) for config in configs}))
+
+    def rouge(config: dict) -> str:
+        preset = config.get("rouge", "tofu")
+        measure, stemmer = rouge_settings(preset, config.get("rouge_measure"), config.get("rouge_stemmer"))
+        return f"{preset} (ROUGE-L {measure}, stemmer {'on' if stemmer else 'off'})"
+
+    def interval(config: dict) -> str:
+        return f"{config.get('confidence_level', 0.95):.0%} ({config.get('bootstrap_resamples')} resamples)"
+
+    notes = [f"- ROUGE: rouge-score's rougeL, preset {distinct(rouge)}"]
+    if any("reproduction_threshold" in config for config in configs):
+        notes.append(f"- reproduction threshold: {distinct(lambda config: str(config.get('reproduction_threshold')))}")
+    if any("confidence_level" in config for config in configs):
+        notes.append(
+            f"- value [low, high]: the {distinct(interval)} percentile bootstrap interval over the set's samples "
+            "(seeded; token-level means resample whole samples, paired)"
+        )
+    return notes
+
+
+def _format(value, interval=None) -> str:
+    """``0.8`` or, with its confidence interval, ``0.8 [0.62, 0.95]``."""
+    if value is None:
+        return "–"
+    text = _number(value)
+    if interval is not None:
+        text += f" [{_number(interval[0])}, {_number(interval[1])}]"
+    return text
+
+
+def _number(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float) and math.isinf(value):
