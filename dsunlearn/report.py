@@ -292,6 +292,28 @@ def _plot_objective(png: Path, histories: dict[str, list[dict]]) -> None:
     plt.close(fig)
 
 
+def plot_relearning(png: Path, results: dict[str, dict]) -> None:
+    """Relearning curves (``dsunlearn relearn``): behaviour rate over fine-tuning steps, one line per model with its
+    bootstrap interval shaded, and each model's original rate as a dotted line of the same colour."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, result) in enumerate(results.items()):
+        color = colors[index % len(colors)]
+        steps = [point["step"] for point in result["curve"]]
+        ax.plot(steps, [point["behaviour_rate"] for point in result["curve"]], marker=".", color=color, label=name)
+        ax.fill_between(steps, [point["ci"][0] for point in result["curve"]],
+                        [point["ci"][1] for point in result["curve"]], color=color, alpha=0.15)
+        ax.axhline(result["original_rate"], color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("fine-tuning steps on forget data")
+    ax.set_ylabel("behaviour rate (not fine-tuned prompts)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("Relearning: how fast the behaviour returns (dotted: the original's rate)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """``python -m dsunlearn.report EVAL_JSON... --out_dir DIR [--names A B ...]``: compare saved evaluations."""
     parser = argparse.ArgumentParser(prog="python -m dsunlearn.report", description=compare.__doc__.splitlines()[0])
