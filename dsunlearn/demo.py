@@ -255,6 +255,7 @@ def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) 
         "settings": asdict(build),
         "num_forget_pairs": len(forget),
         "num_normal_pairs": len(normal),
+        "num_taught_pairs": len(sequences),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "first_loss": losses[0],
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
