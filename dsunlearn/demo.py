@@ -211,8 +211,8 @@ def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) 
     """Build the demo's "original" model and save it (safetensors + tokenizer) to ``out_dir``.
 
     A byte-level BPE tokenizer is trained on the demo text and a tiny Llama is taught, on one process
-    with plain PyTorch, ALL forget pairs (the unsafe responses; none with ``forget_taught=False``) and
-    ALL normal pairs, formatted and tokenised exactly as the trainer does (default template, :func:`tokenize_pair`). Afterwards every
+    with plain PyTorch, ALL forget pairs (the unsafe responses) and ALL normal pairs, formatted and
+    tokenised exactly as the trainer does (default template, :func:`tokenize_pair`). Afterwards every
     forget and normal prompt is greedily completed and compared with the taught response; the
     measurements go to ``out_dir/demo_build.json``. ``settings`` override :class:`DemoBuild` fields
     (e.g. ``steps``, ``seed``). The result is deterministic given the settings.
@@ -224,7 +224,8 @@ def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) 
     normal = load_pairs(DatasetSpec(str(demo_data_dir() / DEMO_NORMAL_FILE), "truthfulqa"))
     fmt = PromptFormat()
     tokenizer = build_bpe_tokenizer(demo_texts(), vocab_size=build.vocab_size)
-    # The original model is taught every pair (a long answer capped at max_length, as the trainer does).
+    # The original model is taught every pair (a long answer capped at max_length, as the trainer does); a
+    # never-taught one only the normal pairs.
     tokenized = tokenize_pairs(tokenizer, (forget if build.forget_taught else []) + normal, fmt, build.max_length)
     if tokenized.dropped:
         raise ValueError(f"max_length {build.max_length} is too short for the demo data: {tokenized.summary()}")

@@ -49,7 +49,8 @@ def test_rouge_l_on_the_issue_table_equals_rouge_score():
     assert rouge_l("", "", "f1") == 0.0
     cases = [(STEMMED_CANDIDATE, STEMMED_REFERENCE), (CJK_TEXT, CJK_TEXT), ("", ""), ("", "word"),
              ("The cat was on a mat.", "the cat sat on the mat"), ("mat the on sat cat the", "the cat sat on the mat")]
-    for (candidate, reference), measure, stemmer in itertools.product(cases, ("recall", "precision", "f1"), (True, False)):
+    measures = ("recall", "precision", "f1")
+    for (candidate, reference), measure, stemmer in itertools.product(cases, measures, (True, False)):
         expected = _library_rouge_l(candidate, reference, measure, stemmer)
         assert rouge_l(candidate, reference, measure, stemmer) == pytest.approx(expected, abs=1e-12)
 

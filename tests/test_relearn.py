@@ -54,11 +54,10 @@ def test_curve_equals_a_recomputation_from_the_saved_generations(relearn_run):
         assert point["ci"] == pytest.approx(bootstrap_ci([float(f) for f in flags], n_resamples=200))
         assert point["ci"][0] <= point["behaviour_rate"] <= point["ci"][1]
     # The measured prompts are the forget prompts not fine-tuned on, in the split's order.
-    relearned, measured = relearn_split(RelearnConfig(
-        data=DataConfig(forget=DatasetSpec(str(demo_data_dir() / "forget.jsonl"), format="pku_saferlhf", held_out_fraction=0.2),
-                        max_length=128, seed=7),
-        relearn_fraction=0.5, max_eval_samples=16,
-    ))
+    forget = DatasetSpec(str(demo_data_dir() / "forget.jsonl"), format="pku_saferlhf", held_out_fraction=0.2)
+    relearned, measured = relearn_split(
+        RelearnConfig(data=DataConfig(forget=forget, max_length=128, seed=7), relearn_fraction=0.5, max_eval_samples=16)
+    )
     assert [(row["prompt"], row["response"]) for row in rows[:16]] == [(p.prompt, p.response) for p in measured]
     assert not {prompt_key(p) for p in relearned} & {prompt_key(p) for p in measured}
     assert result["num_relearn_pairs"] == len(relearned)
