@@ -225,7 +225,7 @@ def _slug(text: str) -> str:
 
 
 def _plot_set(png: Path, set_name: str, columns: Sequence[tuple[str, dict]], metrics: Sequence[str]) -> None:
-    """One panel per metric, one bar per column (original, then each run)."""
+    """One panel per metric, one bar per column (original, then each run), with its confidence interval when known."""
     ncols = min(4, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
@@ -239,6 +239,12 @@ def _plot_set(png: Path, set_name: str, columns: Sequence[tuple[str, dict]], met
         for i, v in enumerate(values):
             if v is None or not math.isfinite(v):
                 ax.text(i, 0, "–" if v is None else "inf", ha="center", va="bottom")
+        for i, (_, column) in enumerate(columns):
+            interval = column.get(set_name, {}).get("ci", {}).get(metric)
+            # A null bound is a perplexity past a double's range: no bar to draw it on.
+            if interval is not None and None not in interval and all(map(math.isfinite, [*interval, heights[i]])):
+                below, above = max(heights[i] - interval[0], 0.0), max(interval[1] - heights[i], 0.0)
+                ax.errorbar(i, heights[i], yerr=[[below], [above]], color="black", capsize=3, linewidth=1)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
     for ax in list(axes.flat)[len(metrics) :]:
