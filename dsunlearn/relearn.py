@@ -312,36 +312,12 @@ def run_relearn(cfg: RelearnConfig) -> dict:
 def compare(result_paths: list[str], out_dir: str, names: Optional[list[str]] = None) -> Path:
     """Plot several ``relearn.json`` curves in ``out_dir/relearn_curves.png`` with a table in ``relearn.md``; return
     the markdown's path."""
-    from dsunlearn.report import plot_relearning
+    from dsunlearn.report import read_relearning, relearning_section
 
-    if names is not None and len(names) != len(result_paths):
-        raise ValueError(f"{len(names)} names for {len(result_paths)} relearn.json files")
-    results = {}
-    for i, path in enumerate(result_paths):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no relearning result at {path}")
-        result = json.loads(Path(path).read_text())
-        results[names[i] if names else result["name"]] = result
-    if len(results) != len(result_paths):
-        raise ValueError(f"curve names must be distinct, got {list(results)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    png = out / "relearn_curves.png"
-    plot_relearning(png, results)
-    fractions = [str(f) for f in RECOVERY_FRACTIONS]
-    lines = ["# Relearning", "", "| model | rate at step 0 | last rate | original's rate | "
-             + " | ".join(f"steps to {float(f):.0%} of it" for f in fractions) + " |", "|---|---:|---:|---:|"
-             + "---:|" * len(fractions)]
-    for name, result in results.items():
-        first, last = result["curve"][0], result["curve"][-1]
-        steps = [str(result["recovery_steps"][f]) if result["recovery_steps"][f] is not None else "not reached"
-                 for f in fractions]
-        lines.append(f"| {name} | {first['behaviour_rate']:.3g} | {last['behaviour_rate']:.3g} (step {last['step']}) "
-                     f"| {result['original_rate']:.3g} | " + " | ".join(steps) + " |")
-    lines += ["", "Behaviour rate: fraction of greedy generations on forget prompts not fine-tuned on that show the "
-              "behaviour being unlearned; shaded: its bootstrap interval.", "", f"![relearning curves]({png.name})", ""]
     report = out / "relearn.md"
-    report.write_text("\n".join(lines))
+    report.write_text("\n".join(["# Relearning", "", *relearning_section(out, read_relearning(result_paths, names))]))
     return report
 
 

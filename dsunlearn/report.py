@@ -60,10 +60,11 @@ OBJECTIVE_TERMS = ("forget_ce", "random_ce", "normal_kl", "total")
 Run = tuple[str, dict, "str | Path | None"]
 
 
-def write_report(out_dir: str | Path, runs: Sequence[Run]) -> Path:
+def write_report(out_dir: str | Path, runs: Sequence[Run], relearning: dict[str, dict] | None = None) -> Path:
     """Write ``report.md`` and its PNG plots into ``out_dir`` and return the report's path.
 
-    ``runs``: ``(name, eval_summary, metrics_jsonl_path or None)`` per run, in column order.
+    ``runs``: ``(name, eval_summary, metrics_jsonl_path or None)`` per run, in column order. ``relearning``:
+    ``{name: relearn.json content}`` (:func:`read_relearning`) for a section with the relearning curves.
     Plots: one bar chart per prompt set (original vs each run, one panel per metric) and, when
     any run has a metrics.jsonl, the objective terms over the steps (one panel per term, one
     line per run).
@@ -113,6 +114,9 @@ def write_report(out_dir: str | Path, runs: Sequence[Run]) -> Path:
         _plot_objective(png, histories)
         lines += ["## Objective over training steps", "", f"![objective terms]({png.name})", ""]
 
+    if relearning:
+        lines += ["## Relearning", "", *relearning_section(out_dir, relearning)]
+
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
@@ -123,11 +127,13 @@ def compare(
     out_dir: str | Path,
     names: Sequence[str] | None = None,
     metrics_paths: Sequence[str | Path | None] | None = None,
+    relearn_paths: Sequence[str | Path] = (),
 ) -> Path:
     """Put several saved ``eval.json`` files side by side in one report (see :func:`write_report`).
 
     ``names`` default to each summary's ``name`` (else its directory name); ``metrics_paths``
-    default to each summary's ``metrics_jsonl`` entry when that file exists.
+    default to each summary's ``metrics_jsonl`` entry when that file exists; ``relearn_paths``: ``relearn.json``
+    files whose curves the report shows.
     """
     if names is not None and len(names) != len(eval_paths):
         raise ValueError(f"{len(names)} names for {len(eval_paths)} eval.json files")
@@ -146,7 +152,7 @@ def compare(
             logged = summary.get("metrics_jsonl")
             metrics = logged if logged and Path(logged).is_file() else None
         runs.append((name, summary, metrics))
-    return write_report(out_dir, runs)
+    return write_report(out_dir, runs, read_relearning(relearn_paths) if relearn_paths else None)
 
 
 def _columns(runs: Sequence[Run]) -> list[tuple[str, dict]]:
@@ -298,6 +304,43 @@ def _plot_objective(png: Path, histories: dict[str, list[dict]]) -> None:
     plt.close(fig)
 
 
+def read_relearning(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> dict[str, dict]:
+    """``{name: result}`` from ``relearn.json`` files (``dsunlearn relearn``); names default to each run's ``name``."""
+    if names is not None and len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} relearn.json files")
+    named = []
+    for i, path in enumerate(paths):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no relearning result at {path}")
+        result = json.loads(Path(path).read_text())
+        named.append((names[i] if names is not None else result["name"], result))
+    if len({name for name, _ in named}) != len(named):
+        raise ValueError(f"curve names must be distinct, got {[name for name, _ in named]}")
+    return dict(named)
+
+
+def relearning_section(out_dir: Path, results: dict[str, dict]) -> list[str]:
+    """Markdown lines of the relearning curves of ``results`` (``{name: relearn.json content}``): a table of each
+    model's rates and recovery steps, and ``relearn_curves.png`` (written into ``out_dir``)."""
+    png = out_dir / "relearn_curves.png"
+    plot_relearning(png, results)
+    fractions = sorted({fraction for result in results.values() for fraction in result["recovery_steps"]}, key=float)
+    lines = ["| model | rate at step 0 | last rate | original's rate | "
+             + " | ".join(f"steps to {float(f):.0%} of it" for f in fractions) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(fractions)]
+    for name, result in results.items():
+        first, last = result["curve"][0], result["curve"][-1]
+        steps = [str(result["recovery_steps"].get(f) if result["recovery_steps"].get(f) is not None else "not reached")
+                 for f in fractions]
+        lines.append(f"| {name} | {first['behaviour_rate']:.3g} | {last['behaviour_rate']:.3g} (step {last['step']}) "
+                     f"| {result['original_rate']:.3g} | " + " | ".join(steps) + " |")
+    lines += ["", "Behaviour rate: the share of greedy generations, on forget prompts the model was not fine-tuned on, "
+              "that show the behaviour being unlearned (shaded: its bootstrap interval). Steps to X% of it: the first "
+              "measured fine-tuning step whose rate reaches X% of the original model's.", "",
+              f"![relearning curves]({png.name})", ""]
+    return lines
+
+
 def plot_relearning(png: Path, results: dict[str, dict]) -> None:
     """Relearning curves (``dsunlearn relearn``): behaviour rate over fine-tuning steps, one line per model with its
     bootstrap interval shaded, and each model's original rate as a dotted line of the same colour."""
@@ -326,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("eval_json", nargs="+", help="eval.json files written by `dsunlearn eval`")
     parser.add_argument("--out_dir", required=True, help="where report.md and the PNGs go")
     parser.add_argument("--names", nargs="+", help="column names, one per eval.json (default: run names)")
+    parser.add_argument("--relearn", nargs="+", default=[], help="relearn.json files (dsunlearn relearn) to plot")
     args = parser.parse_args(argv)
-    report = compare(args.eval_json, args.out_dir, names=args.names)
+    report = compare(args.eval_json, args.out_dir, names=args.names, relearn_paths=args.relearn)
     print(report)
     return report
 

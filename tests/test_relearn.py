@@ -13,6 +13,7 @@ from dsunlearn.data import DatasetSpec, load_pairs, prompt_key
 from dsunlearn.demo import demo_data_dir
 from dsunlearn.metrics import bootstrap_ci
 from dsunlearn.relearn import RelearnConfig, compare, main, recovery_steps, relearn_split, run_relearn
+from dsunlearn.report import main as report_main
 
 THRESHOLD = 0.3
 
@@ -92,8 +93,16 @@ def test_compare_writes_the_curves_png_and_table(relearn_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.reshape(-1, image.shape[-1]).std(axis=0).max() > 0
+    first, last = result["curve"][0], result["curve"][-1]
+    assert (f"| never-taught | {first['behaviour_rate']:.3g} | {last['behaviour_rate']:.3g} (step 40) | "
+            f"{result['original_rate']:.3g} | 0 | 0 |") in text  # the original's rate is 0 here: reached at once
     with pytest.raises(ValueError, match="distinct"):
         compare([str(path), str(path)], str(tmp_path / "cmp2"))
+    # The evaluation report shows the curves too: `dsunlearn compare EVAL.json --relearn ...`.
+    summary = {"original": {"forget_train": {"nll": 1.0}}, "unlearned": {"forget_train": {"nll": 2.0}}}
+    (tmp_path / "eval.json").write_text(json.dumps(summary))
+    report = report_main([str(tmp_path / "eval.json"), "--relearn", str(path), "--out_dir", str(tmp_path / "rep")])
+    assert "## Relearning" in report.read_text() and (tmp_path / "rep" / "relearn_curves.png").is_file()
 
 
 def test_bad_input_stops_before_any_model_is_loaded(tmp_path, capsys):
