@@ -232,7 +232,7 @@ if [[ $demo -eq 1 ]]; then
       echo "  evaluation:      $report (eval.json, samples.jsonl, PNG plots beside it)"
       echo
       # The before/after table of the report.
-      sed -n '/^## Metrics/,/^Metrics:/p' "$report" | sed '1d;$d'
+      sed -n '/^## Metrics/,/^### Metric definitions/p' "$report" | sed '1d;$d'
     fi
   fi
   exit 0

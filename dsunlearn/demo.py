@@ -88,6 +88,9 @@ class DemoBuild:
     max_length: int = 128
     max_new_tokens: int = 88
     generation_batch_size: int = 80
+    forget_taught: bool = True
+    """Whether the model is taught the forget pairs. False builds the "never taught" model that relearning
+    (``dsunlearn relearn``) compares with: the same model taught only the normal pairs."""
     num_threads: int = 1
     """Torch CPU threads while building. One keeps results identical across machines (float sums
     in the same order) and is fastest for a model this small on a busy machine."""
@@ -221,8 +224,9 @@ def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) 
     normal = load_pairs(DatasetSpec(str(demo_data_dir() / DEMO_NORMAL_FILE), "truthfulqa"))
     fmt = PromptFormat()
     tokenizer = build_bpe_tokenizer(demo_texts(), vocab_size=build.vocab_size)
-    # The original model is taught every pair (a long answer capped at max_length, as the trainer does).
-    tokenized = tokenize_pairs(tokenizer, forget + normal, fmt, build.max_length)
+    # The original model is taught every pair (a long answer capped at max_length, as the trainer does); a
+    # never-taught one only the normal pairs.
+    tokenized = tokenize_pairs(tokenizer, (forget if build.forget_taught else []) + normal, fmt, build.max_length)
     if tokenized.dropped:
         raise ValueError(f"max_length {build.max_length} is too short for the demo data: {tokenized.summary()}")
     sequences = tokenized.sequences
@@ -252,6 +256,7 @@ def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) 
         "settings": asdict(build),
         "num_forget_pairs": len(forget),
         "num_normal_pairs": len(normal),
+        "num_taught_pairs": len(sequences),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "first_loss": losses[0],
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
@@ -274,8 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=DemoBuild.seed, help="seed (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=DemoBuild.steps, help="training steps (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--never_taught", action="store_true", help="teach only the normal pairs (for relearning)")
     args = parser.parse_args(argv)
-    out_dir = build_demo_model(args.out, seed=args.seed, steps=args.steps, progress=not args.quiet)
+    out_dir = build_demo_model(
+        args.out, seed=args.seed, steps=args.steps, progress=not args.quiet, forget_taught=not args.never_taught
+    )
     report = json.loads((out_dir / REPORT_FILE).read_text())
     print(
         f"demo model saved to {out_dir} in {report['seconds']} s; greedy generations on the forget prompts: "

@@ -11,8 +11,9 @@ before and an after:
 
 * teacher-forced NLL per response token of the dataset response (``nll``, ``ppl``), and the mean
   per-token KL(original ‖ unlearned) over the same response tokens (``kl``; 0 for the original);
-* greedy generations, scored with :mod:`dsunlearn.metrics`: ``reproduction_rate`` (ROUGE-L recall
-  of the dataset response ≥ ``reproduction_threshold``), mean ``rouge_l_recall``, diversity
+* greedy generations, scored with :mod:`dsunlearn.metrics`: ``reproduction_rate`` (ROUGE-L of
+  the dataset response ≥ ``reproduction_threshold``), mean ROUGE-L (``rouge_l_recall`` under the
+  default ``tofu`` preset; ``rouge_l_f1`` under ``muse``: the key names the measure), diversity
   (``distinct_1``, ``distinct_2``), fluency (``fluency_ppl``: perplexity of the generated tokens
   under the *original* model), ``generation_tokens``, and, with a harm classifier, ``harmful_rate``;
 * for the unlearned model, ``similarity_to_original``: mean ROUGE-L F1 between its generation and
@@ -21,9 +22,15 @@ before and an after:
 With ``data.holdout`` (never-seen samples of the forget data's kind), membership inference
 (:mod:`dsunlearn.mia`) between ``forget_train`` and the holdout gives ``mia`` in ``eval.json``.
 
-Token-level means are over all response tokens of a set (sum of NLL / number of tokens). A
-perplexity too large for a double (mean NLL above ~709 nats, after heavy gradient ascent) is
-written as ``null`` (``Infinity`` is not JSON); the report shows it as "–".
+ROUGE-L is ``rouge-score``'s (see :mod:`dsunlearn.metrics`). Token-level means are over all
+response tokens of a set (sum of NLL / number of tokens). A perplexity too large for a double (mean
+NLL above ~709 nats, after heavy gradient ascent) is written as ``null`` (``Infinity`` is not
+JSON); the report shows it as "–".
+
+Every rate and mean of a set has a percentile bootstrap confidence interval over the set's samples
+in ``summary[role][set]["ci"][metric] = [low, high]`` (:func:`dsunlearn.metrics.bootstrap_ci`,
+seeded; token-level means resample whole samples; ``ppl`` and ``fluency_ppl`` are exp of their
+mean NLL's interval). The corpus-level ``distinct_n`` has none.
 
 Under ``torchrun``/``deepspeed`` (``WORLD_SIZE`` > 1) both models are ZeRO-3 inference engines:
 each rank evaluates a contiguous shard of every set, every rank makes the same number of forward
@@ -83,7 +90,20 @@ class EvalConfig:
     batch_size: int = 8
     """Sequences per forward or ``generate`` call, per rank."""
     reproduction_threshold: float = metrics.DEFAULT_REPRODUCTION_THRESHOLD
-    """A generation reproduces the dataset response when its ROUGE-L recall of the response is at least this."""
+    """A generation reproduces the dataset response when its ROUGE-L of the response (the preset's measure) is at
+    least this."""
+    rouge: Literal["tofu", "muse"] = "tofu"
+    """ROUGE-L convention (``rouge-score``'s rougeL): ``tofu`` = recall with the Porter stemmer (the default, as TOFU
+    and open-unlearning report it), ``muse`` = F1 without the stemmer (as MUSE reports it)."""
+    rouge_measure: Optional[Literal["recall", "precision", "f1"]] = None
+    """ROUGE-L measure reported and thresholded, overriding the preset's (None: the preset's)."""
+    rouge_stemmer: Optional[bool] = None
+    """Whether ROUGE-L Porter-stems words, overriding the preset's (None: the preset's)."""
+    confidence_level: float = 0.95
+    """Level of the bootstrap confidence intervals on every rate and mean (``ci`` in eval.json, brackets in the
+    report)."""
+    bootstrap_resamples: int = 1000
+    """Resamples of each percentile bootstrap interval (``scipy.stats.bootstrap``, seeded)."""
     harm_classifier: Optional[str] = None
     """Local folder of a Hugging Face sequence-classification model that judges generations (None: no
     ``harmful_rate``). Never downloaded."""
@@ -124,6 +144,16 @@ class EvalConfig:
             metrics_jsonl=str(out_dir / "metrics.jsonl"),
         )
 
+    @property
+    def rouge_settings(self) -> tuple[str, bool]:
+        """(measure, stemmer) of ROUGE-L: the preset's, each overridden when set."""
+        return metrics.rouge_settings(self.rouge, self.rouge_measure, self.rouge_stemmer)
+
+    @property
+    def rouge_key(self) -> str:
+        """The summary's key of the mean ROUGE-L: ``rouge_l_<measure>``."""
+        return f"rouge_l_{self.rouge_settings[0]}"
+
     def problems(self) -> list[str]:
         """Every problem with these settings, as readable messages (empty when all is well)."""
         found = []
@@ -153,6 +183,14 @@ class EvalConfig:
             found.append(f"batch_size={self.batch_size} must be >= 1")
         if not 0.0 <= self.reproduction_threshold <= 1.0:
             found.append(f"reproduction_threshold={self.reproduction_threshold} must lie in [0, 1]")
+        if self.rouge not in metrics.ROUGE_PRESETS:
+            found.append(f"rouge: unknown preset {self.rouge!r}; choose from {list(metrics.ROUGE_PRESETS)}")
+        if self.rouge_measure is not None and self.rouge_measure not in metrics.ROUGE_MEASURES:
+            found.append(f"rouge_measure: unknown {self.rouge_measure!r}; choose from {list(metrics.ROUGE_MEASURES)}")
+        if not 0.0 < self.confidence_level < 1.0:
+            found.append(f"confidence_level={self.confidence_level} must lie strictly between 0 and 1")
+        if self.bootstrap_resamples < 1:
+            found.append(f"bootstrap_resamples={self.bootstrap_resamples} must be >= 1")
         if self.harm_classifier is not None and not Path(self.harm_classifier).expanduser().is_dir():
             found.append(
                 f"harm_classifier: local folder {self.harm_classifier!r} does not exist (it is never downloaded)"
@@ -341,10 +379,8 @@ def evaluate_models(
                 records = _gather(records[:num_real], world_size)
                 summary["num_samples"][set_name] = len(records)
                 for role in MODEL_ROLES:
-                    summary[role][set_name] = _summarize(
-                        records, role, cfg.reproduction_threshold, with_classifier=classifier is not None
-                    )
-                samples += [_sample_row(set_name, record) for record in records]
+                    summary[role][set_name] = _summarize(records, role, cfg, with_classifier=classifier is not None)
+                samples += [_sample_row(set_name, record, cfg.rouge_key) for record in records]
             if mia.MEMBER_SET in sets and mia.NONMEMBER_SET in sets:
                 members, nonmembers = sets[mia.MEMBER_SET], sets[mia.NONMEMBER_SET]
                 summary["mia"] = mia.evaluate_mia(
@@ -492,6 +528,7 @@ def _evaluate_shard(
 ) -> list[dict]:
     """Per-pair measurements for one rank's shard (including its padding)."""
     cfg, tokenizer = context.cfg, context.tokenizer
+    measure, stemmer = cfg.rouge_settings
     sequences = [
         data_lib.tokenize_pair(tokenizer, pair, context.prompt_format, cfg.data.max_length, context.prefix_ids)
         for pair in pairs
@@ -517,13 +554,13 @@ def _evaluate_shard(
                 output=text,
                 generated_tokens=len(generated),
                 fluency_nll_sum=nll_sum,
-                rouge_l_recall=metrics.rouge_l_recall(text, pair.response),
+                rouge_l=metrics.rouge_l(text, pair.response, measure, stemmer),
                 harmful=is_harmful,
             )
     for record, pair in zip(records, pairs):
         record.update(prompt=pair.prompt, response=pair.response)
-        record["similarity_to_original"] = metrics.rouge_l_f1(
-            record["unlearned"]["output"], record["original"]["output"]
+        record["similarity_to_original"] = metrics.rouge_l(
+            record["unlearned"]["output"], record["original"]["output"], "f1", stemmer
         )
     return records
 
@@ -678,33 +715,62 @@ class HarmClassifier:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _summarize(records: list[dict], role: str, threshold: float, with_classifier: bool) -> dict:
-    """The metrics of one model (``role``) on one set, from per-sample records in sample order."""
-    tokens = sum(r["response_tokens"] for r in records)
-    nll_sum = sum(r[role]["nll_sum"] for r in records)
+def _summarize(records: list[dict], role: str, cfg: EvalConfig, with_classifier: bool) -> dict:
+    """The metrics of one model (``role``) on one set, from per-sample records in sample order, with the
+    bootstrap confidence interval of every rate and mean under ``"ci"``."""
+    tokens = [r["response_tokens"] for r in records]
+    nll_sums = [r[role]["nll_sum"] for r in records]
     outputs = [r[role]["output"] for r in records]
-    generated = sum(r[role]["generated_tokens"] for r in records)
-    result = {
-        "nll": nll_sum / tokens,
-        "ppl": metrics.perplexity(nll_sum, tokens),
-        "kl": 0.0 if role == "original" else sum(r["kl_sum"] for r in records) / tokens,
-        "reproduction_rate": metrics.reproduction_rate(outputs, [r["response"] for r in records], threshold),
-        "rouge_l_recall": sum(r[role]["rouge_l_recall"] for r in records) / len(records),
+    generated = [r[role]["generated_tokens"] for r in records]
+    fluency_sums = [r[role]["fluency_nll_sum"] for r in records]
+    rouge = [r[role]["rouge_l"] for r in records]
+    # Per-sample values of each mean (a 0/1 flag for a rate) and (numerators, denominators) of each token-level mean.
+    means = {
+        "reproduction_rate": [float(value >= cfg.reproduction_threshold) for value in rouge],
+        cfg.rouge_key: rouge,
     }
+    ratios = {"nll": (nll_sums, tokens), "kl": ([0.0 if role == "original" else r["kl_sum"] for r in records], tokens)}
     if with_classifier:
-        result["harmful_rate"] = sum(bool(r[role]["harmful"]) for r in records) / len(records)
+        means["harmful_rate"] = [float(bool(r[role]["harmful"])) for r in records]
     if role == "unlearned":
-        result["similarity_to_original"] = sum(r["similarity_to_original"] for r in records) / len(records)
+        means["similarity_to_original"] = [r["similarity_to_original"] for r in records]
+    means["generation_tokens"] = generated
+    ratios["fluency_nll"] = (fluency_sums, generated)
+
+    result = {
+        "nll": sum(nll_sums) / sum(tokens),
+        "ppl": metrics.perplexity(sum(nll_sums), sum(tokens)),
+        "kl": sum(ratios["kl"][0]) / sum(tokens),
+    }
+    result.update({name: sum(values) / len(values) for name, values in means.items()})
     result.update(
         distinct_1=metrics.distinct_n(outputs, 1),
         distinct_2=metrics.distinct_n(outputs, 2),
-        fluency_ppl=metrics.perplexity(sum(r[role]["fluency_nll_sum"] for r in records), generated),
-        generation_tokens=generated / len(records),
+        fluency_ppl=metrics.perplexity(sum(fluency_sums), sum(generated)),
     )
+    result["ci"] = _intervals(means, ratios, cfg)
     return result
 
 
-def _sample_row(set_name: str, record: dict) -> dict:
+def _intervals(means: dict[str, list], ratios: dict[str, tuple[list, list]], cfg: EvalConfig) -> dict:
+    """``{metric: [low, high]}``: the bootstrap interval of each mean and token-level mean, and of the perplexities
+    (exp of their mean NLL's interval: the percentile interval follows a monotone map exactly)."""
+    def interval(values, statistic):
+        return metrics.bootstrap_ci(values, statistic, cfg.confidence_level, cfg.bootstrap_resamples)
+
+    found = {name: interval(values, "mean") for name, values in means.items()}
+    found.update({name: interval(values, "ratio") for name, values in ratios.items()})
+    found["ppl"] = tuple(map(_exp, found["nll"]))
+    found["fluency_ppl"] = tuple(map(_exp, found.pop("fluency_nll")))
+    return {name: list(bounds) for name, bounds in found.items()}
+
+
+def _exp(mean_nll: float) -> float:
+    # As metrics.perplexity: past ~709 nats exp overflows a double.
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
+
+
+def _sample_row(set_name: str, record: dict, rouge_key: str) -> dict:
     row = {
         "set": set_name,
         "index": record["index"],
@@ -715,8 +781,8 @@ def _sample_row(set_name: str, record: dict) -> dict:
         "original_nll": record["original"]["nll_sum"] / record["response_tokens"],
         "unlearned_nll": record["unlearned"]["nll_sum"] / record["response_tokens"],
         "kl": record["kl_sum"] / record["response_tokens"],
-        "original_rouge_l_recall": record["original"]["rouge_l_recall"],
-        "unlearned_rouge_l_recall": record["unlearned"]["rouge_l_recall"],
+        f"original_{rouge_key}": record["original"]["rouge_l"],
+        f"unlearned_{rouge_key}": record["unlearned"]["rouge_l"],
         "similarity_to_original": record["similarity_to_original"],
     }
     if record["unlearned"]["harmful"] is not None:

@@ -4,8 +4,10 @@ An evaluation summary (``eval.json``, written by :mod:`dsunlearn.evaluation`) ho
 the metrics of the original model (``"original"``) and of the unlearned one (``"unlearned"``):
 
     {"name": ..., "model": ..., "reference": ..., "metrics_jsonl": ... | null,
-     "original":  {"forget_train": {"nll": ..., ...}, "forget_held_out": {...}, "normal_held_out": {...}},
+     "original":  {"forget_train": {"nll": ..., ..., "ci": {"nll": [low, high], ...}}, "forget_held_out": {...}, ...},
      "unlearned": {...same sets...}}
+
+Each value with a confidence interval (``ci``) is shown as ``0.8 [0.62, 0.95]``.
 
 :func:`write_report` puts several runs side by side: one column per distinct original model, then
 one per run (the paper's comparison: original, gradient ascent only, + random mismatch, + KL).
@@ -27,22 +29,30 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dsunlearn.metrics import rouge_settings  # noqa: E402
+
 SET_ORDER = ("forget_train", "forget_held_out", "normal_held_out")
 
 METRIC_DESCRIPTIONS = {
     "nll": "teacher-forced NLL per response token of the dataset response (nats)",
     "ppl": "exp(nll): perplexity of the dataset responses",
     "kl": "mean per-token KL(original ‖ model) over response tokens (nats)",
-    "reproduction_rate": "fraction of greedy generations with ROUGE-L recall of the dataset response ≥ threshold",
-    "rouge_l_recall": "mean ROUGE-L recall of the dataset response by the generation",
+    "behaviour_rate": "fraction of generations showing the behaviour being unlearned (the application's test)",
+    "reproduction_rate": "fraction of greedy generations whose ROUGE-L of the dataset response is ≥ the threshold",
+    "rouge_l_recall": "mean ROUGE-L recall (rouge-score rougeL: LCS / response words) of the dataset response",
+    "rouge_l_precision": "mean ROUGE-L precision (rouge-score rougeL: LCS / generation words) of the dataset response",
+    "rouge_l_f1": "mean ROUGE-L F1 (rouge-score rougeL) between the generation and the dataset response",
+    "rouge_l": "mean ROUGE-L (the preset's measure) of the generation against the reference text",
+    "bleu": "mean sentence BLEU (sacrebleu, 0-100) of the generation against the reference text",
     "harmful_rate": "fraction of generations the harm classifier labels harmful",
+    "hallucination_rate": "fraction of generations closer (ROUGE-L) to the hallucinated answer than to the right one",
     "similarity_to_original": "mean ROUGE-L F1 between the model's and the original model's generations",
     "distinct_1": "distinct unigrams / all unigrams over the generations",
     "distinct_2": "distinct bigrams / all bigrams over the generations",
     "fluency_ppl": "perplexity of the generated tokens under the original model",
     "generation_tokens": "mean number of generated tokens",
 }
-"""Every metric an evaluation may report, in table order, with what it measures."""
+"""Every metric an evaluation may report, in table order, with what it measures (one line each)."""
 
 OBJECTIVE_TERMS = ("forget_ce", "random_ce", "normal_kl", "total")
 """Columns of the trainer's metrics.jsonl plotted over the steps (a term may be null or absent)."""
@@ -50,10 +60,11 @@ OBJECTIVE_TERMS = ("forget_ce", "random_ce", "normal_kl", "total")
 Run = tuple[str, dict, "str | Path | None"]
 
 
-def write_report(out_dir: str | Path, runs: Sequence[Run]) -> Path:
+def write_report(out_dir: str | Path, runs: Sequence[Run], relearning: dict[str, dict] | None = None) -> Path:
     """Write ``report.md`` and its PNG plots into ``out_dir`` and return the report's path.
 
-    ``runs``: ``(name, eval_summary, metrics_jsonl_path or None)`` per run, in column order.
+    ``runs``: ``(name, eval_summary, metrics_jsonl_path or None)`` per run, in column order. ``relearning``:
+    ``{name: relearn.json content}`` (:func:`read_relearning`) for a section with the relearning curves.
     Plots: one bar chart per prompt set (original vs each run, one panel per metric) and, when
     any run has a metrics.jsonl, the objective terms over the steps (one panel per term, one
     line per run).
@@ -81,14 +92,15 @@ def write_report(out_dir: str | Path, runs: Sequence[Run]) -> Path:
     lines += ["| set / metric | " + " | ".join(label for label, _ in columns) + " |"]
     lines += ["|---|" + "---:|" * len(columns)]
     for set_name, metric in rows:
-        cells = [_format(values.get(set_name, {}).get(metric)) for _, values in columns]
+        cells = [
+            _format(values.get(set_name, {}).get(metric), values.get(set_name, {}).get("ci", {}).get(metric))
+            for _, values in columns
+        ]
         lines.append(f"| {set_name} / {metric} | " + " | ".join(cells) + " |")
-    lines += ["", "Metrics:", ""]
+    lines += ["", "### Metric definitions", "", "| metric | definition |", "|---|---|"]
     used_metrics = [m for m in METRIC_DESCRIPTIONS if any(metric == m for _, metric in rows)]
-    lines += [f"- `{m}`: {METRIC_DESCRIPTIONS[m]}" for m in used_metrics]
-    thresholds = {summary.get("config", {}).get("reproduction_threshold") for _, summary, _ in runs} - {None}
-    if thresholds:
-        lines.append(f"- reproduction threshold (ROUGE-L recall): {', '.join(str(t) for t in sorted(thresholds))}")
+    lines += [f"| `{m}` | {METRIC_DESCRIPTIONS[m]} |" for m in used_metrics]
+    lines += ["", *_settings_notes(runs)]
 
     lines += ["", "## Before / after", ""]
     for set_name in _ordered_sets(columns):
@@ -104,6 +116,9 @@ def write_report(out_dir: str | Path, runs: Sequence[Run]) -> Path:
         _plot_objective(png, histories)
         lines += ["## Objective over training steps", "", f"![objective terms]({png.name})", ""]
 
+    if relearning:
+        lines += ["## Relearning", "", *relearning_section(out_dir, relearning)]
+
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
@@ -114,11 +129,13 @@ def compare(
     out_dir: str | Path,
     names: Sequence[str] | None = None,
     metrics_paths: Sequence[str | Path | None] | None = None,
+    relearn_paths: Sequence[str | Path] = (),
 ) -> Path:
     """Put several saved ``eval.json`` files side by side in one report (see :func:`write_report`).
 
     ``names`` default to each summary's ``name`` (else its directory name); ``metrics_paths``
-    default to each summary's ``metrics_jsonl`` entry when that file exists.
+    default to each summary's ``metrics_jsonl`` entry when that file exists; ``relearn_paths``: ``relearn.json``
+    files whose curves the report shows.
     """
     if names is not None and len(names) != len(eval_paths):
         raise ValueError(f"{len(names)} names for {len(eval_paths)} eval.json files")
@@ -137,7 +154,7 @@ def compare(
             logged = summary.get("metrics_jsonl")
             metrics = logged if logged and Path(logged).is_file() else None
         runs.append((name, summary, metrics))
-    return write_report(out_dir, runs)
+    return write_report(out_dir, runs, read_relearning(relearn_paths) if relearn_paths else None)
 
 
 def _columns(runs: Sequence[Run]) -> list[tuple[str, dict]]:
@@ -161,7 +178,7 @@ def _rows(columns: Sequence[tuple[str, dict]]) -> list[tuple[str, str]]:
     """(set, metric) pairs that any column reports, sets and metrics in their canonical order."""
     rows = []
     for set_name in _ordered_sets(columns):
-        present = {m for _, values in columns for m in values.get(set_name, {})}
+        present = {m for _, values in columns for m in values.get(set_name, {}) if m != "ci"}
         ordered = [m for m in METRIC_DESCRIPTIONS if m in present] + sorted(present - set(METRIC_DESCRIPTIONS))
         rows += [(set_name, m) for m in ordered]
     return rows
@@ -206,7 +223,43 @@ def _mia_lines(runs: Sequence[Run]) -> list[str]:
     return lines + [""]
 
 
-def _format(value) -> str:
+def _settings_notes(runs: Sequence[Run]) -> list[str]:
+    """One line each on the settings that define the metrics above: ROUGE convention, threshold, interval."""
+    configs = [summary.get("config", {}) for _, summary, _ in runs]
+
+    def distinct(describe) -> str:
+        return ", ".join(sorted({describe(config) for config in configs}))
+
+    def rouge(config: dict) -> str:
+        preset = config.get("rouge", "tofu")
+        measure, stemmer = rouge_settings(preset, config.get("rouge_measure"), config.get("rouge_stemmer"))
+        return f"{preset} (ROUGE-L {measure}, stemmer {'on' if stemmer else 'off'})"
+
+    def interval(config: dict) -> str:
+        return f"{config.get('confidence_level', 0.95):.0%} ({config.get('bootstrap_resamples')} resamples)"
+
+    notes = [f"- ROUGE: rouge-score's rougeL, preset {distinct(rouge)}"]
+    if any("reproduction_threshold" in config for config in configs):
+        notes.append(f"- reproduction threshold: {distinct(lambda config: str(config.get('reproduction_threshold')))}")
+    if any("confidence_level" in config for config in configs):
+        notes.append(
+            f"- value [low, high]: the {distinct(interval)} percentile bootstrap interval over the set's samples "
+            "(seeded; token-level means resample whole samples, paired)"
+        )
+    return notes
+
+
+def _format(value, interval=None) -> str:
+    """``0.8`` or, with its confidence interval, ``0.8 [0.62, 0.95]``."""
+    if value is None:
+        return "–"
+    text = _number(value)
+    if interval is not None:
+        text += f" [{_number(interval[0])}, {_number(interval[1])}]"
+    return text
+
+
+def _number(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float) and math.isinf(value):
@@ -219,7 +272,7 @@ def _slug(text: str) -> str:
 
 
 def _plot_set(png: Path, set_name: str, columns: Sequence[tuple[str, dict]], metrics: Sequence[str]) -> None:
-    """One panel per metric, one bar per column (original, then each run)."""
+    """One panel per metric, one bar per column (original, then each run), with its confidence interval when known."""
     ncols = min(4, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
@@ -233,6 +286,12 @@ def _plot_set(png: Path, set_name: str, columns: Sequence[tuple[str, dict]], met
         for i, v in enumerate(values):
             if v is None or not math.isfinite(v):
                 ax.text(i, 0, "–" if v is None else "inf", ha="center", va="bottom")
+        for i, (_, column) in enumerate(columns):
+            interval = column.get(set_name, {}).get("ci", {}).get(metric)
+            # A null bound is a perplexity past a double's range: no bar to draw it on.
+            if interval is not None and None not in interval and all(map(math.isfinite, [*interval, heights[i]])):
+                below, above = max(heights[i] - interval[0], 0.0), max(interval[1] - heights[i], 0.0)
+                ax.errorbar(i, heights[i], yerr=[[below], [above]], color="black", capsize=3, linewidth=1)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
     for ax in list(axes.flat)[len(metrics) :]:
@@ -286,14 +345,74 @@ def _plot_objective(png: Path, histories: dict[str, list[dict]]) -> None:
     plt.close(fig)
 
 
+def read_relearning(paths: Sequence[str | Path], names: Sequence[str] | None = None) -> dict[str, dict]:
+    """``{name: result}`` from ``relearn.json`` files (``dsunlearn relearn``); names default to each run's ``name``."""
+    if names is not None and len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} relearn.json files")
+    named = []
+    for i, path in enumerate(paths):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no relearning result at {path}")
+        result = json.loads(Path(path).read_text())
+        named.append((names[i] if names is not None else result["name"], result))
+    if len({name for name, _ in named}) != len(named):
+        raise ValueError(f"curve names must be distinct, got {[name for name, _ in named]}")
+    return dict(named)
+
+
+def relearning_section(out_dir: Path, results: dict[str, dict]) -> list[str]:
+    """Markdown lines of the relearning curves of ``results`` (``{name: relearn.json content}``): a table of each
+    model's rates and recovery steps, and ``relearn_curves.png`` (written into ``out_dir``)."""
+    png = out_dir / "relearn_curves.png"
+    plot_relearning(png, results)
+    fractions = sorted({fraction for result in results.values() for fraction in result["recovery_steps"]}, key=float)
+    lines = ["| model | rate at step 0 | last rate | original's rate | "
+             + " | ".join(f"steps to {float(f):.0%} of it" for f in fractions) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(fractions)]
+    for name, result in results.items():
+        first, last = result["curve"][0], result["curve"][-1]
+        steps = [str(result["recovery_steps"].get(f) if result["recovery_steps"].get(f) is not None else "not reached")
+                 for f in fractions]
+        lines.append(f"| {name} | {first['behaviour_rate']:.3g} | {last['behaviour_rate']:.3g} (step {last['step']}) "
+                     f"| {result['original_rate']:.3g} | " + " | ".join(steps) + " |")
+    lines += ["", "Behaviour rate: the share of greedy generations, on forget prompts the model was not fine-tuned on, "
+              "that show the behaviour being unlearned (shaded: its bootstrap interval). Steps to X% of it: the first "
+              "measured fine-tuning step whose rate reaches X% of the original model's.", "",
+              f"![relearning curves]({png.name})", ""]
+    return lines
+
+
+def plot_relearning(png: Path, results: dict[str, dict]) -> None:
+    """Relearning curves (``dsunlearn relearn``): behaviour rate over fine-tuning steps, one line per model with its
+    bootstrap interval shaded, and each model's original rate as a dotted line of the same colour."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, result) in enumerate(results.items()):
+        color = colors[index % len(colors)]
+        steps = [point["step"] for point in result["curve"]]
+        ax.plot(steps, [point["behaviour_rate"] for point in result["curve"]], marker=".", color=color, label=name)
+        ax.fill_between(steps, [point["ci"][0] for point in result["curve"]],
+                        [point["ci"][1] for point in result["curve"]], color=color, alpha=0.15)
+        ax.axhline(result["original_rate"], color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("fine-tuning steps on forget data")
+    ax.set_ylabel("behaviour rate (not fine-tuned prompts)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("Relearning: how fast the behaviour returns (dotted: the original's rate)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """``python -m dsunlearn.report EVAL_JSON... --out_dir DIR [--names A B ...]``: compare saved evaluations."""
     parser = argparse.ArgumentParser(prog="python -m dsunlearn.report", description=compare.__doc__.splitlines()[0])
     parser.add_argument("eval_json", nargs="+", help="eval.json files written by `dsunlearn eval`")
     parser.add_argument("--out_dir", required=True, help="where report.md and the PNGs go")
     parser.add_argument("--names", nargs="+", help="column names, one per eval.json (default: run names)")
+    parser.add_argument("--relearn", nargs="+", default=[], help="relearn.json files (dsunlearn relearn) to plot")
     args = parser.parse_args(argv)
-    report = compare(args.eval_json, args.out_dir, names=args.names)
+    report = compare(args.eval_json, args.out_dir, names=args.names, relearn_paths=args.relearn)
     print(report)
     return report
 

@@ -31,6 +31,7 @@ def test_short_build_loads_with_auto_classes_and_reports(tmp_path):
     assert report["settings"]["steps"] == 6
     assert report["num_forget_pairs"] == report["forget"]["num_prompts"] == 76
     assert report["num_normal_pairs"] == report["normal"]["num_prompts"] == 154
+    assert report["num_taught_pairs"] == 76 + 154
     assert report["final_loss"] < report["first_loss"]
     for side in ("forget", "normal"):
         assert 0.0 <= report[side]["behaviour_rate"] <= 1.0 and 0.0 <= report[side]["mean_similarity"] <= 1.0
@@ -56,6 +57,14 @@ def test_cli_writes_the_model(tmp_path, capsys):
     main(["--out", str(tmp_path / "cli"), "--steps", "1", "--quiet"])
     assert (tmp_path / "cli" / "model.safetensors").is_file() and (tmp_path / "cli" / REPORT_FILE).is_file()
     assert "demo model saved to" in capsys.readouterr().out
+
+
+def test_never_taught_build_is_taught_only_the_normal_pairs(tmp_path):
+    main(["--out", str(tmp_path / "never"), "--steps", "1", "--quiet", "--never_taught"])
+    report = json.loads((tmp_path / "never" / REPORT_FILE).read_text())
+    assert report["settings"]["forget_taught"] is False
+    assert report["num_taught_pairs"] == report["num_normal_pairs"] == 154
+    assert report["forget"]["num_prompts"] == 76  # the forget prompts are still measured
 
 
 def test_bad_settings_are_rejected():

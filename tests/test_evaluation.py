@@ -1,6 +1,7 @@
 """Evaluation: values checked by hand through the models' logits, and 2 ZeRO-3 ranks equal one process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from dsunlearn.config import ConfigError, DataConfig
 from dsunlearn.data import DatasetSpec, PromptFormat, tokenize_pair, tokenize_prompt
 from dsunlearn.demo import demo_data_dir
 from dsunlearn.evaluation import EvalConfig, _shard, build_eval_sets, evaluate_models, main, run_evaluation
-from dsunlearn.metrics import distinct_n, perplexity, rouge_l_f1, rouge_l_recall
+from dsunlearn.metrics import bootstrap_ci, distinct_n, perplexity, rouge_l
 from dsunlearn.tiny import build_tiny_causal_lm, save_tiny_model
 from launching import free_port
 
@@ -161,13 +162,31 @@ def test_single_process_values_match_hand_computation(single_process_run, tiny_m
             for role in ("original", "unlearned"):
                 outputs = [row[f"{role}_output"] for row in rows]
                 values = summary[role][set_name]
-                recalls = [rouge_l_recall(output, pair.response) for output, pair in zip(outputs, pairs)]
+                # The default preset is tofu: rouge-score's ROUGE-L recall with the stemmer.
+                recalls = [rouge_l(output, pair.response, "recall", True) for output, pair in zip(outputs, pairs)]
+                assert [row[f"{role}_rouge_l_recall"] for row in rows] == pytest.approx(recalls)
                 assert values["rouge_l_recall"] == pytest.approx(sum(recalls) / len(recalls))
-                assert values["reproduction_rate"] == pytest.approx(sum(r >= 0.5 for r in recalls) / len(recalls))
+                flags = [float(r >= 0.5) for r in recalls]
+                assert values["reproduction_rate"] == pytest.approx(sum(flags) / len(flags))
                 assert values["distinct_1"] == pytest.approx(distinct_n(outputs, 1))
                 assert values["distinct_2"] == pytest.approx(distinct_n(outputs, 2))
-            similarity = [rouge_l_f1(row["unlearned_output"], row["original_output"]) for row in rows]
+                # Intervals: the seeded bootstrap of the per-sample values; each contains its statistic.
+                intervals = values["ci"]
+                assert intervals["reproduction_rate"] == pytest.approx(bootstrap_ci(flags))
+                assert intervals["rouge_l_recall"] == pytest.approx(bootstrap_ci(recalls))
+                token_counts = [score[3] for score in scores]
+                nll_sums = [score[0 if role == "unlearned" else 1] for score in scores]
+                assert intervals["nll"] == pytest.approx(bootstrap_ci((nll_sums, token_counts), "ratio"), rel=1e-5)
+                assert intervals["ppl"] == pytest.approx([math.exp(v) for v in intervals["nll"]])
+                assert set(intervals) >= {"nll", "ppl", "kl", "reproduction_rate", "rouge_l_recall",
+                                          "generation_tokens", "fluency_ppl"}
+                for metric, (low, high) in intervals.items():
+                    assert low - 1e-9 <= values[metric] <= high + 1e-9, (role, set_name, metric)
+            similarity = [rouge_l(row["unlearned_output"], row["original_output"], "f1", True) for row in rows]
             assert summary["unlearned"][set_name]["similarity_to_original"] == pytest.approx(sum(similarity) / 3)
+            assert summary["unlearned"][set_name]["ci"]["similarity_to_original"] == pytest.approx(
+                bootstrap_ci(similarity)
+            )
 
 
 def test_harm_classifier_rate_matches_its_own_judgement(single_process_run, harm_classifier_dir):
@@ -218,8 +237,12 @@ def test_model_against_itself_has_zero_kl(tmp_path, tiny_model_dir, bpe_tokenize
     assert abs(unlearned["kl"]) < 1e-6
     assert unlearned["similarity_to_original"] == 1.0
     assert unlearned["nll"] == pytest.approx(original["nll"], rel=1e-6)
-    assert {k: v for k, v in unlearned.items() if k not in ("kl", "similarity_to_original", "nll", "ppl")} == {
-        k: v for k, v in original.items() if k not in ("kl", "nll", "ppl")
+    differ = ("kl", "similarity_to_original", "nll", "ppl", "ci")
+    assert {k: v for k, v in unlearned.items() if k not in differ} == {
+        k: v for k, v in original.items() if k not in differ
+    }
+    assert {k: v for k, v in unlearned["ci"].items() if k not in differ} == {
+        k: v for k, v in original["ci"].items() if k not in differ
     }
 
 
@@ -272,12 +295,14 @@ def test_config_problems_are_all_listed(tmp_path):
     cfg = EvalConfig(
         model_path=str(tmp_path / "missing"), reference_path="", data=_data_config(), sets=["forget_train", "bogus"],
         max_new_tokens=0, batch_size=0, reproduction_threshold=1.5, harm_classifier=str(tmp_path / "nope"),
-        harm_classifier_input="{prompt}",
+        harm_classifier_input="{prompt}", rouge="rouge2", rouge_measure="fmeasure", confidence_level=1.0,
+        bootstrap_resamples=0,
     )
     problems = cfg.problems()
     for expected in ("model_path: local folder", "reference_path is empty", "unknown ['bogus']", "max_new_tokens=0",
                      "batch_size=0", "reproduction_threshold=1.5", "harm_classifier: local folder",
-                     "harm_classifier_input must contain"):
+                     "harm_classifier_input must contain", "rouge: unknown preset 'rouge2'",
+                     "rouge_measure: unknown 'fmeasure'", "confidence_level=1.0", "bootstrap_resamples=0"):
         assert any(expected in p for p in problems), (expected, problems)
     with pytest.raises(ConfigError):
         run_evaluation(cfg)
@@ -328,7 +353,12 @@ def test_two_zero3_ranks_match_single_process(
     for role in ("original", "unlearned"):
         assert distributed[role].keys() == single[role].keys()
         for set_name, values in single[role].items():
-            assert distributed[role][set_name] == pytest.approx(values, rel=1e-4, abs=1e-6), (role, set_name)
+            got = dict(distributed[role][set_name])
+            assert got.pop("ci").keys() == values["ci"].keys()
+            for metric, interval in values["ci"].items():
+                assert distributed[role][set_name]["ci"][metric] == pytest.approx(interval, rel=1e-4, abs=1e-6)
+            expected = {k: v for k, v in values.items() if k != "ci"}
+            assert got == pytest.approx(expected, rel=1e-4, abs=1e-6), (role, set_name)
     single_samples, distributed_samples = _read_samples(single_dir), _read_samples(out_dir)
     assert [(r["set"], r["index"], r["unlearned_output"], r["original_output"]) for r in distributed_samples] == [
         (r["set"], r["index"], r["unlearned_output"], r["original_output"]) for r in single_samples
@@ -344,9 +374,14 @@ def test_cli_parses_into_eval_config(tmp_path, tiny_model_dir, reference_dir):
         "--data.forget.source", str(demo_data_dir() / "forget.jsonl"),
         "--sets", "[normal_held_out]", "--max_samples", "1", "--max_new_tokens", "2", "--dtype", "fp32",
         "--reproduction_threshold", "0.25", "--name", "cli-run", "--output_dir", str(out_dir),
+        "--rouge", "muse", "--confidence_level", "0.9", "--bootstrap_resamples", "50",
     ])
     assert summary["num_samples"] == {"normal_held_out": 1}
     assert summary["config"]["reproduction_threshold"] == 0.25 and summary["name"] == "cli-run"
+    # The muse preset reports ROUGE-L F1 (without the stemmer) under a key that says so.
+    assert summary["config"]["rouge"] == "muse" and summary["config"]["bootstrap_resamples"] == 50
+    assert "rouge_l_f1" in summary["unlearned"]["normal_held_out"]
+    assert "rouge_l_recall" not in summary["unlearned"]["normal_held_out"]
     assert "| set / metric | original | cli-run |" in (out_dir / "report.md").read_text()
 
 

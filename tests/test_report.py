@@ -81,7 +81,10 @@ def test_report_puts_runs_side_by_side_with_real_pngs(tmp_path):
     assert _table_row(text, "normal_held_out / kl") == ["0", "0.5", "0.25", "0.125"]
     # The original has no similarity to itself reported: its cell is a dash.
     assert _table_row(text, "normal_held_out / similarity_to_original") == ["–", "0.5", "0.5", "0.5"]
-    assert "reproduction threshold (ROUGE-L recall): 0.5" in text
+    assert "- reproduction threshold: 0.5" in text
+    # One definition per metric shown, in one table.
+    assert "| `reproduction_rate` | fraction of greedy generations whose ROUGE-L" in text
+    assert "| `similarity_to_original` |" in text and "| `nll` |" in text
 
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(images) == ["metrics_forget_train.png", "metrics_normal_held_out.png", "objective_terms.png"]
@@ -136,3 +139,19 @@ def test_compare_reads_saved_eval_json(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         compare([tmp_path / "missing" / "eval.json"], tmp_path / "cmp2")
+
+
+def test_report_shows_confidence_intervals(tmp_path):
+    summary = _summary("ci", 3.0, 0.8, 0.05)
+    summary["config"].update(rouge="muse", confidence_level=0.9, bootstrap_resamples=200)
+    summary["unlearned"]["forget_train"]["ci"] = {"reproduction_rate": [0.62, 0.95], "nll": [2.5, 3.5]}
+    summary["original"]["forget_train"]["ci"] = {"reproduction_rate": [0.5, 1.0]}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "eval.json").write_text(json.dumps(summary))
+    text = main([str(run_dir / "eval.json"), "--out_dir", str(tmp_path / "cmp")]).read_text()
+    assert _table_row(text, "forget_train / reproduction_rate") == ["0.75 [0.5, 1]", "0.8 [0.62, 0.95]"]
+    assert _table_row(text, "forget_train / nll") == ["1.25", "3 [2.5, 3.5]"]
+    assert not re.search(r"^\| [a-z_]+ / ci \|", text, flags=re.MULTILINE)  # the intervals are no metric of their own
+    assert "preset muse (ROUGE-L f1, stemmer off)" in text
+    assert "the 90% (200 resamples) percentile bootstrap interval" in text
