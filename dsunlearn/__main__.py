@@ -6,6 +6,7 @@
     make-demo  build the embedded demo's "original" model (tiny Llama taught the demo data)
     bench      benchmark the fused loss implementations; see ``bench --help``
     bench-step benchmark a whole unlearning step against the paper's loop (``python -m dsunlearn.bench_step``)
+    sweep      a grid over the objective's weights and lr, one run each, and the forgetting/utility Pareto front
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         from dsunlearn.kernels.bench import main as run
     elif command == "bench-step":
         from dsunlearn.bench_step import main as run
+    elif command == "sweep":
+        from dsunlearn.sweep import main as run
     else:
         print(f"dsunlearn: unknown command {command!r}\n{__doc__}", file=sys.stderr)
         raise SystemExit(2)
