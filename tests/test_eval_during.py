@@ -5,9 +5,13 @@ its constraint picks, TensorBoard gets the same numbers, and a resume neither du
 import json
 import math
 import shutil
+import signal
+import time
 
 import pytest
+from launching import launch
 
+from dsunlearn import distributed
 from dsunlearn.config import ConfigError, parse_constraint, parse_run_config
 from dsunlearn.eval_during import KeepBest, read_log
 
@@ -68,8 +72,6 @@ def test_keep_best_takes_the_best_step_that_meets_the_constraint():
 def during_run(tiny_model_dir, tmp_path_factory):
     """A 4-step run on 2 ranks evaluated at every step, keep_best on the forget NLL under a KL bound, TensorBoard
     on, evaluated at the end."""
-    from launching import launch
-
     run_dir = tmp_path_factory.mktemp("during") / "run"
     args = ["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir), "--output.dir", str(run_dir),
             "--train.max_steps", str(MAX_STEPS), "--train.checkpoint_every", "2", "--train.keep_checkpoints", "0",
@@ -151,8 +153,6 @@ def test_tensorboard_holds_the_training_rows_and_the_evaluations(during_run):
 def test_a_resume_neither_duplicates_nor_loses_evaluations(during_run, tmp_path):
     """A kill while step 4's checkpoint was written (no completion marker) resumes from step 2 and replays steps 3-4;
     a stop that came before step 2's evaluation (its rows missing) has it evaluated at the resume."""
-    from launching import launch
-
     run_dir, args = during_run
     resumed = tmp_path / "run"
     shutil.copytree(run_dir, resumed)
@@ -173,3 +173,46 @@ def test_a_resume_neither_duplicates_nor_loses_evaluations(during_run, tmp_path)
             assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
     assert json.loads((resumed / "best_step.json").read_text())["step"] == json.loads(
         (run_dir / "best_step.json").read_text())["step"]
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_sigterm_around_an_evaluation_saves_the_step_and_the_resume_completes_the_rows(during_run, tmp_path):
+    """SIGTERM once step 1's evaluation is logged: it lands in step 2 or in its evaluation (most of a step's time);
+    either way the run saves the step and exits 75, an evaluation that finished is kept, one that had not begun is
+    made by the resumed run, and the rows end as the uninterrupted run's."""
+    from launching import start_ranks
+
+    run_dir, args = during_run
+    stopped = tmp_path / "run"
+    run_args = [*args, "--output.dir", str(stopped), "--output.evaluate", "false"]
+    processes, logs = start_ranks(run_args, tmp_path)
+    try:
+        deadline = time.monotonic() + 300  # only stops a hung test
+        while "evaluation at step 1:" not in logs[0].read_text(errors="replace"):
+            assert all(p.poll() is None for p in processes.values()), logs[0].read_text()[-4000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        codes = {rank: process.wait(timeout=300) for rank, process in processes.items()}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+    output = "".join(log.read_text(errors="replace") for log in logs)
+    assert codes == {0: distributed.EXIT_PREEMPTED, 1: distributed.EXIT_PREEMPTED}, output[-4000:]
+    saved = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()][-1]["step"]
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == f"step_{saved:08d}"
+    steps = [row["step"] for row in read_log(stopped / "eval_during.jsonl")]
+    assert set(steps) in ({*range(1, saved + 1)}, {*range(1, saved)})
+
+    code, output = launch([*run_args, "--resume", "true"])
+    assert code == 0, output[-4000:]
+    before, after = read_log(run_dir / "eval_during.jsonl"), read_log(stopped / "eval_during.jsonl")
+    assert sorted((r["step"], r["set"], r["metric"]) for r in after) == sorted(
+        (r["step"], r["set"], r["metric"]) for r in before)
+    for step in range(1, MAX_STEPS + 1):
+        original, again = _values(before, step), _values(after, step)
+        for key, value in original.items():
+            assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
