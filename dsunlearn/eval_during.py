@@ -146,7 +146,7 @@ class DuringTraining:
             lm.train(was_training)
         if self.rank == 0:
             for set_name, values in summary.items():
-                for metric, value in values.items():
+                for metric, value in _numbers(values).items():
                     self.log.append({"step": step, "set": set_name, "metric": metric, "value": value})
                     if self.writer is not None and value is not None and math.isfinite(value):
                         self.writer.add_scalar(f"eval/{set_name}/{metric}", value, step)
@@ -335,6 +335,13 @@ def _lookup(summary: dict, name: str) -> Optional[float]:
         raise ValueError(f"output.keep_best: {name!r} is not measured during training (measured: "
                          f"{sorted(summary[set_name])})")
     return summary[set_name][metric]
+
+
+def _numbers(values: dict) -> dict:
+    """The set's metrics that are numbers (null: a perplexity too large for a double), without nested records such as
+    confidence intervals."""
+    return {metric: value for metric, value in values.items()
+            if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))}
 
 
 def _brief(summary: dict) -> str:

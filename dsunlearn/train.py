@@ -19,8 +19,7 @@ from typing import Optional
 import torch
 
 from dsunlearn import checkpoints, distributed, ds_config, engines, eval_during, export, guards, noise, objective
-from dsunlearn import reference_cache
-from dsunlearn import step_timing
+from dsunlearn import reference_cache, step_timing
 from dsunlearn.config import RunConfig, parse_run_config
 from dsunlearn.step_data import StepData
 
