@@ -143,6 +143,10 @@ class DataConfig:
         )
     )
     """Normal data whose behaviour must be kept (default TruthfulQA, question -> best answer)."""
+    holdout: Optional[DatasetSpec] = None
+    """Never-seen samples of the forget data's kind (never trained on, by the original model either): the
+    non-members of the membership-inference attacks, against ``forget_train`` (None: no MIA). Read whole
+    (``held_out_fraction`` is ignored); prompts it shares with the forget data are reported in a warning."""
     template: str = DEFAULT_TEMPLATE
     """Prompt template with ``{prompt}`` and ``{response}``; the response part is what the losses see."""
     use_chat_template: bool = False
@@ -157,6 +161,8 @@ class DataConfig:
     def problems(self) -> list[str]:
         found = [f"data.forget: {p}" for p in self.forget.problems()]
         found += [f"data.normal: {p}" for p in self.normal.problems()]
+        if self.holdout is not None:
+            found += [f"data.holdout: {p}" for p in self.holdout.problems()]
         try:
             PromptFormat(self.template, self.use_chat_template)
         except ValueError as err:

@@ -181,9 +181,10 @@ class DuringTraining:
         reference.eval()
         try:
             with torch.no_grad():
-                for set_name, pairs in sets.items():
+                for set_name in self.eval_cfg.sets:  # not the membership-inference holdout build_eval_sets adds
                     fitting = data_lib.tokenize_pairs(
-                        self.tokenizer, pairs, context.prompt_format, self.cfg.data.max_length, name=set_name
+                        self.tokenizer, sets[set_name], context.prompt_format, self.cfg.data.max_length,
+                        name=set_name,
                     )
                     if not fitting.pairs:
                         continue

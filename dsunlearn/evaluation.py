@@ -18,6 +18,9 @@ before and an after:
 * for the unlearned model, ``similarity_to_original``: mean ROUGE-L F1 between its generation and
   the original model's generation for the same prompt.
 
+With ``data.holdout`` (never-seen samples of the forget data's kind), membership inference
+(:mod:`dsunlearn.mia`) between ``forget_train`` and the holdout gives ``mia`` in ``eval.json``.
+
 Token-level means are over all response tokens of a set (sum of NLL / number of tokens). A
 perplexity too large for a double (mean NLL above ~709 nats, after heavy gradient ascent) is
 written as ``null`` (``Infinity`` is not JSON); the report shows it as "–".
@@ -37,8 +40,9 @@ import logging
 import math
 import os
 import sys
+import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -46,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from dsunlearn import data as data_lib
-from dsunlearn import metrics, noise
+from dsunlearn import metrics, mia, noise
 from dsunlearn.config import ConfigError, DataConfig, RunConfig, names_a_local_path
 from dsunlearn.strict_json import to_json
 from dsunlearn.report import write_report
@@ -97,6 +101,11 @@ class EvalConfig:
     """Column name of the unlearned model in the report."""
     metrics_jsonl: Optional[str] = None
     """The training run's ``metrics.jsonl``, to plot the objective terms over the steps (optional)."""
+    mia_k: float = 0.4
+    """Fraction of a sequence's least likely tokens that the Min-k% and Min-k%++ attacks average (MUSE: 0.4)."""
+    retrained_path: Optional[str] = None
+    """A model trained without the forget data (local folder or hub id): the reference AUC of MUSE's PrivLeak
+    (None: no PrivLeak). Membership inference runs when ``data.holdout`` is given and ``forget_train`` is evaluated."""
 
     @classmethod
     def from_run(cls, run: RunConfig, model_path: str) -> EvalConfig:
@@ -156,6 +165,13 @@ class EvalConfig:
             found.append(f"metrics_jsonl: file {self.metrics_jsonl!r} does not exist")
         if not self.name:
             found.append("name is empty")
+        if not 0.0 < self.mia_k <= 1.0:
+            found.append(f"mia_k={self.mia_k} must lie in (0, 1]")
+        if self.retrained_path is not None and (
+            not self.retrained_path
+            or names_a_local_path(self.retrained_path) and not Path(self.retrained_path).expanduser().is_dir()
+        ):
+            found.append(f"retrained_path: local folder {self.retrained_path!r} does not exist")
         return found
 
 
@@ -167,7 +183,8 @@ class EvalConfig:
 def build_eval_sets(
     data_cfg: DataConfig, set_names: Sequence[str], max_samples: Optional[int] = None
 ) -> tuple[dict[str, list], dict[str, dict]]:
-    """The requested prompt sets as ``{name: [Pair, ...]}``, split exactly as the trainer splits them, and a record
+    """The requested prompt sets as ``{name: [Pair, ...]}``, split exactly as the trainer splits them (plus the
+    never-seen ``holdout`` of ``data.holdout`` when ``forget_train`` is requested: membership inference), and a record
     of each split made (``{"forget" | "normal": data.split_record(...)}``: pairs, prompts, and the prompts both sides
     share, which must be 0).
 
@@ -176,11 +193,16 @@ def build_eval_sets(
     """
     sets, splits = {}, {}
     if any(name.startswith("forget") for name in set_names):
-        forget_train, forget_held_out = data_lib.split_pairs(
-            data_lib.load_pairs(data_cfg.forget), data_cfg.forget.held_out_fraction, data_cfg.seed
-        )
+        forget = data_lib.load_pairs(data_cfg.forget)
+        forget_train, forget_held_out = data_lib.split_pairs(forget, data_cfg.forget.held_out_fraction, data_cfg.seed)
         sets.update(forget_train=forget_train, forget_held_out=forget_held_out)
         splits["forget"] = data_lib.split_record(forget_train, forget_held_out)
+        if data_cfg.holdout is not None and mia.MEMBER_SET in set_names:
+            sets[mia.NONMEMBER_SET] = data_lib.load_pairs(data_cfg.holdout)
+            overlap = mia.overlap_warning(forget, sets[mia.NONMEMBER_SET])
+            if overlap:
+                logger.warning(overlap)
+            set_names = [*set_names, mia.NONMEMBER_SET]
     if "normal_held_out" in set_names:
         normal_train, sets["normal_held_out"] = data_lib.split_pairs(
             data_lib.load_pairs(data_cfg.normal), data_cfg.normal.held_out_fraction, data_cfg.seed
@@ -260,7 +282,9 @@ def evaluate_models(
     ``world_size`` > 1 this is a collective: call it on every rank. Returns the summary written to
     ``eval.json`` (on every rank); rank 0 also writes ``samples.jsonl`` and ``report.md``. ``splits`` (from
     :func:`build_eval_sets`) goes into ``eval.json`` as ``split``. Pairs whose prompt leaves no room for a response
-    within ``data.max_length`` are left out, as training leaves them out.
+    within ``data.max_length`` are left out, as training leaves them out. With a never-seen ``holdout`` set beside
+    ``forget_train`` (:func:`build_eval_sets` adds ``data.holdout``), ``summary["mia"]`` holds the membership-inference
+    AUCs of :mod:`dsunlearn.mia` (the holdout gets no other measurement).
     """
     problems = cfg.evaluation_problems()
     if problems:
@@ -296,6 +320,8 @@ def evaluate_models(
     try:
         with torch.no_grad():
             for set_name, pairs in sets.items():
+                if set_name == mia.NONMEMBER_SET:
+                    continue  # never-seen samples serve the membership inference only (below)
                 fitting = data_lib.tokenize_pairs(
                     tokenizer, pairs, context.prompt_format, cfg.data.max_length, name=set_name
                 )
@@ -319,6 +345,11 @@ def evaluate_models(
                         records, role, cfg.reproduction_threshold, with_classifier=classifier is not None
                     )
                 samples += [_sample_row(set_name, record) for record in records]
+            if mia.MEMBER_SET in sets and mia.NONMEMBER_SET in sets:
+                members, nonmembers = sets[mia.MEMBER_SET], sets[mia.NONMEMBER_SET]
+                summary["mia"] = mia.evaluate_mia(
+                    model, reference, tokenizer, members, nonmembers, context, rank, world_size
+                )
     finally:
         model.train(modes[0])
         reference.train(modes[1])
@@ -388,13 +419,21 @@ def _run_defaults(run_dir: Path) -> dict:
     if not config_file.is_file():
         raise SystemExit(f"dsunlearn eval: --run_dir {run_dir}: no config.yaml there (is it a training run's output?)")
     run, _ = parse_run_config(["--config", str(config_file)])
-    defaults = asdict(EvalConfig.from_run(run, model_path=str(run_dir / "final")))
-    defaults["output_dir"] = str(run_dir / "eval")
+    defaults = EvalConfig.from_run(run, model_path=str(run_dir / "final"))
+    defaults.output_dir = str(run_dir / "eval")
 
-    def flatten(prefix: str, value) -> dict:
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(f"{prefix}{key}.", item).items()}
-        return {prefix[:-1]: value}
+    def flatten(prefix: str, settings) -> dict:
+        # A nested group (data, data.forget) has one argument per field; an optional one (data.holdout) is a single
+        # argument whose value is the whole object.
+        flat = {}
+        declared = typing.get_type_hints(type(settings))
+        for setting in fields(settings):
+            value = getattr(settings, setting.name)
+            if is_dataclass(declared[setting.name]):
+                flat.update(flatten(f"{prefix}{setting.name}.", value))
+            else:
+                flat[prefix + setting.name] = asdict(value) if is_dataclass(value) else value
+        return flat
 
     return flatten("", defaults)
 

@@ -103,6 +103,8 @@ def write_report(out_dir: str | Path, runs: Sequence[Run]) -> Path:
         _plot_set(png, set_name, columns, [m for s, m in rows if s == set_name])
         lines += [f"![{set_name}]({png.name})", ""]
 
+    lines += _mia_lines(runs)
+
     histories = {name: _read_metrics_jsonl(path) for name, _, path in runs if path is not None}
     if histories:
         png = out_dir / "objective_terms.png"
@@ -182,6 +184,45 @@ def _rows(columns: Sequence[tuple[str, dict]]) -> list[tuple[str, str]]:
         ordered = [m for m in METRIC_DESCRIPTIONS if m in present] + sorted(present - set(METRIC_DESCRIPTIONS))
         rows += [(set_name, m) for m in ordered]
     return rows
+
+
+def _mia_lines(runs: Sequence[Run]) -> list[str]:
+    """The "MIA AUC" section: per attack, the AUC of the original model, of each run and of the retrained model,
+    then each run's PrivLeak where a retrained model was given; nothing when no run has membership inference."""
+    from dsunlearn.mia import ATTACK_DESCRIPTIONS, ATTACKS
+
+    measured = [(name, summary["mia"]) for name, summary, _ in runs if summary.get("mia")]
+    if not measured:
+        return []
+    first = measured[0][1]
+    # (label, {attack: AUC}); the original model is the first run's (the runs share one original as a rule).
+    columns = [("original", {attack: first["auc"][attack]["original"] for attack in ATTACKS})]
+    columns += [(name, {attack: result["auc"][attack]["unlearned"] for attack in ATTACKS}) for name, result in measured]
+    with_retrained = [(name, result) for name, result in measured if result.get("privleak")]
+    if with_retrained:
+        retrained = with_retrained[0][1]
+        columns.append(("retrained", {attack: retrained["auc"][attack]["retrained"] for attack in ATTACKS}))
+    counts = ", ".join(f"{set_name}: {count}" for set_name, count in first["num_samples"].items())
+    lines = ["## MIA AUC", "",
+             f"Membership inference between `{first['member_set']}` (members) and the never-seen "
+             f"`{first['nonmember_set']}` ({counts}; k = {first['k']}): ROC AUC, 1 = every forget sample recognised, "
+             "0.5 = indistinguishable from never-seen ones (a retrained model's value is the goal).", ""]
+    lines += ["| attack | " + " | ".join(label for label, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for attack in ATTACKS:
+        cells = [_format(aucs[attack]) for _, aucs in columns]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    if with_retrained:
+        lines += ["", "PrivLeak (MUSE, %: (AUC'_model − AUC'_retrained) / AUC'_retrained with AUC' = 1 − AUC; ~0 is "
+                  "good, negative = the forget set still leaks, positive = over-unlearned):", ""]
+        lines += ["| attack | original | " + " | ".join(name for name, _ in with_retrained) + " |",
+                  "|---|" + "---:|" * (len(with_retrained) + 1)]
+        for attack in ATTACKS:
+            cells = [_format(with_retrained[0][1]["privleak"][attack]["original"])]
+            cells += [_format(result["privleak"][attack]["unlearned"]) for _, result in with_retrained]
+            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    lines += ["", "Attacks (a higher score says \"not a member\"):", ""]
+    lines += [f"- `{attack}`: {ATTACK_DESCRIPTIONS[attack]}" for attack in ATTACKS]
+    return lines + [""]
 
 
 def _format(value) -> str:

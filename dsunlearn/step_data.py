@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from dsunlearn import data as data_lib
+from dsunlearn import mia
 from dsunlearn.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class StepData:
         self.use_normal = objective.normal_weight > 0
 
         forget_pairs, normal_pairs = _load_pairs("forget", cfg.data.forget), _load_pairs("normal", cfg.data.normal)
+        # The never-seen set of the final evaluation's membership inference, read and checked before any model loads.
+        self.holdout_warning = (
+            mia.overlap_warning(forget_pairs, _load_pairs("holdout", cfg.data.holdout)) if cfg.data.holdout else None
+        )
         forget_train, _ = data_lib.split_pairs(forget_pairs, cfg.data.forget.held_out_fraction, cfg.data.seed)
         normal_train, _ = data_lib.split_pairs(normal_pairs, cfg.data.normal.held_out_fraction, cfg.data.seed)
         # A prompt is never cut: pairs whose prompt leaves no room for a response are dropped here, before any index
@@ -86,6 +91,8 @@ class StepData:
 
     def log_summary(self) -> None:
         cfg = self.cfg
+        if self.holdout_warning:
+            logger.warning(self.holdout_warning)
         logger.info("data: forget: %s", self.forget_tokenized.summary())
         if self.use_normal:
             logger.info("data: normal: %s", self.normal_tokenized.summary())

@@ -7,6 +7,9 @@ tokens and returns Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i (DESIGN.md §4).
 * ``chunked``: pure PyTorch over token chunks, never allocates [N, V] (``chunked.py``); the CPU default.
 * ``triton``: CUDA kernels (``triton_ce_kl.py``), imported only when asked for.
 * ``auto``: ``triton`` for CUDA tensors when Triton is installed, else ``chunked``.
+
+``token_log_prob_stats`` (``token_log_prob_stats.py``) gives, per token, log p(target) and the mean and variance of
+log p under the model's own next-token distribution (Min-K%++ membership inference), with the same backends.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch
 
 from .chunked import chunked_fused_linear_ce_kl
 from .reference import torch_ce_kl_from_logits, torch_fused_linear_ce_kl
+from .token_log_prob_stats import token_log_prob_stats
 
 __all__ = [
-    "BACKENDS", "fused_linear_ce_kl", "torch_fused_linear_ce_kl", "chunked_fused_linear_ce_kl", "torch_ce_kl_from_logits"
+    "BACKENDS", "fused_linear_ce_kl", "torch_fused_linear_ce_kl", "chunked_fused_linear_ce_kl", "torch_ce_kl_from_logits",
+    "token_log_prob_stats",
 ]
 
 BACKENDS = ("auto", "torch", "chunked", "triton")

@@ -370,5 +370,6 @@ def test_run_dir_takes_the_runs_settings(tiny_model_dir, tmp_path):
                     "--sets", "[forget_held_out]", "--batch_size", "2"])
     assert summary["model"] == str(run_dir / "final") and summary["reference"] == str(tiny_model_dir)
     assert summary["config"]["dtype"] == "fp32"
+    assert summary["config"]["data"]["holdout"]["source"] == "dsunlearn/assets/demo/holdout.jsonl"
     assert summary["unlearned"]["forget_held_out"]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert (run_dir / "eval" / "eval.json").is_file()
