@@ -7,6 +7,7 @@
     bench      benchmark the fused loss implementations; see ``bench --help``
     bench-step benchmark a whole unlearning step against the paper's loop (``python -m dsunlearn.bench_step``)
     relearn    fine-tune a model on part of the forget data and measure how fast the behaviour returns
+    sweep      a grid over the objective's weights and lr, one run each, and the forgetting/utility Pareto front
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         from dsunlearn.bench_step import main as run
     elif command == "relearn":
         from dsunlearn.relearn import main as run
+    elif command == "sweep":
+        from dsunlearn.sweep import main as run
     else:
         print(f"dsunlearn: unknown command {command!r}\n{__doc__}", file=sys.stderr)
         raise SystemExit(2)

@@ -44,7 +44,8 @@ TAG_PATTERN = re.compile(rf"{CHECKPOINT_PREFIX}\d+")
 MARKER_NAME = "complete.json"
 LATEST_NAME = "latest"
 SLURM_JOB_FILE = "slurm_job_id"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "eval_during.jsonl", "best_step.json",
+             "final_best", "tensorboard")
 """What makes a folder hold a run: the guard refuses it, ``--overwrite`` removes these."""
 
 # Numeric DeepSpeed knobs that trade memory for speed and never change the numbers: free to change on resume.

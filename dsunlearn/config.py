@@ -12,7 +12,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from dsunlearn.data import DEFAULT_TEMPLATE, DatasetSpec, PromptFormat
 from dsunlearn.paths import resolve_path
@@ -323,13 +323,89 @@ class OutputConfig:
     """Cap on prompts per evaluation set (None: all)."""
     eval_max_new_tokens: int = 48
     """Greedy generation length in the end-of-run evaluation."""
+    # ---- evaluation during training (dsunlearn/eval_during.py) ----
+    eval_every: Optional[int] = None
+    """Evaluate the model every this many steps inside the training loop, on every rank (sharded as the end-of-run
+    evaluation is), and append the results to ``dir/eval_during.jsonl`` (None or 0: off). The original model's side
+    is measured once at start-up; the unlearned model's ``fluency_ppl`` is left out (the original model, its judge, is
+    freed after start-up)."""
+    eval_during_max_samples: Optional[int] = 32
+    """Prompts per evaluation set in the evaluations during training: the first this many of each set, as
+    ``eval_max_samples`` takes them (None: ``eval_max_samples``, the end-of-run evaluation's subset). The original's
+    log-probabilities over the vocabulary on these prompts' response tokens are kept (fp32, on the CPU) for the KL."""
+    keep_best: Optional[str] = None
+    """``SET/METRIC`` of the evaluation during training that picks the best step, e.g.
+    ``forget_train/reproduction_rate``; the best step is exported to ``dir/final_best`` (beside ``final/``) when it is
+    evaluated, and the choice is kept in ``dir/best_step.json`` across resumes. Needs ``eval_every``."""
+    keep_best_mode: Literal["min", "max"] = "min"
+    """Whether the lowest (``min``) or the highest (``max``) value of ``keep_best`` is best."""
+    keep_best_constraint: Optional[str] = None
+    """Condition a step must meet to be kept as best: ``SET/METRIC OP NUMBER`` with OP one of <=, <, >=, >, several
+    joined by ``and``, e.g. ``normal_held_out/kl <= 0.1``. None: every evaluated step qualifies."""
+    tensorboard: Union[bool, str] = False
+    """Also write the training metrics and the evaluations during training as TensorBoard scalars (rank 0): a folder,
+    or true for ``dir/tensorboard`` (needs the tensorboard package: pip install 'dsunlearn[tensorboard]')."""
 
     def problems(self) -> list[str]:
+        found = []
         try:
             parse_size(self.max_shard_size)
         except ValueError as err:
-            return [f"output.max_shard_size: {err}"]
-        return []
+            found.append(f"output.max_shard_size: {err}")
+        if self.eval_every is not None and self.eval_every < 0:
+            found.append(f"output.eval_every={self.eval_every} must be >= 0 (0 or null: off)")
+        if self.eval_during_max_samples is not None and self.eval_during_max_samples < 1:
+            found.append(f"output.eval_during_max_samples={self.eval_during_max_samples} must be >= 1 (or null)")
+        if self.keep_best is not None:
+            if not self.eval_every:
+                found.append("output.keep_best needs output.eval_every: the best step is chosen among the evaluated "
+                             "steps")
+            found += [f"output.keep_best: {p}" for p in eval_metric_problems(self.keep_best)]
+        elif self.keep_best_constraint is not None:
+            found.append("output.keep_best_constraint is set but output.keep_best is not")
+        if self.keep_best_constraint is not None:
+            try:
+                for metric, _, _ in parse_constraint(self.keep_best_constraint):
+                    found += [f"output.keep_best_constraint: {p}" for p in eval_metric_problems(metric)]
+            except ValueError as err:
+                found.append(f"output.keep_best_constraint: {err}")
+        if self.tensorboard not in (False, True) and not str(self.tensorboard).strip():
+            found.append("output.tensorboard is empty: give a folder, or true for output.dir/tensorboard")
+        if self.tensorboard is not False and importlib.util.find_spec("tensorboard") is None:
+            found.append("output.tensorboard needs the tensorboard package: pip install 'dsunlearn[tensorboard]'")
+        return found
+
+
+_CONSTRAINT = re.compile(r"\s*([\w./-]+)\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
+
+
+def parse_constraint(text: str) -> list[tuple[str, str, float]]:
+    """``"normal_held_out/kl <= 0.1 and forget_train/nll > 2"`` -> ``[("normal_held_out/kl", "<=", 0.1), ...]``."""
+    parts = []
+    for part in re.split(r"\s+and\s+", text.strip()):
+        match = _CONSTRAINT.fullmatch(part)
+        if match is None:
+            raise ValueError(f"{part!r} is not SET/METRIC OP NUMBER (OP one of <=, <, >=, >), e.g. "
+                             f"'normal_held_out/kl <= 0.1'")
+        parts.append((match.group(1), match.group(2), float(match.group(3))))
+    return parts
+
+
+def eval_metric_problems(name: str) -> list[str]:
+    """Problems of a ``SET/METRIC`` name of the evaluation during training (empty when it names one)."""
+    from dsunlearn.report import METRIC_DESCRIPTIONS, SET_ORDER  # every metric an evaluation may report
+
+    set_name, _, metric = name.partition("/")
+    found = []
+    if set_name not in SET_ORDER:
+        found.append(f"{name!r}: unknown set {set_name!r}; choose from {list(SET_ORDER)} (as SET/METRIC)")
+    if metric == "fluency_ppl":
+        found.append(f"{name!r}: the unlearned model's fluency_ppl is not measured during training (its judge, the "
+                     f"original model, is freed)")
+    elif metric not in METRIC_DESCRIPTIONS:
+        found.append(f"{name!r}: unknown metric {metric!r}; choose from "
+                     f"{[m for m in METRIC_DESCRIPTIONS if m != 'fluency_ppl']}")
+    return found
 
 
 @dataclass
@@ -361,6 +437,9 @@ class RunConfig:
         found += self.output.problems()
         if self.resume and self.overwrite:
             found.append("resume and overwrite are both true: continue the run in output.dir or replace it, not both")
+        if self.output.eval_every and self.output.eval_every > self.train.max_steps:
+            found.append(f"output.eval_every={self.output.eval_every} is larger than train.max_steps="
+                         f"{self.train.max_steps}: no step would be evaluated")
         if self.objective.normal_weight > 0 and self.train.normal_batch_size == 0:
             found.append("train.normal_batch_size is 0 but objective.normal_weight > 0: the KL term needs normal data")
         if found:

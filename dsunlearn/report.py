@@ -59,6 +59,13 @@ OBJECTIVE_TERMS = ("forget_ce", "random_ce", "normal_kl", "total")
 
 Run = tuple[str, dict, "str | Path | None"]
 
+EVAL_DURING_FAMILIES = {
+    "likelihood": ("nll", "ppl", "kl"),
+    "generation": ("similarity_to_original", "distinct_1", "distinct_2", "generation_tokens"),
+}
+"""Metric families of the evaluations during training, one PNG each; every other metric (the rates, ROUGE, BLEU) is
+in the family ``behaviour``."""
+
 
 def write_report(out_dir: str | Path, runs: Sequence[Run], relearning: dict[str, dict] | None = None) -> Path:
     """Write ``report.md`` and its PNG plots into ``out_dir`` and return the report's path.
@@ -118,6 +125,17 @@ def write_report(out_dir: str | Path, runs: Sequence[Run], relearning: dict[str,
 
     if relearning:
         lines += ["## Relearning", "", *relearning_section(out_dir, relearning)]
+    # ---- evaluations during training (output.eval_every): eval_during.jsonl beside each run's metrics.jsonl ----
+    during = {name: _read_metrics_jsonl(Path(path).with_name("eval_during.jsonl")) for name, _, path in runs
+              if path is not None and Path(path).with_name("eval_during.jsonl").is_file()}
+    if any(during.values()):
+        lines += ["## Evaluation during training", "",
+                  "The model's metrics on the evaluation subsets (output.eval_during_max_samples) every "
+                  "output.eval_every steps, one line per set.", ""]
+        for family, metrics in _eval_during_families(during).items():
+            png = out_dir / f"eval_during_{family}.png"
+            _plot_eval_during(png, family, metrics, during)
+            lines += [f"![evaluation during training: {family}]({png.name})", ""]
 
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -399,6 +417,37 @@ def plot_relearning(png: Path, results: dict[str, dict]) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title("Relearning: how fast the behaviour returns (dotted: the original's rate)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _eval_during_families(during: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """``{family: [metric, ...]}`` of the metrics in ``eval_during.jsonl`` rows, families in a fixed order."""
+    measured = list(dict.fromkeys(row["metric"] for rows in during.values() for row in rows))
+    family_of = {metric: family for family, metrics in EVAL_DURING_FAMILIES.items() for metric in metrics}
+    families: dict[str, list[str]] = {"behaviour": [], **{family: [] for family in EVAL_DURING_FAMILIES}}
+    for metric in measured:
+        families[family_of.get(metric, "behaviour")].append(metric)
+    return {family: metrics for family, metrics in families.items() if metrics}
+
+
+def _plot_eval_during(png: Path, family: str, metrics: Sequence[str], during: dict[str, list[dict]]) -> None:
+    """One panel per metric of ``family``, one line per (run, set); null values (an overflowing ppl) are gaps."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for name, rows in during.items():
+            for set_name in dict.fromkeys(row["set"] for row in rows):
+                points = sorted((row["step"], row["value"]) for row in rows
+                                if row["set"] == set_name and row["metric"] == metric and row["value"] is not None)
+                if points:
+                    steps, values = zip(*points)
+                    label = set_name if len(during) == 1 else f"{name}: {set_name}"
+                    ax.plot(steps, values, label=label, marker=".")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"evaluation during training: {family}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from dsunlearn import checkpoints, distributed, ds_config, engines, export, guards, noise, objective, reference_cache
-from dsunlearn import step_timing
+from dsunlearn import checkpoints, distributed, ds_config, engines, eval_during, export, guards, noise, objective
+from dsunlearn import reference_cache, step_timing
 from dsunlearn.config import RunConfig, parse_run_config
 from dsunlearn.step_data import StepData
 
@@ -136,6 +136,10 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         start_step = int(checkpoints.load_checkpoint(policy_engine, checkpoint_dir, resume_from)["step"])
         if is_main:
             logger.info("resumed from %s at step %d", checkpoint_dir / resume_from.tag, start_step)
+    # ---- evaluation during training, best step, TensorBoard (output.eval_every, keep_best, tensorboard): the
+    # original's side measured once, while the reference is alive (eval_during.py) ----
+    during = eval_during.DuringTraining.start(cfg, tokenizer, policy_engine, ref_engine, rank, world_size, start_step,
+                                              device)
     # ---- the reference cache: the reference's rows of every normal example, computed once (or reused from disk);
     # the reference model is then freed but its head (reference_cache.py) ----
     ref_cache = None
@@ -195,6 +199,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
             row.update(step_timer.step_fields(), step_s=elapsed)
         if is_main:
             metrics_log.append(row)
+            during.log_training_row(row)
             progress.update(1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
                 progress.set_postfix(_postfix(row), refresh=False)
@@ -202,6 +207,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         done = step_guards.check(row, skipped=policy_engine.skipped_steps > skipped_before)
         every = cfg.train.checkpoint_every
         stopping = bool(totals[10] > 0)
+        if during.is_due(step + 1) and not stopping:  # a stop first leaves this evaluation to the resumed run
+            stopping = during.evaluate(step + 1, policy_engine, watchdog)  # True: SIGTERM came during it
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps or stopping or done:
             checkpoints.save_checkpoint(
                 policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints, run_shape
@@ -218,6 +225,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     if is_main:
         progress.close()
         metrics_log.close()
+    during.close()
     watchdog.defer_stop(False)  # every step is saved: from here SIGTERM ends the run at once
 
     # ---- outputs ----
