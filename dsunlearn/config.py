@@ -166,8 +166,13 @@ class DataConfig:
             found.append(f"data.application={self.application!r} must be harmful, copyright or hallucination")
         if self.application == "hallucination" and self.forget.format != "halueval":
             found.append(
-                f"data.application=hallucination compares answers with the right answer, which only "
+                f"data.application=hallucination compares answers with the right and the hallucinated answer, which "
                 f"data.forget.format=halueval provides (got {self.forget.format!r})"
+            )
+        if self.application == "hallucination" and self.normal.format not in ("truthfulqa", "halueval"):
+            found.append(
+                f"data.application=hallucination compares answers with right and wrong ones, which "
+                f"data.normal.format truthfulqa (or halueval) provides (got {self.normal.format!r})"
             )
         try:
             PromptFormat(self.template, self.use_chat_template)

@@ -37,6 +37,8 @@ DEFAULT_TEMPLATE = "### Question: {prompt}\n ### Answer: {response}"
 # TruthfulQA's (question, best answer) field names: hub `generation` config, original CSV.
 TRUTHFULQA_HUB_FIELDS = ("question", "best_answer")
 TRUTHFULQA_CSV_FIELDS = ("Question", "Best Answer")
+# Its wrong answers (a list in the hub config, one ";"-separated cell in the CSV): kept for the hallucination metric.
+TRUTHFULQA_INCORRECT_FIELDS = {TRUTHFULQA_HUB_FIELDS: "incorrect_answers", TRUTHFULQA_CSV_FIELDS: "Incorrect Answers"}
 # HaluEval's QA schema (hub `pminervini/HaluEval`, config `qa`): every field is read.
 HALUEVAL_FIELDS = ("question", "right_answer", "hallucinated_answer", "knowledge")
 FORMATS = ("pku_saferlhf", "truthfulqa", "halueval", "book", "pairs")
@@ -219,7 +221,11 @@ class Pair:
     """1-based row: the line number for .jsonl files, else the record number (a ``book`` window: its book's row; a
     .txt file is row 1)."""
     right_answer: Optional[str] = None
-    """``halueval``: the right answer to the question, which the hallucination metric compares generations with."""
+    """The right answer to the question (``halueval``; ``truthfulqa``: the best answer), which the hallucination
+    metric compares generations with."""
+    hallucinated_answers: tuple[str, ...] = ()
+    """Wrong answers to the question (``halueval``: the hallucinated one; ``truthfulqa``: its incorrect answers), for
+    the hallucination metric."""
     knowledge: Optional[str] = None
     """``halueval``: the passage the right answer comes from (kept for judges and reports; never trained on)."""
 
@@ -351,7 +357,8 @@ def _pairs_from_record(record: dict[str, Any], spec: DatasetSpec, columns: tuple
         return pairs
     if spec.format == "halueval":
         question, right, hallucinated, knowledge = (_text(record, name) for name in HALUEVAL_FIELDS)
-        return [{"prompt": question, "response": hallucinated, "right_answer": right, "knowledge": knowledge}]
+        return [{"prompt": question, "response": hallucinated, "right_answer": right,
+                 "hallucinated_answers": (hallucinated,), "knowledge": knowledge}]
     if spec.format == "book":
         text = _text(record, spec.text_field)
         windows = book_windows(text, spec.prefix_words, spec.continuation_words, spec.window_stride)
@@ -360,7 +367,22 @@ def _pairs_from_record(record: dict[str, Any], spec: DatasetSpec, columns: tuple
             raise _RowError(spec.text_field, f"{len(text.split())} words, fewer than one window of {window}")
         return [{"prompt": prefix, "response": continuation} for prefix, continuation in windows]
     prompt_name, response_name = columns
-    return [{"prompt": _text(record, prompt_name), "response": _text(record, response_name)}]
+    fields = {"prompt": _text(record, prompt_name), "response": _text(record, response_name)}
+    if spec.format == "truthfulqa":
+        fields.update(right_answer=fields["response"], hallucinated_answers=_incorrect_answers(record, columns))
+    return [fields]
+
+
+def _incorrect_answers(record: dict[str, Any], columns: tuple[str, ...]) -> tuple[str, ...]:
+    """A TruthfulQA record's incorrect answers; none when the column is absent (only the hallucination metric reads
+    them, and it then counts no answer as closer to a wrong one)."""
+    value = record.get(TRUTHFULQA_INCORRECT_FIELDS[columns])
+    if isinstance(value, str):
+        value = value.split(";")
+    if not isinstance(value, (list, tuple)) and not hasattr(value, "tolist"):
+        return ()
+    answers = value.tolist() if hasattr(value, "tolist") else value
+    return tuple(answer.strip() for answer in answers if isinstance(answer, str) and answer.strip())
 
 
 def _read_local_records(path: Path, text_field: str = "text") -> tuple[list[tuple[int, dict[str, Any]]], set[str]]:

@@ -210,8 +210,8 @@ def test_missing_empty_and_unusable_files(tmp_path):
 
 
 def test_problems_lists_every_problem(tmp_path):
-    (tmp_path / "data.txt").write_text("x")
-    spec = DatasetSpec(str(tmp_path / "data.txt"), "pairs", prompt_field="q", response_field="q",
+    (tmp_path / "data.xml").write_text("x")
+    spec = DatasetSpec(str(tmp_path / "data.xml"), "pairs", prompt_field="q", response_field="q",
                        held_out_fraction=1.5, max_samples=0)
     problems = spec.problems()
     assert len(problems) == 4
@@ -220,7 +220,7 @@ def test_problems_lists_every_problem(tmp_path):
     assert any("held_out_fraction" in p for p in problems)
     assert any("max_samples" in p for p in problems)
     assert DatasetSpec("").problems() == [
-        "source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv file"
+        "source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv/.txt file"
     ]
     assert "does not exist" in DatasetSpec("./no/such/file").problems()[0]
     assert DatasetSpec(str(demo_data_dir() / "forget.jsonl"), "pku_saferlhf").problems() == []
