@@ -42,11 +42,11 @@ from dsunlearn.data import (
     tokenize_pairs,
     tokenize_prompt,
 )
+from dsunlearn.applications import APPLICATIONS
 from dsunlearn.tiny import build_bpe_tokenizer, build_tiny_causal_lm, save_tiny_model
 
 DEMO_FORGET_FILE = "forget.jsonl"
 DEMO_NORMAL_FILE = "normal.jsonl"
-APPLICATIONS = ("harmful", "copyright", "hallucination")
 BOOK_TEMPLATE = "{prompt} {response}"
 """The copyright demo's prompt format: a book's continuation follows its prefix as plain text."""
 BOOK_WINDOW = dict(prefix_words=16, continuation_words=16)
@@ -241,7 +241,7 @@ def measure_reproduction(
     the application's behaviour (:func:`dsunlearn.applications.behaviour_flags`, the evaluation's
     default settings), and the first three examples."""
     from dsunlearn.applications import Classifiers, behaviour_flags
-    from dsunlearn.evaluation import EvalConfig
+    from dsunlearn.evaluation import EvalConfig  # imported here: evaluation imports the report's plotting
 
     prompts = [tokenize_prompt(tokenizer, pair.prompt, fmt) for pair in pairs]
     generations = greedy_generate(model, tokenizer, prompts, build.max_new_tokens, build.generation_batch_size)
