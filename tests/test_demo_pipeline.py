@@ -29,8 +29,8 @@ def test_short_demo_unlearns_forget_and_keeps_normal(tmp_path):
     assert (run_dir / "eval" / "report.md").is_file() and (run_dir / "eval" / "objective_terms.png").is_file()
 
 
-@pytest.mark.parametrize("application", ["copyright", "hallucination"])
-def test_short_application_demo_lowers_the_behaviour_and_keeps_normal(tmp_path, application):
+@pytest.mark.parametrize("application, steps", [("copyright", 40), ("hallucination", 20)])
+def test_short_application_demo_lowers_the_behaviour_and_keeps_normal(tmp_path, application, steps):
     """Each application's demo, shortened: the taught behaviour (its own metric) goes down on the unlearned examples
     while the normal KL stays small."""
     original = build_demo_model(tmp_path / "original", application=application, progress=False, steps=120,
@@ -38,7 +38,7 @@ def test_short_application_demo_lowers_the_behaviour_and_keeps_normal(tmp_path, 
     run_dir = tmp_path / "unlearned"
     code, output = launch([
         "--config", f"configs/demo-{application}.yaml", "--model.name_or_path", str(original),
-        "--output.dir", str(run_dir), "--train.max_steps", "20", "--train.checkpoint_every", "0",
+        "--output.dir", str(run_dir), "--train.max_steps", str(steps), "--train.checkpoint_every", "0",
         "--output.eval_max_samples", "8", "--output.eval_max_new_tokens", "40", "--output.export", "false",
     ])
     assert code == 0, output[-4000:]
