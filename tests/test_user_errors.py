@@ -70,4 +70,7 @@ def test_book_shorter_than_a_window(tiny_model_dir, tmp_path):
                     str(book), "--data.forget.format", "book", "--data.forget.prefix_words", "4",
                     "--data.forget.continuation_words", "4")
     code, output = launch(args, timeout=240)
-    assert_one_usage_message(code, output, tmp_path / "run", "has 7 words, fewer than one window of 8")
+    # A settings problem: "dsunlearn: invalid settings:" and one line per problem, before any model loads.
+    assert code == EXIT_USAGE and "Traceback" not in output, output[-4000:]
+    assert f"data.forget: book '{book}' has 7 words, fewer than one window of 8" in output
+    assert not (tmp_path / "run" / "config.yaml").exists()
