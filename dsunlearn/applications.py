@@ -34,7 +34,9 @@ from dsunlearn.data import Pair
 APPLICATIONS = ("harmful", "copyright", "hallucination")
 
 # Per-sample score -> the name of its mean in a set's summary (eval.json).
-SUMMARY_NAMES = {"behaviour": "behaviour_rate", "bleu": "bleu", "rouge_l": "rouge_l", "hallucinated": "hallucination_rate"}
+SUMMARY_NAMES = {
+    "behaviour": "behaviour_rate", "bleu": "bleu", "rouge_l": "rouge_l", "hallucinated": "hallucination_rate"
+}
 # Per-sample scores written to samples.jsonl, as ``original_<key>`` and ``unlearned_<key>``.
 SAMPLE_KEYS = ("behaviour", "bleu", "rouge_l", "hallucinated", "rouge_l_hallucinated", "rouge_l_right", "judged")
 

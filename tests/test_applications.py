@@ -39,7 +39,8 @@ def test_hallucination_is_closer_to_the_hallucinated_answer_and_a_tie_is_not():
     scores = sample_scores("hallucination", [pair] * 2, outputs[3:5], EvalConfig(), NO_CLASSIFIERS)
     assert scores[0]["rouge_l_hallucinated"] == pytest.approx(2 * (3 / 8) / (1 + 3 / 8))
     assert scores[0]["rouge_l_right"] == pytest.approx(2 * (2 / 3) * (2 / 6) / (2 / 3 + 2 / 6))
-    assert scores[1]["rouge_l_right"] == pytest.approx(2 / 7) and scores[1]["rouge_l_hallucinated"] == pytest.approx(2 / 9)
+    assert scores[1]["rouge_l_right"] == pytest.approx(2 / 7)
+    assert scores[1]["rouge_l_hallucinated"] == pytest.approx(2 / 9)
 
 
 def test_several_wrong_answers_take_the_closest_and_none_is_never_closer():
@@ -105,7 +106,8 @@ def test_classifier_problems_read_config_json_only(tmp_path, judge_dir):
     assert classifier_problems("judge_classifier", str(judge_dir), "judge_label", "hallucinated") == []
     assert classifier_problems("judge_classifier", None, "judge_label", "x") == []
     [missing] = classifier_problems("judge_classifier", str(tmp_path / "nope"), "judge_label", "hallucinated")
-    assert missing == f"judge_classifier: local folder {str(tmp_path / 'nope')!r} does not exist (it is never downloaded)"
+    nope = str(tmp_path / "nope")
+    assert missing == f"judge_classifier: local folder {nope!r} does not exist (it is never downloaded)"
     [wrong_label] = classifier_problems("judge_classifier", str(judge_dir), "judge_label", "made-up")
     assert "has labels ['Hallucinated', 'faithful']; set judge_label to the one meant (got 'made-up')" in wrong_label
     empty = tmp_path / "empty"

@@ -766,8 +766,10 @@ def test_halueval_row_missing_a_field_names_file_row_and_field(tmp_path):
 
 
 def test_truthfulqa_pairs_keep_their_incorrect_answers(tmp_path):
-    hub = write_jsonl(tmp_path / "tqa.jsonl", [{"question": "Q?", "best_answer": "Yes.", "incorrect_answers": ["No.", " "]},
-                                               {"question": "R?", "best_answer": "Two."}])
+    hub = write_jsonl(tmp_path / "tqa.jsonl", [
+        {"question": "Q?", "best_answer": "Yes.", "incorrect_answers": ["No.", " "]},
+        {"question": "R?", "best_answer": "Two."},
+    ])
     first, second = load_pairs(DatasetSpec(hub, "truthfulqa"))
     assert (first.right_answer, first.hallucinated_answers) == ("Yes.", ("No.",))
     assert (second.right_answer, second.hallucinated_answers) == ("Two.", ())
