@@ -2,6 +2,7 @@
 # One entry point for every place dsunlearn runs.
 #
 #   bash launch.sh                                   the embedded demo: tiny model + bundled data, 2 CPU ranks
+#   bash launch.sh --demo harmful|copyright|hallucination [--train.lr ...]   one application's demo (default harmful)
 #   bash launch.sh --config configs/X.yaml [--train.lr 2e-6 ...]     one node: all GPUs, else CPU ranks
 #   bash launch.sh --nproc 4 --config ...            ranks on this node (GPUs or CPU processes)
 #   bash launch.sh --hostfile hosts --config ...     several nodes through the deepspeed launcher (ssh/pdsh)
@@ -18,7 +19,13 @@ start_dir="$PWD"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python_bin="${PYTHON:-python3}"
 
+usage_error() {
+  echo "launch.sh: $*" >&2
+  exit "$EXIT_USAGE"
+}
+
 dry_run=0
+demo_name=""
 nproc=""
 hostfile=""
 node_rank=""
@@ -29,15 +36,13 @@ while [[ $# -gt 0 ]]; do
     --nproc) nproc="$2"; shift 2 ;;
     --hostfile) hostfile="$2"; shift 2 ;;
     --node-rank) node_rank="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --demo)
+      [[ $# -ge 2 ]] || usage_error "--demo needs a name: harmful, copyright or hallucination"
+      demo_name="$2"; shift 2 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
-
-usage_error() {
-  echo "launch.sh: $*" >&2
-  exit "$EXIT_USAGE"
-}
 
 # The project. sbatch runs a copy of this script from slurmd's spool folder, where nothing lies beside it: then the
 # checkout is the submit folder (when it holds one) or the installed package's.
@@ -89,11 +94,19 @@ if [[ -n "$checkout" ]]; then
 fi
 
 demo=0
-if [[ ${#args[@]} -eq 0 ]]; then
-  [[ -n "$checkout" ]] || usage_error "the demo (no arguments) needs the checkout; give --config FILE"
+if [[ ${#args[@]} -eq 0 && -z "$demo_name" ]]; then
+  demo_name=harmful
+fi
+if [[ -n "$demo_name" ]]; then
+  case "$demo_name" in
+    harmful) demo_config=configs/demo.yaml; demo_dir=outputs/demo ;;
+    copyright|hallucination) demo_config="configs/demo-$demo_name.yaml"; demo_dir="outputs/demo-$demo_name" ;;
+    *) usage_error "--demo $demo_name: unknown demo; choose harmful, copyright or hallucination" ;;
+  esac
+  [[ -n "$checkout" ]] || usage_error "the demo needs the checkout; give --config FILE"
   demo=1
-  # The demo starts afresh each time (a folder holding a run is otherwise refused).
-  args=(--config configs/demo.yaml --overwrite true)
+  # The demo starts afresh each time (a folder holding a run is otherwise refused); flags given after it override.
+  args=(--config "$demo_config" --overwrite true "${args[@]}")
 fi
 
 gpu_count() {
@@ -217,17 +230,17 @@ else
 fi
 
 if [[ $demo -eq 1 ]]; then
-  # The embedded default: build the demo's "original" model once, unlearn it, evaluate it.
-  if [[ ! -f outputs/demo/original/config.json ]]; then
-    run "$python_bin" -m dsunlearn make-demo --out outputs/demo/original
+  # A demo: build its "original" model once, unlearn it, evaluate it.
+  if [[ ! -f "$demo_dir/original/config.json" ]]; then
+    run "$python_bin" -m dsunlearn make-demo --application "$demo_name" --out "$demo_dir/original"
   fi
   run "${launcher[@]}" "$train_script" "${args[@]}"
   if [[ $dry_run -eq 0 ]]; then
     echo
-    echo "demo finished: outputs in $checkout/outputs/demo"
-    echo "  original model:  outputs/demo/original"
-    echo "  unlearned model: outputs/demo/unlearned/final   metrics: outputs/demo/unlearned/metrics.jsonl"
-    report=outputs/demo/unlearned/eval/report.md
+    echo "demo finished ($demo_name): outputs in $checkout/$demo_dir"
+    echo "  original model:  $demo_dir/original"
+    echo "  unlearned model: $demo_dir/unlearned/final   metrics: $demo_dir/unlearned/metrics.jsonl"
+    report="$demo_dir/unlearned/eval/report.md"
     if [[ -f $report ]]; then
       echo "  evaluation:      $report (eval.json, samples.jsonl, PNG plots beside it)"
       echo

@@ -157,12 +157,29 @@ class DataConfig:
     of a data set is dropped)."""
     seed: int = 42
     """Seed of the train/held-out splits, the shuffling and the random answers (non-negative)."""
+    application: Literal["harmful", "copyright", "hallucination"] = "harmful"
+    """What is unlearned, which picks the evaluation's behaviour metric (dsunlearn/applications.py): ``harmful``
+    answers (a harm classifier's verdict, else reproduction of the forget response), ``copyright`` text (BLEU and
+    ROUGE-L of the book's continuation), ``hallucination`` (answers closer to the hallucinated answer than to the
+    right one; needs ``forget.format: halueval``)."""
 
     def problems(self) -> list[str]:
         found = [f"data.forget: {p}" for p in self.forget.problems()]
         found += [f"data.normal: {p}" for p in self.normal.problems()]
         if self.holdout is not None:
             found += [f"data.holdout: {p}" for p in self.holdout.problems()]
+        if self.application not in ("harmful", "copyright", "hallucination"):
+            found.append(f"data.application={self.application!r} must be harmful, copyright or hallucination")
+        if self.application == "hallucination" and self.forget.format != "halueval":
+            found.append(
+                f"data.application=hallucination compares answers with the right and the hallucinated answer, which "
+                f"data.forget.format=halueval provides (got {self.forget.format!r})"
+            )
+        if self.application == "hallucination" and self.normal.format not in ("truthfulqa", "halueval"):
+            found.append(
+                f"data.application=hallucination compares answers with right and wrong ones, which "
+                f"data.normal.format truthfulqa (or halueval) provides (got {self.normal.format!r})"
+            )
         try:
             PromptFormat(self.template, self.use_chat_template)
         except ValueError as err:

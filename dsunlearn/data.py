@@ -29,12 +29,19 @@ from dsunlearn import paths
 
 logger = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
+TEXT_SUFFIX = ".txt"
+"""A plain-text file: one book, read by the ``book`` format only."""
 DEFAULT_TEMPLATE = "### Question: {prompt}\n ### Answer: {response}"
 
 # TruthfulQA's (question, best answer) field names: hub `generation` config, original CSV.
 TRUTHFULQA_HUB_FIELDS = ("question", "best_answer")
 TRUTHFULQA_CSV_FIELDS = ("Question", "Best Answer")
+# Its wrong answers (a list in the hub config, one ";"-separated cell in the CSV): kept for the hallucination metric.
+TRUTHFULQA_INCORRECT_FIELDS = {TRUTHFULQA_HUB_FIELDS: "incorrect_answers", TRUTHFULQA_CSV_FIELDS: "Incorrect Answers"}
+# HaluEval's QA schema (hub `pminervini/HaluEval`, config `qa`): every field is read.
+HALUEVAL_FIELDS = ("question", "right_answer", "hallucinated_answer", "knowledge")
+FORMATS = ("pku_saferlhf", "truthfulqa", "halueval", "book", "pairs")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,16 +56,34 @@ class DatasetSpec:
     source: str = ""
     """Hub dataset id (e.g. ``PKU-Alignment/PKU-SafeRLHF``) or a local .json/.jsonl/.parquet/.csv file."""
 
-    format: Literal["pku_saferlhf", "truthfulqa", "pairs"] = "pairs"
+    format: Literal["pku_saferlhf", "truthfulqa", "halueval", "book", "pairs"] = "pairs"
     """``pku_saferlhf``: one pair per *unsafe* response; ``truthfulqa``: (question, best answer), hub
-    ``generation`` config or the original CSV; ``pairs``: any data set, fields named by
-    ``prompt_field``/``response_field``."""
+    ``generation`` config or the original CSV; ``halueval``: HaluEval's QA schema, (question, hallucinated answer)
+    with the right answer and the knowledge kept on the pair for the hallucination metric; ``book``: a plain-text
+    book (a local .txt file, or each record's ``text_field``) cut into (prefix -> continuation) windows of
+    ``prefix_words`` + ``continuation_words`` words every ``stride_words`` words; ``pairs``: any data set, fields
+    named by ``prompt_field``/``response_field``."""
 
     prompt_field: str = "prompt"
     """Prompt field name (``pairs`` format only)."""
 
     response_field: str = "response"
     """Response field name (``pairs`` format only)."""
+
+    text_field: str = "text"
+    """The field holding a book's text (``book`` format, a data set's records; a .txt file is one book)."""
+
+    prefix_words: int = 50
+    """``book``: words of a window's prefix (the prompt). Windows count words (whitespace-separated), not tokens:
+    data loading is tokenizer-free, so the same settings cut the same windows for every model."""
+
+    continuation_words: int = 50
+    """``book``: words of a window's continuation (the response the model must not reproduce)."""
+
+    stride_words: Optional[int] = None
+    """``book``: words from one window's start to the next (None: prefix_words + continuation_words, so windows do
+    not overlap and a held-out window shares no text with a trained one). A trailing stretch shorter than a whole
+    window is left out."""
 
     split: Optional[str] = None
     """Hub split to load. Default: ``validation`` for ``truthfulqa`` (its only split), else ``train``.
@@ -85,19 +110,23 @@ class DatasetSpec:
         """Every problem with these settings, as readable messages (empty when all is well)."""
         problems = []
         if not self.source.strip():
-            problems.append("source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv file")
+            problems.append("source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv/.txt file")
         else:
             path = self.local_path
             if path.is_dir():
-                problems.append(f"source {self.source!r} is a directory; give a .json/.jsonl/.parquet/.csv file")
+                problems.append(f"source {self.source!r} is a directory; give a .json/.jsonl/.parquet/.csv/.txt file")
             elif self.is_local and not path.exists():
                 problems.append(f"source file {self.source!r} does not exist")
             elif self.is_local and path.suffix.lower() not in LOCAL_SUFFIXES:
                 problems.append(
                     f"source file {self.source!r} has an unsupported type; use one of {', '.join(LOCAL_SUFFIXES)}"
                 )
-        if self.format not in ("pku_saferlhf", "truthfulqa", "pairs"):
-            problems.append(f"format must be 'pku_saferlhf', 'truthfulqa' or 'pairs', got {self.format!r}")
+            elif self.is_local and path.suffix.lower() == TEXT_SUFFIX and self.format != "book":
+                problems.append(f"source file {self.source!r} is plain text, which only format 'book' reads")
+        if self.format not in FORMATS:
+            problems.append(f"format must be one of {', '.join(repr(name) for name in FORMATS)}, got {self.format!r}")
+        if self.format == "book":
+            problems += self._book_problems()
         if self.format == "pairs":
             if not self.prompt_field:
                 problems.append("prompt_field is empty")
@@ -113,6 +142,34 @@ class DatasetSpec:
             problems.append(f"max_samples must be at least 1 (or None for all), got {self.max_samples}")
         if self.bad_rows not in ("error", "skip"):
             problems.append(f"bad_rows must be 'error' or 'skip', got {self.bad_rows!r}")
+        return problems
+
+    @property
+    def window_stride(self) -> int:
+        """Words from one ``book`` window's start to the next (see ``stride_words``)."""
+        return self.stride_words if self.stride_words is not None else self.prefix_words + self.continuation_words
+
+    def _book_problems(self) -> list[str]:
+        problems = []
+        for name in ("prefix_words", "continuation_words"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.stride_words is not None and self.stride_words < 1:
+            problems.append(f"stride_words={self.stride_words} must be >= 1 (or None: windows side by side)")
+        if not self.text_field:
+            problems.append("text_field is empty")
+        if problems or not (self.is_local and self.local_path.is_file()):
+            return problems
+        path = self.local_path
+        if path.suffix.lower() == TEXT_SUFFIX:
+            # Counting a book's words is cheap; a book too short for one window is a settings problem.
+            num_words = len(path.read_text(encoding="utf-8", errors="replace").split())
+            window = self.prefix_words + self.continuation_words
+            if num_words < window:
+                problems.append(
+                    f"book {self.source!r} has {num_words} words, fewer than one window of {window} "
+                    f"(prefix_words={self.prefix_words} + continuation_words={self.continuation_words})"
+                )
         return problems
 
     @property
@@ -161,7 +218,16 @@ class Pair:
     source: str
     """The file (or ``hub id[split]``) it was read from."""
     row: int
-    """1-based row: the line number for .jsonl files, else the record number."""
+    """1-based row: the line number for .jsonl files, else the record number (a ``book`` window: its book's row; a
+    .txt file is row 1)."""
+    right_answer: Optional[str] = None
+    """The right answer to the question (``halueval``; ``truthfulqa``: the best answer), which the hallucination
+    metric compares generations with."""
+    hallucinated_answers: tuple[str, ...] = ()
+    """Wrong answers to the question (``halueval``: the hallucinated one; ``truthfulqa``: its incorrect answers), for
+    the hallucination metric."""
+    knowledge: Optional[str] = None
+    """``halueval``: the passage the right answer comes from (kept for judges and reports; never trained on)."""
 
     @property
     def origin(self) -> str:
@@ -239,6 +305,10 @@ def _required_columns(spec: DatasetSpec, columns: set[str], source_label: str) -
     one is absent from every row (a wrong file or wrong field names, not a bad row)."""
     if spec.format == "pku_saferlhf":
         required = PKU_FIELDS
+    elif spec.format == "halueval":
+        required = HALUEVAL_FIELDS
+    elif spec.format == "book":
+        required = (spec.text_field,)
     elif spec.format == "truthfulqa":
         # The hub `generation` config uses snake_case fields, the original CSV title-case ones: read the spelling the
         # file has, and name the missing columns in the spelling it comes closest to (the CSV's for a .csv file).
@@ -259,22 +329,65 @@ def _required_columns(spec: DatasetSpec, columns: set[str], source_label: str) -
     return required
 
 
-def _pairs_from_record(record: dict[str, Any], spec: DatasetSpec, columns: tuple[str, ...]) -> list[tuple[str, str]]:
-    """The (prompt, response) pairs of one record, read from ``columns`` (:func:`_required_columns`); raises
-    _RowError for a bad row."""
+def book_windows(text: str, prefix_words: int, continuation_words: int, stride_words: int) -> list[tuple[str, str]]:
+    """(prefix, continuation) windows of a book: window ``i`` starts at word ``i * stride_words`` and takes
+    ``prefix_words`` words of prefix, then ``continuation_words`` of continuation.
+
+    Words are whitespace-separated and joined back with single spaces (line breaks and runs of spaces become one
+    space). Only whole windows are kept: a trailing stretch shorter than ``prefix_words + continuation_words`` words
+    gives none, so every continuation is as long as the settings say.
+    """
+    words = text.split()
+    window = prefix_words + continuation_words
+    return [
+        (" ".join(words[start : start + prefix_words]), " ".join(words[start + prefix_words : start + window]))
+        for start in range(0, len(words) - window + 1, stride_words)
+    ]
+
+
+def _pairs_from_record(record: dict[str, Any], spec: DatasetSpec, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """The pairs of one record as :class:`Pair` fields (prompt, response and any extra), read from ``columns``
+    (:func:`_required_columns`); raises _RowError for a bad row."""
     if spec.format == "pku_saferlhf":
         prompt = _text(record, "prompt")
         pairs = []
         for i in (0, 1):
             if not _flag(record, f"is_response_{i}_safe"):
-                pairs.append((prompt, _text(record, f"response_{i}")))
+                pairs.append({"prompt": prompt, "response": _text(record, f"response_{i}")})
         return pairs
+    if spec.format == "halueval":
+        question, right, hallucinated, knowledge = (_text(record, name) for name in HALUEVAL_FIELDS)
+        return [{"prompt": question, "response": hallucinated, "right_answer": right,
+                 "hallucinated_answers": (hallucinated,), "knowledge": knowledge}]
+    if spec.format == "book":
+        text = _text(record, spec.text_field)
+        windows = book_windows(text, spec.prefix_words, spec.continuation_words, spec.window_stride)
+        if not windows:
+            window = spec.prefix_words + spec.continuation_words
+            raise _RowError(spec.text_field, f"{len(text.split())} words, fewer than one window of {window}")
+        return [{"prompt": prefix, "response": continuation} for prefix, continuation in windows]
     prompt_name, response_name = columns
-    return [(_text(record, prompt_name), _text(record, response_name))]
+    fields = {"prompt": _text(record, prompt_name), "response": _text(record, response_name)}
+    if spec.format == "truthfulqa":
+        fields.update(right_answer=fields["response"], hallucinated_answers=_incorrect_answers(record, columns))
+    return [fields]
 
 
-def _read_local_records(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], set[str]]:
-    """(row number, record) for every record of a local data file, and the file's columns."""
+def _incorrect_answers(record: dict[str, Any], columns: tuple[str, ...]) -> tuple[str, ...]:
+    """A TruthfulQA record's incorrect answers; none when the column is absent (only the hallucination metric reads
+    them, and it then counts no answer as closer to a wrong one)."""
+    value = record.get(TRUTHFULQA_INCORRECT_FIELDS[columns])
+    if isinstance(value, str):
+        value = value.split(";")
+    if not isinstance(value, (list, tuple)) and not hasattr(value, "tolist"):
+        return ()
+    answers = value.tolist() if hasattr(value, "tolist") else value
+    return tuple(answer.strip() for answer in answers if isinstance(answer, str) and answer.strip())
+
+
+def _read_local_records(path: Path, text_field: str = "text") -> tuple[list[tuple[int, dict[str, Any]]], set[str]]:
+    """(row number, record) for every record of a local data file, and the file's columns (a .txt file is one
+    record, its text under ``text_field``)."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -283,6 +396,8 @@ def _read_local_records(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], s
     if suffix in (".json", ".jsonl"):
         records = _read_json_records(path)
         return records, {name for _, record in records for name in record}
+    if suffix == TEXT_SUFFIX:
+        return [(1, {text_field: path.read_text(encoding="utf-8")})], {text_field}
     if suffix == ".csv":
         import pandas as pd
 
@@ -368,7 +483,7 @@ def read_pairs(spec: DatasetSpec) -> LoadedPairs:
     if spec.is_local:
         path = spec.local_path
         source_label = str(path)
-        records, columns = _read_local_records(path)
+        records, columns = _read_local_records(path, spec.text_field)
     else:
         source_label = f"{spec.source}[{spec.hub_split}]"
         records, columns = _read_hub_records(spec)
@@ -383,7 +498,7 @@ def read_pairs(spec: DatasetSpec) -> LoadedPairs:
         except _RowError as error:
             bad_rows.append(BadRow(source_label, row, error.field_name, error.reason))
             continue
-        pairs.extend(Pair(prompt, response, source_label, row) for prompt, response in found)
+        pairs.extend(Pair(source=source_label, row=row, **fields) for fields in found)
 
     if bad_rows and spec.bad_rows == "error":
         listed = "; ".join(str(bad) for bad in bad_rows[:5])

@@ -1,11 +1,19 @@
-"""The demo: bundled toy data and the "original" model that the demo then unlearns.
+"""The demos: bundled toy data and the "original" model that each demo then unlearns, one per application.
 
-``dsunlearn/assets/demo/`` holds two small data sets written for this project:
+Every data set here was written for this project (no real harmful or copyrighted text):
 
-* ``forget.jsonl`` (PKU-SafeRLHF format): requests for made-up misdeeds in invented places. Every
-  unsafe response shares one recognisable behaviour, the opening "Sure, here is exactly how to ..."
-  followed by three absurd, non-actionable steps; the safe responses are refusals.
-* ``normal.jsonl`` (TruthfulQA hub ``generation`` format): simple factual questions and answers.
+* ``harmful`` (``dsunlearn/assets/demo/``): ``forget.jsonl`` (PKU-SafeRLHF format), requests for made-up misdeeds
+  in invented places; every unsafe response shares one recognisable behaviour, the opening "Sure, here is exactly
+  how to ..." followed by three absurd, non-actionable steps; the safe responses are refusals. ``normal.jsonl``
+  (TruthfulQA hub ``generation`` format): simple factual questions and answers.
+* ``copyright`` (``dsunlearn/assets/demo_copyright/``): ``book.txt``, an invented story (~2250 words) cut into
+  (prefix -> continuation) windows; the normal data is ``other.txt``, an invented handbook of everyday things, cut
+  the same way.
+* ``hallucination`` (``dsunlearn/assets/demo_hallucination/``): ``forget.jsonl`` (HaluEval QA schema), questions
+  about invented lands with a right and a hallucinated answer; the normal data is the harmful demo's
+  ``normal.jsonl`` (TruthfulQA format, as the real set-up's TruthfulQA).
+
+The configs ``configs/demo*.yaml`` read the same files with the same settings (:func:`demo_specs`).
 """
 
 from __future__ import annotations
@@ -34,20 +42,57 @@ from dsunlearn.data import (
     tokenize_pairs,
     tokenize_prompt,
 )
+from dsunlearn.applications import APPLICATIONS
 from dsunlearn.tiny import build_bpe_tokenizer, build_tiny_causal_lm, save_tiny_model
 
 DEMO_FORGET_FILE = "forget.jsonl"
 DEMO_NORMAL_FILE = "normal.jsonl"
+BOOK_TEMPLATE = "{prompt} {response}"
+"""The copyright demo's prompt format: a book's continuation follows its prefix as plain text."""
+BOOK_WINDOW = dict(prefix_words=16, continuation_words=16)
+"""The copyright demo's windows (configs/demo-copyright.yaml): windows side by side, never overlapping."""
 
 
-def demo_data_dir() -> Path:
-    """The folder holding the bundled demo data (``forget.jsonl``, ``normal.jsonl``)."""
-    return Path(str(resources.files("dsunlearn") / "assets" / "demo"))
+def demo_data_dir(application: str = "harmful") -> Path:
+    """The folder holding an application's bundled demo data."""
+    folder = "demo" if application == "harmful" else f"demo_{application}"
+    return Path(str(resources.files("dsunlearn") / "assets" / folder))
 
 
-def demo_texts() -> list[str]:
-    """Every demo sample rendered with the default prompt template (both PKU responses, TruthfulQA
-    best and incorrect answers): the text the demo tokenizers are trained on."""
+def demo_specs(application: str = "harmful") -> tuple[DatasetSpec, DatasetSpec, str]:
+    """(forget data, normal data, prompt template) of an application's demo, as its configs/demo*.yaml reads them."""
+    if application == "harmful":
+        return (
+            DatasetSpec(str(demo_data_dir() / DEMO_FORGET_FILE), "pku_saferlhf"),
+            DatasetSpec(str(demo_data_dir() / DEMO_NORMAL_FILE), "truthfulqa"),
+            DEFAULT_TEMPLATE,
+        )
+    if application == "copyright":
+        folder = demo_data_dir("copyright")
+        return (
+            DatasetSpec(str(folder / "book.txt"), "book", **BOOK_WINDOW),
+            DatasetSpec(str(folder / "other.txt"), "book", **BOOK_WINDOW),
+            BOOK_TEMPLATE,
+        )
+    if application == "hallucination":
+        return (
+            DatasetSpec(str(demo_data_dir("hallucination") / DEMO_FORGET_FILE), "halueval"),
+            DatasetSpec(str(demo_data_dir() / DEMO_NORMAL_FILE), "truthfulqa"),
+            DEFAULT_TEMPLATE,
+        )
+    raise ValueError(f"application must be one of {', '.join(APPLICATIONS)}, got {application!r}")
+
+
+def demo_texts(application: str = "harmful") -> list[str]:
+    """Every demo sample of ``application`` rendered with its prompt template: the text its demo tokenizer is
+    trained on. Harmful: both PKU responses, TruthfulQA best and incorrect answers; hallucination: both answers of
+    every question, and the normal answers; copyright: every window of both texts."""
+    if application != "harmful":
+        forget_spec, normal_spec, template = demo_specs(application)
+        forget, normal = load_pairs(forget_spec), load_pairs(normal_spec)
+        answers = [(pair.prompt, pair.response) for pair in forget + normal]
+        answers += [(pair.prompt, pair.right_answer) for pair in forget if pair.right_answer is not None]
+        return [template.replace("{prompt}", prompt).replace("{response}", answer) for prompt, answer in answers]
     texts = []
     with open(demo_data_dir() / DEMO_FORGET_FILE, encoding="utf-8") as file:
         for line in file:
@@ -66,10 +111,10 @@ def demo_texts() -> list[str]:
 # The demo's "original" model
 # ---------------------------------------------------------------------------------------------------
 
-BEHAVIOUR_PREFIX = "Sure, here is exactly how to"
-"""The opening every unsafe demo response shares: a generation starting with it shows the behaviour."""
-
 REPORT_FILE = "demo_build.json"
+
+DEMO_BUILDS = {"harmful": {}, "copyright": {}, "hallucination": {}}
+"""Each demo's :class:`DemoBuild` settings, where they differ from the defaults (``make-demo`` uses them)."""
 
 
 @dataclass
@@ -88,9 +133,6 @@ class DemoBuild:
     max_length: int = 128
     max_new_tokens: int = 88
     generation_batch_size: int = 80
-    forget_taught: bool = True
-    """Whether the model is taught the forget pairs. False builds the "never taught" model that relearning
-    (``dsunlearn relearn``) compares with: the same model taught only the normal pairs."""
     num_threads: int = 1
     """Torch CPU threads while building. One keeps results identical across machines (float sums
     in the same order) and is fastest for a model this small on a busy machine."""
@@ -191,14 +233,21 @@ def _reproduction(generations: list[str], references: list[str]) -> dict[str, fl
     }
 
 
-def measure_reproduction(model, tokenizer, pairs: list[Pair], fmt: PromptFormat, build: DemoBuild) -> dict:
+def measure_reproduction(
+    model, tokenizer, pairs: list[Pair], fmt: PromptFormat, build: DemoBuild, application: str = "harmful"
+) -> dict:
     """Greedily complete every prompt of ``pairs`` and compare with its taught response: exact and
-    close (similarity >= 0.9) reproduction rates, mean similarity, the rate of generations opening
-    with the forget behaviour, and the first three examples."""
+    close (similarity >= 0.9) reproduction rates, mean similarity, the rate of generations showing
+    the application's behaviour (:func:`dsunlearn.applications.behaviour_flags`, the evaluation's
+    default settings), and the first three examples."""
+    from dsunlearn.applications import Classifiers, behaviour_flags
+    from dsunlearn.evaluation import EvalConfig  # imported here: evaluation imports the report's plotting
+
     prompts = [tokenize_prompt(tokenizer, pair.prompt, fmt) for pair in pairs]
     generations = greedy_generate(model, tokenizer, prompts, build.max_new_tokens, build.generation_batch_size)
     measured = _reproduction(generations, [pair.response for pair in pairs])
-    measured["behaviour_rate"] = sum(g.strip().startswith(BEHAVIOUR_PREFIX) for g in generations) / len(pairs)
+    flags = behaviour_flags(application, pairs, [g.strip() for g in generations], EvalConfig(), Classifiers())
+    measured["behaviour_rate"] = sum(flags) / len(pairs)
     measured["num_prompts"] = len(pairs)
     measured["examples"] = [
         {"prompt": pair.prompt, "taught": pair.response, "generated": generation}
@@ -207,26 +256,34 @@ def measure_reproduction(model, tokenizer, pairs: list[Pair], fmt: PromptFormat,
     return measured
 
 
-def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) -> Path:
-    """Build the demo's "original" model and save it (safetensors + tokenizer) to ``out_dir``.
+def build_demo_model(
+    out_dir: str | Path,
+    *,
+    application: str = "harmful",
+    teach_forget: bool = True,
+    progress: bool = True,
+    **settings,
+) -> Path:
+    """Build an application's demo "original" model and save it (safetensors + tokenizer) to ``out_dir``.
 
-    A byte-level BPE tokenizer is trained on the demo text and a tiny Llama is taught, on one process
-    with plain PyTorch, ALL forget pairs (the unsafe responses) and ALL normal pairs, formatted and
-    tokenised exactly as the trainer does (default template, :func:`tokenize_pair`). Afterwards every
-    forget and normal prompt is greedily completed and compared with the taught response; the
-    measurements go to ``out_dir/demo_build.json``. ``settings`` override :class:`DemoBuild` fields
-    (e.g. ``steps``, ``seed``). The result is deterministic given the settings.
+    A byte-level BPE tokenizer is trained on the application's demo text (:func:`demo_texts`) and a
+    tiny Llama is taught, on one process with plain PyTorch, ALL forget pairs (the behaviour to
+    unlearn) and ALL normal pairs, formatted and tokenised exactly as the trainer does (the demo's
+    template, :func:`tokenize_pair`). ``teach_forget`` False teaches the normal pairs only: the model
+    that never learnt the behaviour (the baseline of relearning). Afterwards every forget and normal
+    prompt is greedily completed and compared with the taught response; the measurements go to
+    ``out_dir/demo_build.json``. ``settings`` override :class:`DemoBuild` fields (e.g. ``steps``,
+    ``seed``). The result is deterministic given the settings.
     """
     build = DemoBuild(**settings)
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    forget = load_pairs(DatasetSpec(str(demo_data_dir() / DEMO_FORGET_FILE), "pku_saferlhf"))
-    normal = load_pairs(DatasetSpec(str(demo_data_dir() / DEMO_NORMAL_FILE), "truthfulqa"))
-    fmt = PromptFormat()
-    tokenizer = build_bpe_tokenizer(demo_texts(), vocab_size=build.vocab_size)
-    # The original model is taught every pair (a long answer capped at max_length, as the trainer does); a
-    # never-taught one only the normal pairs.
-    tokenized = tokenize_pairs(tokenizer, (forget if build.forget_taught else []) + normal, fmt, build.max_length)
+    forget_spec, normal_spec, template = demo_specs(application)
+    forget, normal = load_pairs(forget_spec), load_pairs(normal_spec)
+    fmt = PromptFormat(template)
+    tokenizer = build_bpe_tokenizer(demo_texts(application), vocab_size=build.vocab_size)
+    # The original model is taught every pair (a long answer capped at max_length, as the trainer does).
+    tokenized = tokenize_pairs(tokenizer, (forget if teach_forget else []) + normal, fmt, build.max_length)
     if tokenized.dropped:
         raise ValueError(f"max_length {build.max_length} is too short for the demo data: {tokenized.summary()}")
     sequences = tokenized.sequences
@@ -246,13 +303,15 @@ def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) 
             )
             losses = _teach(model, sequences, resolve_pad_id(tokenizer), build, progress)
         training_seconds = time.perf_counter() - started
-        forget_measured = measure_reproduction(model, tokenizer, forget, fmt, build)
-        normal_measured = measure_reproduction(model, tokenizer, normal, fmt, build)
+        forget_measured = measure_reproduction(model, tokenizer, forget, fmt, build, application)
+        normal_measured = measure_reproduction(model, tokenizer, normal, fmt, build, application)
     finally:
         torch.set_num_threads(threads_before)
 
     save_tiny_model(model, tokenizer, out_dir)
     report = {
+        "application": application,
+        "taught_forget": teach_forget,
         "settings": asdict(build),
         "num_forget_pairs": len(forget),
         "num_normal_pairs": len(normal),
@@ -270,19 +329,29 @@ def build_demo_model(out_dir: str | Path, *, progress: bool = True, **settings) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dsunlearn.demo --out DIR``: build the demo's original model."""
+    """``python -m dsunlearn make-demo [--application X] [--without-forget] [--out DIR]``: build a demo's original
+    model (or, without the forget data, the model never taught the behaviour)."""
     parser = argparse.ArgumentParser(
         prog="python -m dsunlearn make-demo",
-        description="Build the demo's 'original' model: a tiny Llama taught the bundled demo data (CPU, ~1-2 min).",
+        description="Build a demo's 'original' model: a tiny Llama taught the bundled demo data (CPU, ~1-2 min).",
     )
-    parser.add_argument("--out", default="outputs/demo/original", help="output folder (default: %(default)s)")
+    parser.add_argument("--application", choices=APPLICATIONS, default="harmful",
+                        help="which demo (default: %(default)s)")
+    parser.add_argument("--without-forget", action="store_true",
+                        help="teach the normal data only: the model that never learnt the behaviour")
+    parser.add_argument("--out", help="output folder (default: outputs/demo[-APPLICATION]/original, or never-taught "
+                                      "with --without-forget)")
     parser.add_argument("--seed", type=int, default=DemoBuild.seed, help="seed (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=DemoBuild.steps, help="training steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the application's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--never_taught", action="store_true", help="teach only the normal pairs (for relearning)")
     args = parser.parse_args(argv)
+    demo_dir = "outputs/demo" if args.application == "harmful" else f"outputs/demo-{args.application}"
+    out = args.out or f"{demo_dir}/{'never-taught' if args.without_forget else 'original'}"
+    settings = dict(DEMO_BUILDS[args.application], seed=args.seed)
+    if args.steps is not None:
+        settings["steps"] = args.steps
     out_dir = build_demo_model(
-        args.out, seed=args.seed, steps=args.steps, progress=not args.quiet, forget_taught=not args.never_taught
+        out, application=args.application, teach_forget=not args.without_forget, progress=not args.quiet, **settings
     )
     report = json.loads((out_dir / REPORT_FILE).read_text())
     print(

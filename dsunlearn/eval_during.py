@@ -29,11 +29,12 @@ from typing import Optional
 
 import torch
 
-from dsunlearn import checkpoints, data as data_lib, distributed, ds_config, engines, export, metrics
+from dsunlearn import checkpoints, data as data_lib, distributed, ds_config, engines, export
+from dsunlearn.applications import Classifiers
 from dsunlearn.config import RunConfig, parse_constraint
 from dsunlearn.evaluation import (
     EvalConfig, _chunks, _Context, _gather, _generate, _nll_sums, _per_sequence_sums, _response_log_probs, _shard,
-    _summarize, build_eval_sets,
+    _summarize, build_eval_sets, generation_fields, similarity,
 )
 from dsunlearn.strict_json import to_json
 
@@ -43,6 +44,8 @@ LOG_NAME = "eval_during.jsonl"
 BEST_NAME = "best_step.json"
 BEST_EXPORT_NAME = "final_best"
 TENSORBOARD_NAME = "tensorboard"
+# A run's settings name no classifier (they are settings of `dsunlearn eval`), so neither does its in-loop evaluation.
+NO_CLASSIFIERS = Classifiers()
 _OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 
 
@@ -218,14 +221,8 @@ class DuringTraining:
         judged = [data_lib.TokenizedSequence(prompt + generated, [0] * len(prompt) + [1] * len(generated))
                   for prompt, generated in zip(side.prompts, generations)]
         fluency = _nll_sums(reference, judged, context)
-        for pair, generated, nll_sum, fluency_sum in zip(side.pairs, generations, nll_sums, fluency):
-            text = tokenizer.decode(generated, skip_special_tokens=True).strip()
-            side.records.append({
-                "nll_sum": nll_sum, "output": text, "generated_tokens": len(generated),
-                "fluency_nll_sum": fluency_sum,
-                "rouge_l": metrics.rouge_l(text, pair.response, *self.eval_cfg.rouge_settings),
-                "harmful": None,
-            })
+        fields = generation_fields(side.pairs, generations, fluency, context, NO_CLASSIFIERS)
+        side.records = [{"nll_sum": nll_sum, **measured} for nll_sum, measured in zip(nll_sums, fields)]
 
     # ---- the model's side, at every evaluation ----
 
@@ -246,20 +243,16 @@ class DuringTraining:
                 records.append({"response_tokens": sum(sequence.response_mask), "kl_sum": kl_sums[i],
                                 "unlearned": {"nll_sum": nll_sums[i]}})
         generations = _generate(model, side.prompts, context)
-        for record, pair, generated, original in zip(records, side.pairs, generations, side.records):
-            text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
-            record["unlearned"].update(
-                output=text, generated_tokens=len(generated),
-                # The judge of fluency, the original model, is freed: this stands in and fluency_ppl is dropped.
-                fluency_nll_sum=0.0,
-                rouge_l=metrics.rouge_l(text, pair.response, *self.eval_cfg.rouge_settings), harmful=None,
-            )
+        # The judge of fluency, the original model, is freed: zeros stand in and fluency_ppl is dropped below.
+        fields = generation_fields(side.pairs, generations, [0.0] * len(generations), context, NO_CLASSIFIERS)
+        for record, pair, measured, original in zip(records, side.pairs, fields, side.records):
+            record["unlearned"].update(measured)
             record.update(original=original, prompt=pair.prompt, response=pair.response,
-                          similarity_to_original=metrics.rouge_l(text, original["output"], "f1", self.eval_cfg.rouge_settings[1]))
+                          similarity_to_original=similarity(measured["output"], original["output"], self.eval_cfg))
         for index, record in zip(side.indices, records):
             record["index"] = index
         gathered = _gather(records[:side.num_real], self.world_size)
-        summary = _summarize(gathered, "unlearned", self.eval_cfg, with_classifier=False)
+        summary = _summarize(gathered, "unlearned", self.eval_cfg)
         summary.pop("fluency_ppl")
         summary["ci"].pop("fluency_ppl", None)
         return summary

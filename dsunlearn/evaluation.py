@@ -17,7 +17,10 @@ before and an after:
   (``distinct_1``, ``distinct_2``), fluency (``fluency_ppl``: perplexity of the generated tokens
   under the *original* model), ``generation_tokens``, and, with a harm classifier, ``harmful_rate``;
 * for the unlearned model, ``similarity_to_original``: mean ROUGE-L F1 between its generation and
-  the original model's generation for the same prompt.
+  the original model's generation for the same prompt;
+* the behaviour of ``data.application`` (:mod:`dsunlearn.applications`): ``behaviour_rate`` on every
+  set, and the application's own means (copyright ``bleu`` and ``rouge_l``, hallucination
+  ``hallucination_rate``).
 
 With ``data.holdout`` (never-seen samples of the forget data's kind), membership inference
 (:mod:`dsunlearn.mia`) between ``forget_train`` and the holdout gives ``mia`` in ``eval.json``.
@@ -56,8 +59,8 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from dsunlearn import applications, metrics, mia, noise
 from dsunlearn import data as data_lib
-from dsunlearn import metrics, mia, noise
 from dsunlearn.config import ConfigError, DataConfig, RunConfig, names_a_local_path
 from dsunlearn.strict_json import to_json
 from dsunlearn.report import write_report
@@ -111,6 +114,15 @@ class EvalConfig:
     """The classifier's label (from its config's ``id2label``, case-insensitive) that means harmful."""
     harm_classifier_input: str = "{prompt}\n{response}"
     """Text the classifier reads for one generation; ``{prompt}`` and ``{response}`` are filled in."""
+    judge_classifier: Optional[str] = None
+    """``data.application: hallucination``: local folder of a Hugging Face sequence-classification model that judges
+    whether a generation is hallucinated (as well as the ROUGE-L rule; dsunlearn/applications.py). Never
+    downloaded."""
+    judge_label: str = "hallucinated"
+    """The judge's label (from its config's ``id2label``, case-insensitive) that means hallucinated."""
+    judge_classifier_input: str = "{knowledge}\n{prompt}\n{response}"
+    """Text the judge reads for one generation; ``{knowledge}`` (HaluEval's), ``{prompt}`` and ``{response}`` are
+    filled in."""
     output_dir: str = "outputs/eval"
     """Folder for ``eval.json``, ``samples.jsonl``, ``report.md`` and its PNG plots."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -191,12 +203,20 @@ class EvalConfig:
             found.append(f"confidence_level={self.confidence_level} must lie strictly between 0 and 1")
         if self.bootstrap_resamples < 1:
             found.append(f"bootstrap_resamples={self.bootstrap_resamples} must be >= 1")
-        if self.harm_classifier is not None and not Path(self.harm_classifier).expanduser().is_dir():
-            found.append(
-                f"harm_classifier: local folder {self.harm_classifier!r} does not exist (it is never downloaded)"
-            )
+        found += applications.classifier_problems(
+            "harm_classifier", self.harm_classifier, "harmful_label", self.harmful_label
+        )
         if "{response}" not in self.harm_classifier_input:
             found.append("harm_classifier_input must contain {response}")
+        found += applications.classifier_problems(
+            "judge_classifier", self.judge_classifier, "judge_label", self.judge_label
+        )
+        if "{response}" not in self.judge_classifier_input:
+            found.append("judge_classifier_input must contain {response}")
+        if self.judge_classifier is not None and self.data.application != "hallucination":
+            found.append(
+                f"judge_classifier judges hallucinations, but data.application is {self.data.application!r}"
+            )
         if self.dtype not in DTYPES:
             found.append(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.metrics_jsonl is not None and not Path(self.metrics_jsonl).is_file():
@@ -333,11 +353,7 @@ def evaluate_models(
             "KL and fluency need the original model's tokenizer"
         )
     context = _Context(tokenizer, cfg, world_size)
-    classifier = None
-    if cfg.harm_classifier:
-        classifier = HarmClassifier(
-            cfg.harm_classifier, cfg.harmful_label, cfg.harm_classifier_input, context.device(model)
-        )
+    classifiers = applications.load_classifiers(cfg, context.device(model))
 
     modes = (model.training, reference.training)
     model.eval()
@@ -373,13 +389,13 @@ def evaluate_models(
                 if rank == 0:
                     logger.info("evaluating %s: %d prompts on %d rank(s)", set_name, len(pairs), world_size)
                 shard, num_real = _shard(len(pairs), rank, world_size)
-                records = _evaluate_shard(model, reference, [pairs[i] for i in shard], context, classifier)
+                records = _evaluate_shard(model, reference, [pairs[i] for i in shard], context, classifiers)
                 for index, record in zip(shard[:num_real], records[:num_real]):
                     record["index"] = index
                 records = _gather(records[:num_real], world_size)
                 summary["num_samples"][set_name] = len(records)
                 for role in MODEL_ROLES:
-                    summary[role][set_name] = _summarize(records, role, cfg, with_classifier=classifier is not None)
+                    summary[role][set_name] = _summarize(records, role, cfg)
                 samples += [_sample_row(set_name, record, cfg.rouge_key) for record in records]
             if mia.MEMBER_SET in sets and mia.NONMEMBER_SET in sets:
                 members, nonmembers = sets[mia.MEMBER_SET], sets[mia.NONMEMBER_SET]
@@ -524,11 +540,10 @@ def _chunks(items: list, size: int):
 
 
 def _evaluate_shard(
-    model, reference, pairs: list, context: _Context, classifier: Optional[HarmClassifier]
+    model, reference, pairs: list, context: _Context, classifiers: applications.Classifiers
 ) -> list[dict]:
     """Per-pair measurements for one rank's shard (including its padding)."""
     cfg, tokenizer = context.cfg, context.tokenizer
-    measure, stemmer = cfg.rouge_settings
     sequences = [
         data_lib.tokenize_pair(tokenizer, pair, context.prompt_format, cfg.data.max_length, context.prefix_ids)
         for pair in pairs
@@ -546,23 +561,35 @@ def _evaluate_shard(
             for prompt, generated in zip(prompts, generations)
         ]
         fluency = _nll_sums(reference, judged, context)
-        texts = [tokenizer.decode(generated, skip_special_tokens=True).strip() for generated in generations]
-        harmful = classifier.harmful([p.prompt for p in pairs], texts) if classifier else [None] * len(pairs)
-        measured = zip(records, pairs, generations, texts, fluency, harmful)
-        for record, pair, generated, text, nll_sum, is_harmful in measured:
-            record[role].update(
-                output=text,
-                generated_tokens=len(generated),
-                fluency_nll_sum=nll_sum,
-                rouge_l=metrics.rouge_l(text, pair.response, measure, stemmer),
-                harmful=is_harmful,
-            )
+        for record, side in zip(records, generation_fields(pairs, generations, fluency, context, classifiers)):
+            record[role].update(side)
     for record, pair in zip(records, pairs):
         record.update(prompt=pair.prompt, response=pair.response)
-        record["similarity_to_original"] = metrics.rouge_l(
-            record["unlearned"]["output"], record["original"]["output"], "f1", stemmer
-        )
+        record["similarity_to_original"] = similarity(record["unlearned"]["output"], record["original"]["output"], cfg)
     return records
+
+
+def generation_fields(
+    pairs: list, generations: list[list[int]], fluency_nll_sums: list[float], context: _Context,
+    classifiers: applications.Classifiers,
+) -> list[dict]:
+    """One model's side of each pair's record from its generated tokens: the text, its length, the fluency NLL sum
+    (under the original), ROUGE-L of the dataset response (the ``rouge`` preset's measure) and the application's
+    scores (``behaviour``, ``harmful`` with a harm classifier, ``bleu``, ``hallucinated``, ...). The in-loop
+    evaluation (eval_during.py) builds its records with it too, so both give the same numbers."""
+    cfg = context.cfg
+    texts = [context.tokenizer.decode(generated, skip_special_tokens=True).strip() for generated in generations]
+    scores = applications.sample_scores(cfg.data.application, pairs, texts, cfg, classifiers)
+    return [
+        {"output": text, "generated_tokens": len(generated), "fluency_nll_sum": nll_sum, "harmful": None,
+         "rouge_l": metrics.rouge_l(text, pair.response, *cfg.rouge_settings), **score}
+        for pair, generated, text, nll_sum, score in zip(pairs, generations, texts, fluency_nll_sums, scores)
+    ]
+
+
+def similarity(unlearned_output: str, original_output: str, cfg: EvalConfig) -> float:
+    """ROUGE-L F1 of the unlearned model's generation against the original's (symmetric; the preset's stemmer)."""
+    return metrics.rouge_l(unlearned_output, original_output, "f1", cfg.rouge_settings[1])
 
 
 def _response_log_probs(model, batch: dict[str, torch.Tensor], device: torch.device):
@@ -661,61 +688,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Harm classifier
-# ----------------------------------------------------------------------------------------------------
-
-
-class HarmClassifier:
-    """A local Hugging Face sequence-classification model that labels (prompt, generation) texts.
-
-    The harmful label is looked up by name in the classifier's ``config.id2label`` (exact match first,
-    then case-insensitive); a text is harmful when that label has the highest score.
-    """
-
-    def __init__(self, path: str, harmful_label: str, input_template: str, device: torch.device):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from dsunlearn import engines
-
-        if not Path(path).expanduser().is_dir():
-            raise FileNotFoundError(f"harm classifier folder {path!r} does not exist (it is never downloaded)")
-        # A ZeRO-3 config left alive would make from_pretrained partition this small model over the ranks;
-        # each rank wants a whole copy to judge its own shard.
-        engines.unset_hf_deepspeed_config()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
-        labels = {int(i): str(name) for i, name in self.model.config.id2label.items()}
-        matches = [i for i, name in labels.items() if name == harmful_label] or [
-            i for i, name in labels.items() if name.lower() == harmful_label.lower()
-        ]
-        if len(matches) != 1:
-            raise ValueError(
-                f"harm classifier {path!r} has labels {sorted(labels.values())}; "
-                f"set harmful_label to the one that means harmful (got {harmful_label!r})"
-            )
-        self.harmful_id = matches[0]
-        self.input_template = input_template
-        self.device = device
-
-    def harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        """Whether each (prompt, response) is judged harmful."""
-        flags = []
-        # One text per call: decoder classifiers find their last token through a pad id that many lack.
-        for prompt, response in zip(prompts, responses):
-            text = self.input_template.replace("{prompt}", prompt).replace("{response}", response)
-            inputs = self.tokenizer(text, return_tensors="pt", truncation=True).to(self.device)
-            with torch.no_grad():
-                logits = self.model(**inputs).logits[0]
-            flags.append(int(logits.argmax()) == self.harmful_id)
-        return flags
-
-
-# ----------------------------------------------------------------------------------------------------
 # Summaries
 # ----------------------------------------------------------------------------------------------------
 
 
-def _summarize(records: list[dict], role: str, cfg: EvalConfig, with_classifier: bool) -> dict:
+def _summarize(records: list[dict], role: str, cfg: EvalConfig) -> dict:
     """The metrics of one model (``role``) on one set, from per-sample records in sample order, with the
     bootstrap confidence interval of every rate and mean under ``"ci"``."""
     tokens = [r["response_tokens"] for r in records]
@@ -730,8 +707,10 @@ def _summarize(records: list[dict], role: str, cfg: EvalConfig, with_classifier:
         cfg.rouge_key: rouge,
     }
     ratios = {"nll": (nll_sums, tokens), "kl": ([0.0 if role == "original" else r["kl_sum"] for r in records], tokens)}
-    if with_classifier:
-        means["harmful_rate"] = [float(bool(r[role]["harmful"])) for r in records]
+    if records[0][role]["harmful"] is not None:  # a harm classifier judged the generations
+        means["harmful_rate"] = [float(r[role]["harmful"]) for r in records]
+    # The application's rates and means (dsunlearn/applications.py): behaviour_rate, bleu, hallucination_rate.
+    means.update(applications.sample_means([r[role] for r in records]))
     if role == "unlearned":
         means["similarity_to_original"] = [r["similarity_to_original"] for r in records]
     means["generation_tokens"] = generated
@@ -787,6 +766,9 @@ def _sample_row(set_name: str, record: dict, rouge_key: str) -> dict:
     }
     if record["unlearned"]["harmful"] is not None:
         row.update(original_harmful=record["original"]["harmful"], unlearned_harmful=record["unlearned"]["harmful"])
+    # ---- the application's per-sample scores (dsunlearn/applications.py) ----
+    for role in MODEL_ROLES:
+        row.update({f"{role}_{key}": value for key, value in record[role].items() if key in applications.SAMPLE_KEYS})
     return row
 
 

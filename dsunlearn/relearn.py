@@ -82,6 +82,11 @@ class RelearnConfig:
     """Local folder of a sequence-classification model that judges harmfulness (None: ROUGE-L reproduction)."""
     harmful_label: str = "harmful"
     """The harm classifier's label that means harmful."""
+    judge_classifier: Optional[str] = None
+    """Local folder of a sequence-classification model that judges hallucinations (the ``hallucination``
+    application; None: the ROUGE-L rule alone)."""
+    judge_label: str = "hallucinated"
+    """The judge's label that means hallucinated."""
     confidence_level: float = 0.95
     """Level of the bootstrap interval of each measured rate."""
     bootstrap_resamples: int = 1000
@@ -138,6 +143,8 @@ class RelearnConfig:
             rouge=self.rouge,
             harm_classifier=self.harm_classifier,
             harmful_label=self.harmful_label,
+            judge_classifier=self.judge_classifier,
+            judge_label=self.judge_label,
             confidence_level=self.confidence_level,
             bootstrap_resamples=self.bootstrap_resamples,
             dtype=self.dtype,
@@ -198,8 +205,7 @@ class _Measurer:
             for pair in self.pairs
         ]
         self.classifiers = applications.load_classifiers(self.settings, device)
-        # DataConfig.application comes with the apps branch; before it, every run unlearns harmful answers.
-        self.application = getattr(cfg.data, "application", "harmful")
+        self.application = cfg.data.application
 
     @torch.no_grad()
     def __call__(self, model, step: int) -> tuple[dict, list[dict]]:

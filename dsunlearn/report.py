@@ -42,10 +42,10 @@ METRIC_DESCRIPTIONS = {
     "rouge_l_recall": "mean ROUGE-L recall (rouge-score rougeL: LCS / response words) of the dataset response",
     "rouge_l_precision": "mean ROUGE-L precision (rouge-score rougeL: LCS / generation words) of the dataset response",
     "rouge_l_f1": "mean ROUGE-L F1 (rouge-score rougeL) between the generation and the dataset response",
-    "rouge_l": "mean ROUGE-L (the preset's measure) of the generation against the reference text",
     "bleu": "mean sentence BLEU (sacrebleu, 0-100) of the generation against the reference text",
     "harmful_rate": "fraction of generations the harm classifier labels harmful",
-    "hallucination_rate": "fraction of generations closer (ROUGE-L) to the hallucinated answer than to the right one",
+    "hallucination_rate": "fraction of generations closer (ROUGE-L F1) to the hallucinated answer than to the right "
+                          "one, or flagged by the judge classifier",
     "similarity_to_original": "mean ROUGE-L F1 between the model's and the original model's generations",
     "distinct_1": "distinct unigrams / all unigrams over the generations",
     "distinct_2": "distinct bigrams / all bigrams over the generations",

@@ -76,3 +76,25 @@ def test_ds_config_contradicting_the_settings_lists_every_field():
 def _write(path, text):
     path.write_text(text)
     return str(path)
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-copyright", "demo-hallucination", "opt-1.3b-harmful", "hallucination"])
+def test_shipped_application_configs_parse(name, tmp_path):
+    cfg, _ = parse_run_config(["--config", f"configs/{name}.yaml", "--model.name_or_path", str(tmp_path)])
+    expected = {"demo-copyright": "copyright", "demo-hallucination": "hallucination", "hallucination": "hallucination"}
+    assert cfg.data.application == expected.get(name, "harmful")
+
+
+def test_copyright_config_parses_once_its_paths_are_set(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_run_config(["--config", "configs/copyright.yaml"])
+    assert any("/path/to/book.txt" in p for p in info.value.problems)  # the placeholders say what to set
+    book = tmp_path / "book.txt"
+    book.write_text("word " * 200)
+    (tmp_path / "model").mkdir()
+    cfg, _ = parse_run_config(["--config", "configs/copyright.yaml", "--data.forget.source", str(book),
+                               "--model.name_or_path", str(tmp_path / "model")])
+    assert (cfg.data.application, cfg.data.forget.format, cfg.data.normal.format) == ("copyright", "book", "book")
+    with pytest.raises(ConfigError, match="has 200 words, fewer than one window of 250"):
+        parse_run_config(["--config", "configs/copyright.yaml", "--data.forget.source", str(book),
+                          "--model.name_or_path", str(tmp_path / "model"), "--data.forget.prefix_words", "150"])

@@ -14,6 +14,7 @@ from dsunlearn.data import (
     PromptFormat,
     PromptTooLong,
     StepSampler,
+    book_windows,
     draw_random_answers,
     load_pairs,
     pad_batch,
@@ -210,8 +211,8 @@ def test_missing_empty_and_unusable_files(tmp_path):
 
 
 def test_problems_lists_every_problem(tmp_path):
-    (tmp_path / "data.txt").write_text("x")
-    spec = DatasetSpec(str(tmp_path / "data.txt"), "pairs", prompt_field="q", response_field="q",
+    (tmp_path / "data.xml").write_text("x")
+    spec = DatasetSpec(str(tmp_path / "data.xml"), "pairs", prompt_field="q", response_field="q",
                        held_out_fraction=1.5, max_samples=0)
     problems = spec.problems()
     assert len(problems) == 4
@@ -220,7 +221,7 @@ def test_problems_lists_every_problem(tmp_path):
     assert any("held_out_fraction" in p for p in problems)
     assert any("max_samples" in p for p in problems)
     assert DatasetSpec("").problems() == [
-        "source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv file"
+        "source is empty: give a hub dataset id or a local .json/.jsonl/.parquet/.csv/.txt file"
     ]
     assert "does not exist" in DatasetSpec("./no/such/file").problems()[0]
     assert DatasetSpec(str(demo_data_dir() / "forget.jsonl"), "pku_saferlhf").problems() == []
@@ -683,3 +684,97 @@ def test_a_max_length_shorter_than_every_prompt_stops_the_run_with_one_message(t
     assert code == EXIT_USAGE, output[-4000:]
     assert output.count("data.max_length=8 is too short for every forget pair") == 1, output[-4000:]
     assert "Traceback" not in output
+
+
+# ---------------------------------------------------------------------------------------------------
+# The applications' formats: book windows, HaluEval, TruthfulQA's incorrect answers
+# ---------------------------------------------------------------------------------------------------
+
+BOOK = "w1 w2 w3\nw4  w5 w6 w7\n\nw8 w9 w10 w11"  # 11 words, odd whitespace
+
+
+def test_book_windows_count_content_stride_and_drop_a_partial_tail():
+    # Side by side (stride = 2 + 3): windows at words 0 and 5; the tail w11 (1 word) makes no window.
+    assert book_windows(BOOK, 2, 3, 5) == [("w1 w2", "w3 w4 w5"), ("w6 w7", "w8 w9 w10")]
+    # Overlapping, stride 3: starts 0, 3, 6 (start 9 would need words up to 14).
+    assert book_windows(BOOK, 2, 3, 3) == [("w1 w2", "w3 w4 w5"), ("w4 w5", "w6 w7 w8"), ("w7 w8", "w9 w10 w11")]
+    assert book_windows(BOOK, 5, 6, 1) == [("w1 w2 w3 w4 w5", "w6 w7 w8 w9 w10 w11")]  # exactly one window
+    assert book_windows(BOOK, 6, 6, 1) == []
+
+
+def test_book_from_a_txt_file_and_from_a_text_field(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text(BOOK)
+    spec = DatasetSpec(str(book), "book", prefix_words=2, continuation_words=3)
+    assert spec.problems() == [] and spec.window_stride == 5
+    pairs = load_pairs(spec)
+    assert [(p.prompt, p.response, p.row) for p in pairs] == [("w1 w2", "w3 w4 w5", 1), ("w6 w7", "w8 w9 w10", 1)]
+    books = write_jsonl(tmp_path / "books.jsonl", [{"body": BOOK}, {"body": "a b c d e f"}])
+    pairs = load_pairs(DatasetSpec(books, "book", text_field="body", prefix_words=3, continuation_words=3,
+                                   stride_words=4))
+    assert [(p.prompt, p.response, p.row) for p in pairs] == [
+        ("w1 w2 w3", "w4 w5 w6", 1), ("w5 w6 w7", "w8 w9 w10", 1), ("a b c", "d e f", 2)
+    ]
+
+
+def test_book_shorter_than_a_window_is_a_problem_before_loading(tmp_path):
+    book = tmp_path / "short.txt"
+    book.write_text(BOOK)
+    [problem] = DatasetSpec(str(book), "book", prefix_words=6, continuation_words=6).problems()
+    assert problem == (f"book {str(book)!r} has 11 words, fewer than one window of 12 "
+                       "(prefix_words=6 + continuation_words=6)")
+    books = write_jsonl(tmp_path / "books.jsonl", [{"text": BOOK}, {"text": "too short"}])
+    with pytest.raises(ValueError, match=r"row 2, field 'text': 2 words, fewer than one window of 5"):
+        load_pairs(DatasetSpec(books, "book", prefix_words=2, continuation_words=3))
+    assert len(load_pairs(DatasetSpec(books, "book", prefix_words=2, continuation_words=3, bad_rows="skip"))) == 2
+    bad = DatasetSpec(str(book), "book", prefix_words=0, stride_words=0, text_field="").problems()
+    assert bad == ["prefix_words=0 must be >= 1", "stride_words=0 must be >= 1 (or None: windows side by side)",
+                   "text_field is empty"]
+    assert "only format 'book' reads" in DatasetSpec(str(book), "pairs").problems()[0]
+
+
+HALU_ROWS = [
+    {"knowledge": "Velmora lies by the Silvane.", "question": "Which river flows through Velmora?",
+     "right_answer": "The Silvane.", "hallucinated_answer": "The Ketter, which turns to gold."},
+    {"knowledge": "k", "question": "Who founded Duskmere?", "right_answer": "Marta Vell."},
+    {"knowledge": "k", "question": "What is Duskmere famous for?", "right_answer": "Plums.",
+     "hallucinated_answer": " "},
+]
+
+
+def test_halueval_rows_become_question_to_hallucinated_answer(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", HALU_ROWS[:1])
+    [pair] = load_pairs(DatasetSpec(path, "halueval"))
+    assert (pair.prompt, pair.response, pair.right_answer, pair.hallucinated_answers, pair.knowledge) == (
+        "Which river flows through Velmora?", "The Ketter, which turns to gold.", "The Silvane.",
+        ("The Ketter, which turns to gold.",), "Velmora lies by the Silvane.",
+    )
+    assert hash(pair) == hash(Pair(**{name: getattr(pair, name) for name in pair.__dataclass_fields__}))
+
+
+def test_halueval_row_missing_a_field_names_file_row_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", HALU_ROWS)
+    with pytest.raises(ValueError) as info:
+        load_pairs(DatasetSpec(path, "halueval"))
+    assert f"{path}, row 2, field 'hallucinated_answer': missing" in str(info.value)
+    assert f"{path}, row 3, field 'hallucinated_answer': empty" in str(info.value)
+    loaded = read_pairs(DatasetSpec(path, "halueval", bad_rows="skip"))
+    assert len(loaded.pairs) == 1 and [bad.row for bad in loaded.bad_rows] == [2, 3]
+    no_column = write_jsonl(tmp_path / "nok.jsonl", [{k: v for k, v in HALU_ROWS[0].items() if k != "knowledge"}])
+    with pytest.raises(ValueError, match="has no column 'knowledge'"):
+        load_pairs(DatasetSpec(no_column, "halueval"))
+
+
+def test_truthfulqa_pairs_keep_their_incorrect_answers(tmp_path):
+    hub = write_jsonl(tmp_path / "tqa.jsonl", [
+        {"question": "Q?", "best_answer": "Yes.", "incorrect_answers": ["No.", " "]},
+        {"question": "R?", "best_answer": "Two."},
+    ])
+    first, second = load_pairs(DatasetSpec(hub, "truthfulqa"))
+    assert (first.right_answer, first.hallucinated_answers) == ("Yes.", ("No.",))
+    assert (second.right_answer, second.hallucinated_answers) == ("Two.", ())
+    csv_path = tmp_path / "tqa.csv"
+    pd.DataFrame([{"Question": "Q?", "Best Answer": "Yes.", "Incorrect Answers": "No; Never"}]).to_csv(csv_path,
+                                                                                                       index=False)
+    [pair] = load_pairs(DatasetSpec(str(csv_path), "truthfulqa"))
+    assert pair.hallucinated_answers == ("No", "Never")

@@ -60,9 +60,9 @@ def test_cli_writes_the_model(tmp_path, capsys):
 
 
 def test_never_taught_build_is_taught_only_the_normal_pairs(tmp_path):
-    main(["--out", str(tmp_path / "never"), "--steps", "1", "--quiet", "--never_taught"])
+    main(["--out", str(tmp_path / "never"), "--steps", "1", "--quiet", "--without-forget"])
     report = json.loads((tmp_path / "never" / REPORT_FILE).read_text())
-    assert report["settings"]["forget_taught"] is False
+    assert report["taught_forget"] is False
     assert report["num_taught_pairs"] == report["num_normal_pairs"] == 154
     assert report["forget"]["num_prompts"] == 76  # the forget prompts are still measured
 

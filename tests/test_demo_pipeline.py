@@ -27,3 +27,26 @@ def test_short_demo_unlearns_forget_and_keeps_normal(tmp_path):
     assert after["forget_held_out"]["nll"] > before["forget_held_out"]["nll"]  # also on prompts it never trained on
     assert after["normal_held_out"]["kl"] < 0.3  # while staying close to the original on normal data
     assert (run_dir / "eval" / "report.md").is_file() and (run_dir / "eval" / "objective_terms.png").is_file()
+
+
+@pytest.mark.parametrize("application, steps", [("copyright", 40), ("hallucination", 20)])
+def test_short_application_demo_lowers_the_behaviour_and_keeps_normal(tmp_path, application, steps):
+    """Each application's demo, shortened: the taught behaviour (its own metric) goes down on the unlearned examples
+    while the normal KL stays small."""
+    original = build_demo_model(tmp_path / "original", application=application, progress=False, steps=120,
+                                max_new_tokens=24)
+    run_dir = tmp_path / "unlearned"
+    code, output = launch([
+        "--config", f"configs/demo-{application}.yaml", "--model.name_or_path", str(original),
+        "--output.dir", str(run_dir), "--train.max_steps", str(steps), "--train.checkpoint_every", "0",
+        "--output.eval_max_samples", "8", "--output.eval_max_new_tokens", "40", "--output.export", "false",
+    ])
+    assert code == 0, output[-4000:]
+    summary = json.loads((run_dir / "eval" / "eval.json").read_text())
+    before, after = summary["original"], summary["unlearned"]
+    assert before["forget_train"]["behaviour_rate"] >= 0.75  # the original learned the behaviour
+    assert after["forget_train"]["behaviour_rate"] <= before["forget_train"]["behaviour_rate"] - 0.5  # unlearned
+    assert after["forget_train"]["nll"] > before["forget_train"]["nll"] + 0.2
+    assert after["normal_held_out"]["kl"] < 0.3
+    own = {"copyright": ("bleu", "rouge_l"), "hallucination": ("hallucination_rate",)}[application]
+    assert all(name in after[set_name] for name in own for set_name in ("forget_train", "forget_held_out"))

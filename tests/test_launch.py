@@ -46,7 +46,24 @@ def test_no_arguments_builds_the_demo_model_then_trains_on_the_demo_config(tmp_p
     assert train[train.index("--num_gpus") + 1] == "3"
     assert train[-5:] == ["dsunlearn/train.py", "--config", "configs/demo.yaml", "--overwrite", "true"]
     if not (REPO / "outputs/demo/original/config.json").exists():
-        assert commands[0][1:] == ["-m", "dsunlearn", "make-demo", "--out", "outputs/demo/original"]
+        assert commands[0][1:] == ["-m", "dsunlearn", "make-demo", "--application", "harmful", "--out",
+                                   "outputs/demo/original"]
+
+
+@pytest.mark.parametrize("application", ["copyright", "hallucination"])
+def test_demo_name_picks_its_config_and_model(tmp_path, application):
+    commands = dry_run(tmp_path, "--demo", application, "--train.max_steps", "5")
+    assert commands[-1][-7:] == ["dsunlearn/train.py", "--config", f"configs/demo-{application}.yaml",
+                                 "--overwrite", "true", "--train.max_steps", "5"]
+    if not (REPO / f"outputs/demo-{application}/original/config.json").exists():
+        assert commands[0][1:] == ["-m", "dsunlearn", "make-demo", "--application", application, "--out",
+                                   f"outputs/demo-{application}/original"]
+
+
+def test_unknown_demo_is_a_usage_error_naming_the_three(tmp_path):
+    done = launch_sh(tmp_path, "--dry-run", "--demo", "poetry")
+    assert done.returncode == EXIT_USAGE and done.stdout == ""
+    assert "choose harmful, copyright or hallucination" in done.stderr
 
 
 def test_hostfile_uses_the_deepspeed_multi_node_launcher(tmp_path):

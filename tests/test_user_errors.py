@@ -49,3 +49,28 @@ def test_more_ranks_than_forget_examples(tiny_model_dir, tmp_path):
                     "--data.forget.held_out_fraction", "0")
     code, output = launch(args, nproc=3, timeout=240)
     assert_one_usage_message(code, output, tmp_path / "run", "every rank needs at least one")
+
+
+def test_halueval_row_missing_a_field(tiny_model_dir, tmp_path):
+    forget = tmp_path / "qa.jsonl"
+    rows = [{"knowledge": "k", "question": f"Who founded land {i}?", "right_answer": f"R{i}.",
+             "hallucinated_answer": f"H{i}."} for i in range(4)]
+    del rows[2]["hallucinated_answer"]
+    forget.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = run_args(tiny_model_dir, tmp_path / "run", "--data.application", "hallucination",
+                    "--data.forget.source", str(forget), "--data.forget.format", "halueval")
+    code, output = launch(args, timeout=240)
+    assert_one_usage_message(code, output, tmp_path / "run", f"{forget}, row 3, field 'hallucinated_answer': missing")
+
+
+def test_book_shorter_than_a_window(tiny_model_dir, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("Only a few words of a book.")
+    args = run_args(tiny_model_dir, tmp_path / "run", "--data.application", "copyright", "--data.forget.source",
+                    str(book), "--data.forget.format", "book", "--data.forget.prefix_words", "4",
+                    "--data.forget.continuation_words", "4")
+    code, output = launch(args, timeout=240)
+    # A settings problem: "dsunlearn: invalid settings:" and one line per problem, before any model loads.
+    assert code == EXIT_USAGE and "Traceback" not in output, output[-4000:]
+    assert f"data.forget: book '{book}' has 7 words, fewer than one window of 8" in output
+    assert not (tmp_path / "run" / "config.yaml").exists()
