@@ -48,5 +48,5 @@ def test_short_application_demo_lowers_the_behaviour_and_keeps_normal(tmp_path, 
     assert after["forget_train"]["behaviour_rate"] <= before["forget_train"]["behaviour_rate"] - 0.5  # unlearned
     assert after["forget_train"]["nll"] > before["forget_train"]["nll"] + 0.2
     assert after["normal_held_out"]["kl"] < 0.3
-    own = {"copyright": ("bleu", "rouge_l"), "hallucination": ("hallucination_rate",)}[application]
+    own = {"copyright": ("bleu", "rouge_l_recall"), "hallucination": ("hallucination_rate",)}[application]
     assert all(name in after[set_name] for name in own for set_name in ("forget_train", "forget_held_out"))
