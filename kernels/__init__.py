@@ -14,12 +14,9 @@ log p under the model's own next-token distribution (Min-K%++ membership inferen
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
-
 import torch
 
+from .backends import BACKENDS, resolve_backend, without_autocast
 from .chunked import chunked_fused_linear_ce_kl
 from .reference import torch_ce_kl_from_logits, torch_fused_linear_ce_kl
 from .token_log_prob_stats import token_log_prob_stats
@@ -29,7 +26,6 @@ __all__ = [
     "token_log_prob_stats",
 ]
 
-BACKENDS = ("auto", "torch", "chunked", "triton")
 _FLOAT_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -78,28 +74,14 @@ def fused_linear_ce_kl(
     constants. Tokens whose two weights are 0 are dropped before any matmul.
     """
     _check_inputs(hidden, weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight, softcap, backend)
-    if backend == "auto":
-        backend = "triton" if hidden.is_cuda and importlib.util.find_spec("triton") is not None else "chunked"
+    backend = resolve_backend(backend, hidden)
     if backend == "triton":
-        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests); "
-                "use backend='auto' or 'chunked' on the CPU"
-            )
         from .triton_ce_kl import triton_fused_linear_ce_kl as implementation
     elif backend == "chunked":
         implementation = chunked_fused_linear_ce_kl
     else:
         implementation = torch_fused_linear_ce_kl
-
-    # Under an enclosing autocast the matmuls would run in low precision; the contract is fp32 accumulation.
-    device_type = hidden.device.type
-    no_autocast = (
-        torch.autocast(device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:
+    with without_autocast(hidden.device.type):
         return implementation(
             hidden,
             weight,

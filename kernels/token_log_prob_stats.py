@@ -21,13 +21,9 @@ of logits), ``triton`` (one [rows, V] chunk of fp32 logits from cuBLAS, statisti
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
-
 import torch
 
-BACKENDS = ("auto", "torch", "chunked", "triton")
+from .backends import BACKENDS, resolve_backend, without_autocast
 _FLOAT_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Vocabulary columns per block of the chunked backend, and the bytes of one [rows, block] fp32 tile it may hold.
 VOCAB_BLOCK = 4096
@@ -52,27 +48,14 @@ def token_log_prob_stats(
         backend: one of ``BACKENDS``.
     """
     _check_inputs(hidden, weight, targets, softcap, backend)
-    if backend == "auto":
-        backend = "triton" if hidden.is_cuda and importlib.util.find_spec("triton") is not None else "chunked"
+    backend = resolve_backend(backend, hidden)
     if backend == "triton":
-        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests); "
-                "use backend='auto' or 'chunked' on the CPU"
-            )
         from .triton_token_log_prob_stats import triton_token_log_prob_stats as implementation
     elif backend == "chunked":
         implementation = chunked_token_log_prob_stats
     else:
         implementation = torch_token_log_prob_stats
-    device_type = hidden.device.type
-    # Under an enclosing autocast the products would run in low precision; the contract is fp32 accumulation.
-    no_autocast = (
-        torch.autocast(device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast, torch.no_grad():
+    with without_autocast(hidden.device.type), torch.no_grad():
         return implementation(hidden.detach(), weight.detach(), targets, softcap=softcap)
 
 

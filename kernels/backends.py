@@ -1,0 +1,32 @@
+"""What every op of dsunlearn.kernels shares: the choice of backend and fp32 accumulation under autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "chunked", "triton")
+
+
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    """The backend that runs: ``auto`` is triton for CUDA tensors when Triton is installed, else chunked; triton on
+    CPU tensors is refused unless Triton's interpreter is on (tests)."""
+    if backend == "auto":
+        return "triton" if hidden.is_cuda and importlib.util.find_spec("triton") is not None else "chunked"
+    if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests); "
+            "use backend='auto' or 'chunked' on the CPU"
+        )
+    return backend
+
+
+def without_autocast(device_type: str):
+    """A context that turns an enclosing autocast off: under it the products would run in low precision, and the
+    ops' contract is fp32 accumulation."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
