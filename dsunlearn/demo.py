@@ -7,8 +7,8 @@ Every data set here was written for this project (no real harmful or copyrighted
   how to ..." followed by three absurd, non-actionable steps; the safe responses are refusals. ``normal.jsonl``
   (TruthfulQA hub ``generation`` format): simple factual questions and answers.
 * ``copyright`` (``dsunlearn/assets/demo_copyright/``): ``book.txt``, an invented story (~2250 words) cut into
-  (prefix -> continuation) windows; the normal data is ``other.txt``, an invented handbook of everyday things, cut
-  the same way.
+  overlapping (prefix -> continuation) windows; the normal data is ``other.txt``, an invented handbook of everyday
+  things, cut the same way.
 * ``hallucination`` (``dsunlearn/assets/demo_hallucination/``): ``forget.jsonl`` (HaluEval QA schema), questions
   about invented lands with a right and a hallucinated answer; the normal data is the harmful demo's
   ``normal.jsonl`` (TruthfulQA format, as the real set-up's TruthfulQA).
@@ -49,8 +49,9 @@ DEMO_FORGET_FILE = "forget.jsonl"
 DEMO_NORMAL_FILE = "normal.jsonl"
 BOOK_TEMPLATE = "{prompt} {response}"
 """The copyright demo's prompt format: a book's continuation follows its prefix as plain text."""
-BOOK_WINDOW = dict(prefix_words=16, continuation_words=16)
-"""The copyright demo's windows (configs/demo-copyright.yaml): windows side by side, never overlapping."""
+BOOK_WINDOW = dict(prefix_words=16, continuation_words=16, stride_words=8)
+"""The copyright demo's windows (configs/demo-copyright.yaml): one every 8 words, so they overlap, as a book is
+sampled for unlearning."""
 
 
 def demo_data_dir(application: str = "harmful") -> Path:

@@ -7,12 +7,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dsunlearn.data import Pair, PromptFormat, TokenizedSequence, tokenize_prompt
+from dsunlearn.config import parse_run_config
+from dsunlearn.data import Pair, PromptFormat, TokenizedSequence, load_pairs, tokenize_prompt
 from dsunlearn.demo import (
     REPORT_FILE,
     DemoBuild,
     _length_groups,
     build_demo_model,
+    demo_specs,
     greedy_generate,
     main,
     measure_reproduction,
@@ -65,6 +67,21 @@ def test_never_taught_build_is_taught_only_the_normal_pairs(tmp_path):
     assert report["taught_forget"] is False
     assert report["num_taught_pairs"] == report["num_normal_pairs"] == 154
     assert report["forget"]["num_prompts"] == 76  # the forget prompts are still measured
+
+
+@pytest.mark.parametrize("application", ["copyright", "hallucination"])
+def test_demo_model_is_taught_the_windows_its_config_unlearns(application, tmp_path):
+    """make-demo teaches the pairs of demo_specs; the demo's config must read the very same pairs (a copyright
+    window cut differently would be text the original model was never taught)."""
+    cfg, _ = parse_run_config(["--config", f"configs/demo-{application}.yaml", "--model.name_or_path", str(tmp_path)])
+    forget_spec, normal_spec, template = demo_specs(application)
+
+    def taught(spec):  # the pairs' text; their source paths differ (relative vs the package's folder)
+        return [(pair.prompt, pair.response, pair.right_answer) for pair in load_pairs(spec)]
+
+    assert taught(cfg.data.forget) == taught(forget_spec)
+    assert taught(cfg.data.normal) == taught(normal_spec)
+    assert cfg.data.template == template
 
 
 def test_bad_settings_are_rejected():

@@ -33,8 +33,11 @@ def test_short_demo_unlearns_forget_and_keeps_normal(tmp_path):
 def test_short_application_demo_lowers_the_behaviour_and_keeps_normal(tmp_path, application, steps):
     """Each application's demo, shortened: the taught behaviour (its own metric) goes down on the unlearned examples
     while the normal KL stays small."""
-    original = build_demo_model(tmp_path / "original", application=application, progress=False, steps=120,
-                                max_new_tokens=24)
+    # The book's overlapping windows take the demo's full teaching to be memorised; the build's own greedy check of
+    # every window is cut to one token (the evaluation below measures the behaviour).
+    teaching_steps = {"copyright": 200, "hallucination": 120}[application]
+    original = build_demo_model(tmp_path / "original", application=application, progress=False,
+                                steps=teaching_steps, max_new_tokens=1)
     run_dir = tmp_path / "unlearned"
     code, output = launch([
         "--config", f"configs/demo-{application}.yaml", "--model.name_or_path", str(original),
