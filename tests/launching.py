@@ -88,3 +88,19 @@ def start_ranks(args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, 
             processes[rank] = subprocess.Popen([*prefix, sys.executable, "dsunlearn/train.py", *args], cwd=REPO,
                                                env=env, stdout=log, stderr=subprocess.STDOUT)
     return processes, logs
+
+
+def run_evaluation_ranks(argv, nproc=2, timeout=300) -> list[str]:
+    """``python -m dsunlearn.evaluation ARGV`` as ``nproc`` CPU ranks (the environment a launcher sets); asserts every
+    rank exited 0 and returns their outputs."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "dsunlearn.evaluation", *argv],
+                         env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(nproc)
+    ]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    return outputs

@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from dsunlearn.demo import demo_data_dir
 from dsunlearn.evaluation import EvalConfig, _shard, build_eval_sets, evaluate_models, main, run_evaluation
 from dsunlearn.metrics import bootstrap_ci, distinct_n, perplexity, rouge_l
 from dsunlearn.tiny import build_tiny_causal_lm, save_tiny_model
-from launching import free_port
+from launching import run_evaluation_ranks
 
 MAX_NEW_TOKENS = 6
 MAX_LENGTH = 96
@@ -336,16 +333,7 @@ def test_two_zero3_ranks_match_single_process(
         "--max_samples", "3", "--max_new_tokens", str(MAX_NEW_TOKENS), "--batch_size", "1", "--dtype", "fp32",
         "--harm_classifier", str(harm_classifier_dir), "--output_dir", str(out_dir),
     ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "dsunlearn.evaluation", *argv],
-                         env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    run_evaluation_ranks(argv)
 
     distributed = json.loads((out_dir / "eval.json").read_text())
     assert distributed["world_size"] == 2

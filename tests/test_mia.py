@@ -4,9 +4,6 @@ and 2 ZeRO-3 ranks against one process."""
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -20,7 +17,7 @@ from dsunlearn.demo import build_demo_model, demo_data_dir
 from dsunlearn.evaluation import EvalConfig, _Context, build_eval_sets, run_evaluation
 from dsunlearn.kernels import token_log_prob_stats
 from dsunlearn.step_data import StepData
-from launching import free_port
+from launching import run_evaluation_ranks
 
 MAX_LENGTH = 128
 
@@ -186,16 +183,7 @@ def test_two_zero3_ranks_give_the_numbers_of_one_process(tmp_path, perturbed_dem
         "--max_samples", "7", "--max_new_tokens", "1", "--batch_size", "2", "--dtype", "fp32",
         "--output_dir", str(out_dir),
     ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "dsunlearn.evaluation", *argv],
-                         env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    outputs = run_evaluation_ranks(argv)
     assert not any("not hidden @ W^T" in output for output in outputs), "the fused pass must serve a plain head"
     distributed = json.loads((out_dir / "eval.json").read_text())["mia"]
     assert distributed["num_samples"] == single["num_samples"] == {"forget_train": 7, "holdout": 7}
