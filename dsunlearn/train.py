@@ -8,6 +8,15 @@ Reads top to bottom: settings -> process group -> data -> engines -> (resume) ->
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as a script (`deepspeed dsunlearn/train.py`), Python puts this file's folder first on sys.path, where each module
+# and room of the package (data/, eval/, tools/, ...) would be a top-level name that hides an installed one of that name
+# (DESIGN.md §3). Drop it before anything else is imported: `dsunlearn` itself comes from the install.
+_SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _SCRIPT_DIR]
+
 import contextlib
 import io
 import logging

@@ -23,22 +23,13 @@ out_dir=$(cd "$out_dir" && pwd)
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
-# Import shim: a `dsunlearn` package whose `kernels` is the repository's kernels/ (as the installed package maps
-# it) and whose other modules come from the repository's dsunlearn/. Beside it, the carried wheels' --target.
+# The checkout itself on PYTHONPATH: dsunlearn/kernels/__init__.py adds this kernels/ folder to dsunlearn.kernels.
+# Beside it, the carried wheels' --target.
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-shim="$scratch/shim"
 site="$scratch/site"
-mkdir -p "$shim/dsunlearn" "$site"
-ln -s "$repo/kernels" "$shim/dsunlearn/kernels"
-cat >"$shim/dsunlearn/__init__.py" <<EOF
-__path__.append("$repo/dsunlearn")
-with open("$repo/dsunlearn/__init__.py") as _init:
-    exec(compile(_init.read(), "$repo/dsunlearn/__init__.py", "exec"))
-EOF
-export PYTHONPATH="$shim:$site${PYTHONPATH:+:$PYTHONPATH}"
-# Run from OUT_DIR: with the repository root as the working directory, `import dsunlearn` would find its
-# dsunlearn/ (which has no kernels/) before the shim.
+mkdir -p "$site"
+export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$out_dir"
 
 status=0

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import dsunlearn.kernels as kernels
+import dsunlearn.kernels.ce_kl as ce_kl
 import dsunlearn.kernels.chunked as chunked
 from dsunlearn.kernels import fused_linear_ce_kl
 from dsunlearn.kernels.chunked import chunked_fused_linear_ce_kl
@@ -332,7 +332,7 @@ def test_auto_backend_uses_chunked_on_cpu(monkeypatch):
         calls.append(kwargs)
         return chunked_fused_linear_ce_kl(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "chunked_fused_linear_ce_kl", recording_chunked)
+    monkeypatch.setattr(ce_kl, "chunked_fused_linear_ce_kl", recording_chunked)
     inputs = make_inputs(*SHAPES["small"], "both")
     fused_linear_ce_kl(*inputs, softcap=3.0, backend="auto")
     assert calls == [{"softcap": 3.0, "return_token_terms": False}]

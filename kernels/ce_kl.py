@@ -1,16 +1,5 @@
-"""Fused output-head losses (installed as ``dsunlearn.kernels``).
-
-``fused_linear_ce_kl`` runs the policy's output head once over the concatenated [forget; random-answer; normal]
-tokens and returns Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i (DESIGN.md §4). Backends:
-
-* ``torch``: materialises the logits, plain autograd (``reference.py``); the reference for tests and benchmarks.
-* ``chunked``: pure PyTorch over token chunks, never allocates [N, V] (``chunked.py``); the CPU default.
-* ``triton``: CUDA kernels (``triton_ce_kl.py``), imported only when asked for.
-* ``auto``: ``triton`` for CUDA tensors when Triton is installed, else ``chunked``.
-
-``token_log_prob_stats`` (``token_log_prob_stats.py``) gives, per token, log p(target) and the mean and variance of
-log p under the model's own next-token distribution (Min-K%++ membership inference), with the same backends.
-"""
+"""``fused_linear_ce_kl``: the public entry of the fused CE + forward-KL head (DESIGN.md §4) and its input checks;
+the backends it dispatches to live beside it (``reference.py``, ``chunked.py``, ``triton_ce_kl.py``)."""
 
 from __future__ import annotations
 
@@ -18,13 +7,7 @@ import torch
 
 from .backends import BACKENDS, resolve_backend, without_autocast
 from .chunked import chunked_fused_linear_ce_kl
-from .reference import torch_ce_kl_from_logits, torch_fused_linear_ce_kl
-from .token_log_prob_stats import token_log_prob_stats
-
-__all__ = [
-    "BACKENDS", "fused_linear_ce_kl", "torch_fused_linear_ce_kl", "chunked_fused_linear_ce_kl", "torch_ce_kl_from_logits",
-    "token_log_prob_stats",
-]
+from .reference import torch_fused_linear_ce_kl
 
 _FLOAT_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
