@@ -13,7 +13,7 @@
 # Everything after the launcher's own flags goes to dsunlearn/train.py. SIGTERM or SIGINT to this script reaches
 # every rank (they save the current step and exit 75); the script exits with the ranks' code.
 set -euo pipefail
-EXIT_USAGE=2  # dsunlearn/distributed.py
+EXIT_USAGE=2  # dsunlearn/runtime/distributed.py
 
 start_dir="$PWD"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -5,7 +5,7 @@
     compare    put several saved evaluations (eval.json) side by side in one report
     make-demo  build the embedded demo's "original" model (tiny Llama taught the demo data)
     bench      benchmark the fused loss implementations; see ``bench --help``
-    bench-step benchmark a whole unlearning step against the paper's loop (``python -m dsunlearn.bench_step``)
+    bench-step benchmark a whole unlearning step against the paper's loop (``python -m dsunlearn.tools.bench_step``)
     relearn    fine-tune a model on part of the forget data and measure how fast the behaviour returns
     sweep      a grid over the objective's weights and lr, one run each, and the forgetting/utility Pareto front
 """
@@ -25,25 +25,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     if command == "train":
         from dsunlearn.train import main as run
     elif command == "eval":
-        from dsunlearn.evaluation import main as run
+        from dsunlearn.eval.evaluation import main as run
     elif command == "compare":
-        from dsunlearn.report import main as run
+        from dsunlearn.eval.report import main as run
     elif command == "make-demo":
-        from dsunlearn.demo import main as run
+        from dsunlearn.tools.demo import main as run
     elif command == "bench":
         from dsunlearn.kernels.bench import main as run
     elif command == "bench-step":
-        from dsunlearn.bench_step import main as run
+        from dsunlearn.tools.bench_step import main as run
     elif command == "relearn":
-        from dsunlearn.relearn import main as run
+        from dsunlearn.eval.relearn import main as run
     elif command == "sweep":
-        from dsunlearn.sweep import main as run
+        from dsunlearn.tools.sweep import main as run
     else:
         print(f"dsunlearn: unknown command {command!r}\n{__doc__}", file=sys.stderr)
         raise SystemExit(2)
     run(rest)
     if command == "train":  # skip the interpreter's teardown after a clean end, as train.py does (why: see there)
-        from dsunlearn import distributed
+        from dsunlearn.runtime import distributed
 
         distributed._exit(distributed.EXIT_OK)
 

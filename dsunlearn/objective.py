@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from dsunlearn.config import ObjectiveConfig
+from dsunlearn.settings.config import ObjectiveConfig
 
 FORGET, RANDOM, NORMAL = 0, 1, 2
 TERM_NAMES = ("forget", "random", "normal")
@@ -151,7 +151,7 @@ def _row_length(rows: list[list[int]], lengths: list[int]) -> int:
 def pad_sequences(sequences: Sequence, pad_id: int) -> tuple[Segment, torch.Tensor, torch.Tensor]:
     """``sequences`` right-padded to their longest, one per row: the segment, and for each response token the token
     and its sequence, [M] each."""
-    from dsunlearn.data import pad_batch
+    from dsunlearn.data.tokenization import pad_batch
 
     padded = pad_batch(list(sequences), pad_id)
     input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]

@@ -27,10 +27,12 @@ from typing import Optional
 
 import torch
 
-from dsunlearn import checkpoints, distributed, ds_config, engines, eval_during, export, guards, noise, objective
-from dsunlearn import reference_cache, step_timing
-from dsunlearn.config import RunConfig, parse_run_config
-from dsunlearn.step_data import StepData
+from dsunlearn import objective
+from dsunlearn.data.step_data import StepData
+from dsunlearn.eval import eval_during
+from dsunlearn.runtime import checkpoints, distributed, ds_config, engines, export, guards, reference_cache, step_timing
+from dsunlearn.settings import noise
+from dsunlearn.settings.config import RunConfig, parse_run_config
 
 logger = logging.getLogger("dsunlearn.train")
 
@@ -331,7 +333,8 @@ def _pad_reference_rows(ref_selected: torch.Tensor, batch: objective.StepBatch) 
 def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Path, rank: int, world_size: int):
     """Original vs unlearned on forget-train, forget-held-out and normal-held-out prompts, with the engines already
     built (generation runs on the sharded models with ``synced_gpus``); writes ``output.dir/eval``."""
-    from dsunlearn.evaluation import EvalConfig, build_eval_sets, evaluate_models
+    from dsunlearn.eval.eval_config import EvalConfig
+    from dsunlearn.eval.evaluation import build_eval_sets, evaluate_models
 
     eval_cfg = EvalConfig.from_run(cfg, model_path=str(final_dir))
     if ref_engine is None:  # a run without the KL term built no reference: load the original for the comparison

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the fused loss on a CUDA machine with no network and the repository not installed:
 # the GPU tests of the kernels, the kernel benchmark at Llama-3 sizes (N=16384, H=4096, V=128256, bf16) against
-# Liger-Kernel and cut-cross-entropy, then the step benchmark (python -m dsunlearn.bench_step --preset gpu).
+# Liger-Kernel and cut-cross-entropy, then the step benchmark (python -m dsunlearn.tools.bench_step --preset gpu).
 #
 #   kernels/gpu_check.sh OUT_DIR        (PYTHON=python3 by default)
 #
@@ -89,7 +89,7 @@ step "bench ce" 50 "$out_dir/bench.txt" \
 
 # Its --out folder also keeps the runs (models, checkpoints): write it to scratch and bring back the two results.
 step "bench step" 120 "$out_dir/bench_step.txt" \
-    "$python" -m dsunlearn.bench_step --preset gpu --out "$scratch/bench_step"
+    "$python" -m dsunlearn.tools.bench_step --preset gpu --out "$scratch/bench_step"
 for result in bench_step.json bench_step.md; do
     [ -f "$scratch/bench_step/$result" ] && cp "$scratch/bench_step/$result" "$out_dir/"
 done

@@ -6,7 +6,7 @@
 # What the GPU machine lacks (kernels/gpu_check.sh installs all of it with pip --no-index --no-deps into a temporary
 # --target directory on its PYTHONPATH; nothing is installed into its Python):
 #   * the baselines of kernels/bench.py: liger-kernel and cut-cross-entropy (pure Python, Triton kernels);
-#   * the step benchmark (python -m dsunlearn.bench_step): deepspeed, built here from its sdist (pure Python: no op is
+#   * the step benchmark (python -m dsunlearn.tools.bench_step): deepspeed, built here from its sdist (pure Python: no op is
 #     prebuilt, DeepSpeed compiles the ones it needs there with nvcc), its pydantic (pydantic-core is the one
 #     compiled wheel, for PYTHON_VERSION on manylinux x86-64), hjson; jsonargparse with its [signatures] extra;
 #     datasets with dill and multiprocess. torch, triton, transformers, numpy, pyyaml, psutil, msgpack, py-cpuinfo,

@@ -13,13 +13,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 
-from dsunlearn.demo import demo_texts  # noqa: E402
-from dsunlearn.tiny import (  # noqa: E402
+from dsunlearn.data.tiny import (  # noqa: E402
     build_bpe_tokenizer,
     build_sentencepiece_style_tokenizer,
     build_tiny_causal_lm,
     save_tiny_model,
 )
+from dsunlearn.tools.demo import demo_texts  # noqa: E402
 
 
 @pytest.fixture(scope="session")

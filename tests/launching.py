@@ -91,12 +91,12 @@ def start_ranks(args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, 
 
 
 def run_evaluation_ranks(argv, nproc=2, timeout=300) -> list[str]:
-    """``python -m dsunlearn.evaluation ARGV`` as ``nproc`` CPU ranks (the environment a launcher sets); asserts every
-    rank exited 0 and returns their outputs."""
+    """``python -m dsunlearn.eval.evaluation ARGV`` as ``nproc`` CPU ranks (the environment a launcher sets); asserts
+    every rank exited 0 and returns their outputs."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     procs = [
-        subprocess.Popen([sys.executable, "-m", "dsunlearn.evaluation", *argv],
+        subprocess.Popen([sys.executable, "-m", "dsunlearn.eval.evaluation", *argv],
                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(nproc)

@@ -4,9 +4,9 @@ ZeRO-3, evaluate original vs unlearned. Thresholds leave a wide margin: the full
 import json
 
 import pytest
-
-from dsunlearn.demo import build_demo_model
 from launching import launch
+
+from dsunlearn.tools.demo import build_demo_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from dsunlearn.config import ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
-from dsunlearn.distributed import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RunDiverged
-from dsunlearn.guards import StepGuards
-from dsunlearn.strict_json import to_json
 from launching import OUTSIDE_STOP, REPO, free_port, start_ranks
+
+from dsunlearn.runtime.distributed import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RunDiverged
+from dsunlearn.runtime.guards import StepGuards
+from dsunlearn.settings.config import ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
+from dsunlearn.settings.strict_json import to_json
 
 HANG_LIMIT_S = 300  # only stops a hung test; nothing is timed
 
@@ -148,8 +148,9 @@ def test_json_writes_null_for_non_finite_values():
 @pytest.mark.integration
 def test_error_on_one_rank_ends_every_rank_with_one_message(tiny_model_dir, tmp_path):
     """One forget response holds a token the model's embedding lacks: only the rank whose batch holds it raises."""
-    from transformers import AutoTokenizer
     import shutil
+
+    from transformers import AutoTokenizer
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -259,7 +260,7 @@ def test_stop_forget_ce_ends_the_run_normally(straight_run, tiny_model_dir, tmp_
 def tiny_qwen2_dir(tmp_path_factory, bpe_tokenizer):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dsunlearn.tiny import save_tiny_model
+    from dsunlearn.data.tiny import save_tiny_model
 
     config = Qwen2Config(vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launching import REPO
 
 # The folders a Python process of ours may have first on sys.path (see the module docstring); dsunlearn/ is the
@@ -100,7 +99,8 @@ def test_the_training_script_drops_its_own_folder():
         "import json, runpy, sys\n"
         f"sys.path.insert(0, {str(script.parent)!r})\n"
         f"runpy.run_path({str(script)!r}, run_name='script_probe')\n"
-        "top_level = {name: getattr(module, '__file__', None) for name, module in sys.modules.items() if '.' not in name}\n"
+        "top_level = {name: getattr(module, '__file__', None)\n"
+        "             for name, module in sys.modules.items() if '.' not in name}\n"
         "print(json.dumps({'path': sys.path, 'top_level': top_level}))\n"
     )
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from dsunlearn.distributed import EXIT_PREEMPTED, EXIT_USAGE
 from launching import REPO, free_port
+
+from dsunlearn.runtime.distributed import EXIT_PREEMPTED, EXIT_USAGE
 
 
 def launch_sh(tmp_path, *args, env=None, cwd=REPO, script=REPO / "launch.sh"):

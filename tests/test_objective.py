@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from dsunlearn.config import ObjectiveConfig
-from dsunlearn.data import TokenizedSequence
+from dsunlearn.data.tokenization import TokenizedSequence
 from dsunlearn.objective import (
     FORGET,
     NORMAL,
@@ -15,6 +14,7 @@ from dsunlearn.objective import (
     term_sums,
     term_token_counts,
 )
+from dsunlearn.settings.config import ObjectiveConfig
 
 
 def seq(prompt, response):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from launching import REPO
 
 # What the wheel is built from: copied, so the build's own folders (build/, *.egg-info) never land in the checkout.
@@ -50,8 +49,8 @@ def test_the_shipped_configs_resolve_from_another_folder(installed):
     probe = """
 import json
 import dsunlearn
-from dsunlearn.config import RunConfig, parse_run_config
-from dsunlearn.paths import resolve_path
+from dsunlearn.settings.config import RunConfig, parse_run_config
+from dsunlearn.settings.paths import resolve_path
 found = {"package": dsunlearn.__file__, "default": str(resolve_path(RunConfig().train.deepspeed_config))}
 for name in ("demo", "opt-1.3b-harmful", "llama-3-8b-offload"):
     cfg, _ = parse_run_config(["--config", f"configs/{name}.yaml", "--model.name_or_path", "org/model"])
@@ -69,6 +68,29 @@ print(json.dumps(found))
         "opt-1.3b-harmful": str(package / "ds_configs" / "zero3.json"),
         "llama-3-8b-offload": str(package / "ds_configs" / "zero3_offload.json"),
     }
+
+
+def test_the_wheel_carries_the_kernels_beside_their_package_entry(installed):
+    """The kernel modules live in the checkout's top-level kernels/ (a namespace folder, DESIGN.md §3) and the package
+    entry in dsunlearn/kernels/__init__.py: a wheel puts both in one folder, and transformers finds Hugging Face's
+    ``kernels``, not ours."""
+    site, _ = installed
+    probe = """
+import importlib.util, json, transformers, dsunlearn.kernels
+hf_kernels = importlib.util.find_spec("kernels")  # Hugging Face's, where installed (transformers >= 5.25 needs it)
+print(json.dumps({"path": list(dsunlearn.kernels.__path__), "op": dsunlearn.kernels.fused_linear_ce_kl.__module__,
+                  "hf_kernels": hf_kernels.origin if hf_kernels else ""}))
+"""
+    done = run_installed(installed, "-c", probe)
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["path"] == [str(site / "dsunlearn" / "kernels")]
+    assert found["op"] == "dsunlearn.kernels.ce_kl"
+    assert not found["hf_kernels"].startswith(str(site))
+    assert {"ce_kl.py", "chunked.py", "triton_ce_kl.py", "bench.py", "__init__.py"} <= {
+        path.name for path in (site / "dsunlearn" / "kernels").iterdir()}
+    done = run_installed(installed, "-m", "dsunlearn.kernels.bench", "--help")
+    assert done.returncode == 0 and "usage: python -m dsunlearn.kernels.bench" in done.stdout, done.stderr[-2000:]
 
 
 @pytest.mark.integration

@@ -5,11 +5,11 @@ the probe packs only models that keep packed sequences apart."""
 import pytest
 import torch
 
-from dsunlearn.config import ObjectiveConfig
-from dsunlearn.data import TokenizedSequence, pad_batch
-from dsunlearn.distributed import UsageError
-from dsunlearn.engines import UnlearningModel, disable_dropout
+from dsunlearn.data.tokenization import TokenizedSequence, pad_batch
 from dsunlearn.objective import NORMAL, PACKED, PADDED, VARLEN, build_step_batch, lay_out
+from dsunlearn.runtime.distributed import UsageError
+from dsunlearn.runtime.engines import UnlearningModel, disable_dropout
+from dsunlearn.settings.config import ObjectiveConfig
 from dsunlearn.train import forward_loss
 
 VOCAB = 61
@@ -187,7 +187,7 @@ def assert_step_equals_old_padded_batch(policy, reference, layout):
 
 @pytest.mark.parametrize("make_model", list(FAMILIES), ids=[family.__name__ for family in FAMILIES])
 def test_the_probe_packs_each_family_that_keeps_packed_sequences_apart(make_model, caplog):
-    with caplog.at_level("WARNING", logger="dsunlearn.engines"):
+    with caplog.at_level("WARNING", logger="dsunlearn.runtime.engines"):
         policy, reference = models(make_model)
     assert policy.packing == reference.packing == FAMILIES[make_model]
     if FAMILIES[make_model] == PADDED:
@@ -292,11 +292,11 @@ def test_the_trainer_on_two_ranks_logs_the_same_step_in_both_layouts_and_its_pad
     layout of this step's sequences gives."""
     import json
 
+    from launching import launch
     from transformers import AutoTokenizer
 
-    from dsunlearn.config import parse_run_config
-    from dsunlearn.step_data import StepData
-    from launching import launch
+    from dsunlearn.data.step_data import StepData
+    from dsunlearn.settings.config import parse_run_config
 
     args = ["--config", "configs/demo.yaml", "--model.name_or_path", str(tiny_model_dir), "--output.dir",
             str(tmp_path / PADDED), "--train.max_steps", "1", "--model.packing", PADDED,

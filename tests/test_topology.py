@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from launching import launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]

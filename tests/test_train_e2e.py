@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launching import REPO, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]

@@ -4,10 +4,10 @@ import json
 import math
 
 import pytest
-
-from dsunlearn.distributed import EXIT_USAGE
-from dsunlearn.tiny import build_tiny_causal_lm, save_tiny_model
 from launching import launch
+
+from dsunlearn.data.tiny import build_tiny_causal_lm, save_tiny_model
+from dsunlearn.runtime.distributed import EXIT_USAGE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 

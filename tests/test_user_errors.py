@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
-
-from dsunlearn.distributed import EXIT_USAGE
 from launching import launch
+
+from dsunlearn.runtime.distributed import EXIT_USAGE
 
 pytestmark = pytest.mark.distributed
 

@@ -27,8 +27,8 @@ if not (_PACKAGE_DIR / "ce_kl.py").is_file():
     _CHECKOUT_KERNELS = _PACKAGE_DIR.parents[1] / "kernels"
     if not (_CHECKOUT_KERNELS / "ce_kl.py").is_file():
         raise ImportError(
-            f"dsunlearn.kernels: neither {_PACKAGE_DIR} (an installed wheel) nor {_CHECKOUT_KERNELS} (a checkout) holds "
-            "the kernel modules; reinstall dsunlearn"
+            f"dsunlearn.kernels: neither {_PACKAGE_DIR} (an installed wheel) nor {_CHECKOUT_KERNELS} (a checkout) "
+            "holds the kernel modules; reinstall dsunlearn"
         )
     __path__.append(str(_CHECKOUT_KERNELS))
 
@@ -39,6 +39,6 @@ from .reference import torch_ce_kl_from_logits, torch_fused_linear_ce_kl  # noqa
 from .token_log_prob_stats import token_log_prob_stats  # noqa: E402
 
 __all__ = [
-    "BACKENDS", "fused_linear_ce_kl", "torch_fused_linear_ce_kl", "chunked_fused_linear_ce_kl", "torch_ce_kl_from_logits",
-    "token_log_prob_stats",
+    "BACKENDS", "fused_linear_ce_kl", "torch_fused_linear_ce_kl", "chunked_fused_linear_ce_kl",
+    "torch_ce_kl_from_logits", "token_log_prob_stats",
 ]

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launching import REPO, launch
 from slurm import ClusterError, SlurmCluster, missing_requirements
 

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+from launching import OUTSIDE_STOP, REPO, free_port
 from safetensors.torch import load_file
 
-from dsunlearn.distributed import EXIT_PREEMPTED
-from launching import OUTSIDE_STOP, REPO, free_port
+from dsunlearn.runtime.distributed import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.cluster, pytest.mark.distributed, pytest.mark.integration]
 

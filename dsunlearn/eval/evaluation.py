@@ -1,0 +1,367 @@
+"""Evaluation of an unlearned model against the original: ``python -m dsunlearn eval …``.
+
+Three prompt sets, built with the trainer's own split (same seed and ``held_out_fraction``):
+
+* ``forget_train``: the forget pairs the model was trained to forget;
+* ``forget_held_out``: forget pairs kept out of training (does unlearning generalise?);
+* ``normal_held_out``: normal pairs kept out of training (is utility kept?).
+
+On every set both models (original and unlearned) get the same measurements, so each metric has a
+before and an after:
+
+* teacher-forced NLL per response token of the dataset response (``nll``, ``ppl``), and the mean
+  per-token KL(original ‖ unlearned) over the same response tokens (``kl``; 0 for the original);
+* greedy generations, scored with :mod:`dsunlearn.eval.metrics`: ``reproduction_rate`` (ROUGE-L of
+  the dataset response ≥ ``reproduction_threshold``), mean ROUGE-L (``rouge_l_recall`` under the
+  default ``tofu`` preset; ``rouge_l_f1`` under ``muse``: the key names the measure), diversity
+  (``distinct_1``, ``distinct_2``), fluency (``fluency_ppl``: perplexity of the generated tokens
+  under the *original* model), ``generation_tokens``, and, with a harm classifier, ``harmful_rate``;
+* for the unlearned model, ``similarity_to_original``: mean ROUGE-L F1 between its generation and
+  the original model's generation for the same prompt;
+* the behaviour of ``data.application`` (:mod:`dsunlearn.eval.applications`): ``behaviour_rate`` on every
+  set, and the application's own means (copyright ``bleu`` and ``rouge_l``, hallucination
+  ``hallucination_rate``).
+
+With ``data.holdout`` (never-seen samples of the forget data's kind), membership inference
+(:mod:`dsunlearn.eval.mia`) between ``forget_train`` and the holdout gives ``mia`` in ``eval.json``.
+
+ROUGE-L is ``rouge-score``'s (see :mod:`dsunlearn.eval.metrics`). Token-level means are over all
+response tokens of a set (sum of NLL / number of tokens). A perplexity too large for a double (mean
+NLL above ~709 nats, after heavy gradient ascent) is written as ``null`` (``Infinity`` is not
+JSON); the report shows it as "–".
+
+Every rate and mean of a set has a percentile bootstrap confidence interval over the set's samples
+in ``summary[role][set]["ci"][metric] = [low, high]`` (:func:`dsunlearn.eval.metrics.bootstrap_ci`,
+seeded; token-level means resample whole samples; ``ppl`` and ``fluency_ppl`` are exp of their
+mean NLL's interval). The corpus-level ``distinct_n`` has none.
+
+Under ``torchrun``/``deepspeed`` (``WORLD_SIZE`` > 1) both models are ZeRO-3 inference engines:
+each rank evaluates a contiguous shard of every set, every rank makes the same number of forward
+and ``generate(synced_gpus=True)`` calls (a short shard is padded with repeated samples whose
+results are dropped), and per-sample results are gathered in the original order, so the numbers
+equal a single-process run. Rank 0 writes ``eval.json``, ``samples.jsonl`` and ``report.md`` (with
+PNG plots) to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dsunlearn.data.load import load_pairs
+from dsunlearn.data.split import overlap_warning, split_pairs, split_record
+from dsunlearn.data.tokenization import TokenizedSequence, tokenize_pair, tokenize_pairs, tokenize_prompt
+from dsunlearn.eval import applications, mia
+from dsunlearn.eval.eval_config import DTYPES, MODEL_ROLES, EvalConfig, EvalContext
+from dsunlearn.eval.generation import generate, generation_fields, similarity
+from dsunlearn.eval.likelihood import nll_sums, teacher_forced
+from dsunlearn.eval.report import write_report
+from dsunlearn.eval.sharding import gather_records, shard_indices
+from dsunlearn.eval.summary import config_record, sample_row, summarize
+from dsunlearn.settings import noise
+from dsunlearn.settings.config import ConfigError, DataConfig
+from dsunlearn.settings.strict_json import to_json
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_eval_sets(
+    data_cfg: DataConfig, set_names: Sequence[str], max_samples: Optional[int] = None
+) -> tuple[dict[str, list], dict[str, dict]]:
+    """The requested prompt sets as ``{name: [Pair, ...]}``, split exactly as the trainer splits them (plus the
+    never-seen ``holdout`` of ``data.holdout`` when ``forget_train`` is requested: membership inference), and a record
+    of each split made (``{"forget" | "normal": data.split_record(...)}``: pairs, prompts, and the prompts both sides
+    share, which must be 0).
+
+    Forget and normal pairs are each split by prompt with their own ``held_out_fraction`` and ``data_cfg.seed``
+    (:func:`dsunlearn.data.split.split_pairs`); the random-answer pool and training never see the held-out part.
+    """
+    sets, splits = {}, {}
+    if any(name.startswith("forget") for name in set_names):
+        forget = load_pairs(data_cfg.forget)
+        forget_train, forget_held_out = split_pairs(forget, data_cfg.forget.held_out_fraction, data_cfg.seed)
+        sets.update(forget_train=forget_train, forget_held_out=forget_held_out)
+        splits["forget"] = split_record(forget_train, forget_held_out)
+        if data_cfg.holdout is not None and mia.MEMBER_SET in set_names:
+            sets[mia.NONMEMBER_SET] = load_pairs(data_cfg.holdout)
+            overlap = overlap_warning(forget, sets[mia.NONMEMBER_SET])
+            if overlap:
+                logger.warning(overlap)
+            set_names = [*set_names, mia.NONMEMBER_SET]
+    if "normal_held_out" in set_names:
+        normal_train, sets["normal_held_out"] = split_pairs(
+            load_pairs(data_cfg.normal), data_cfg.normal.held_out_fraction, data_cfg.seed
+        )
+        splits["normal"] = split_record(normal_train, sets["normal_held_out"])
+    return {name: sets[name][:max_samples] for name in set_names}, splits
+
+
+def run_evaluation(cfg: EvalConfig) -> dict:
+    """Load both models, evaluate every requested set, write the outputs on rank 0; return the summary.
+
+    One process: plain ``from_pretrained`` on CUDA if there is one, else the CPU. Under a launcher
+    with ``WORLD_SIZE`` > 1: ZeRO-3 inference engines, prompts sharded over the ranks.
+    """
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError(problems)
+    from transformers import AutoTokenizer
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    if world_size > 1:
+        from dsunlearn.runtime import distributed
+
+        rank, world_size, _ = distributed.init_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    sets, splits = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
+    # The engines own the ZeRO-3 hooks of the models: they stay referenced until the evaluation is done.
+    model, reference, _engines = load_models(cfg, world_size)
+    summary = evaluate_models(
+        model, reference, tokenizer, sets, cfg, rank=rank, world_size=world_size, splits=splits
+    )
+    if world_size > 1:
+        # Without the teardown, exit can abort in C++ now and then ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def load_models(cfg: EvalConfig, world_size: int):
+    """(unlearned model, original model, engines): plain models in one process, else ZeRO-3 inference engines.
+
+    With engines, the returned models are their ``.module`` (Hugging Face models whose parameters are
+    ZeRO-3 shards); keep the engines alive while the models are used.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if world_size > 1:
+        from dsunlearn.runtime import engines
+        from dsunlearn.runtime.ds_config import inference_ds_config
+
+        ds_config = inference_ds_config(dtype, offload=cfg.offload_param)
+        model_engine = engines.load_inference_engine(cfg.model_path, ds_config, dtype)
+        reference_engine = engines.load_inference_engine(cfg.reference_path, ds_config, dtype)
+        return model_engine.module, reference_engine.module, (model_engine, reference_engine)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(device).eval()
+    reference = AutoModelForCausalLM.from_pretrained(cfg.reference_path, dtype=dtype).to(device).eval()
+    return model, reference, ()
+
+
+def evaluate_models(
+    model,
+    reference,
+    tokenizer,
+    sets: dict[str, list],
+    cfg: EvalConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    splits: Optional[dict[str, dict]] = None,
+) -> dict:
+    """Evaluate ``model`` (unlearned) against ``reference`` (original) on ``sets`` and write the outputs.
+
+    ``sets``: ``{set name: [data.Pair, ...]}``, the same on every rank (see :func:`build_eval_sets`).
+    ``model``/``reference``: Hugging Face causal LMs, plain or the ``.module`` of ZeRO-3 engines; with
+    ``world_size`` > 1 this is a collective: call it on every rank. Returns the summary written to
+    ``eval.json`` (on every rank); rank 0 also writes ``samples.jsonl`` and ``report.md``. ``splits`` (from
+    :func:`build_eval_sets`) goes into ``eval.json`` as ``split``. Pairs whose prompt leaves no room for a response
+    within ``data.max_length`` are left out, as training leaves them out. With a never-seen ``holdout`` set beside
+    ``forget_train`` (:func:`build_eval_sets` adds ``data.holdout``), ``summary["mia"]`` holds the membership-inference
+    AUCs of :mod:`dsunlearn.eval.mia` (the holdout gets no other measurement).
+    """
+    problems = cfg.evaluation_problems()
+    if problems:
+        raise ConfigError(problems)
+    if model.config.vocab_size != reference.config.vocab_size:
+        raise ValueError(
+            f"the models' vocabularies differ ({model.config.vocab_size} vs {reference.config.vocab_size}): "
+            "KL and fluency need the original model's tokenizer"
+        )
+    context = EvalContext(tokenizer, cfg, world_size)
+    classifiers = applications.load_classifiers(cfg, context.device(model))
+
+    modes = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "model": cfg.model_path,
+        "reference": cfg.reference_path,
+        "metrics_jsonl": cfg.metrics_jsonl,
+        "world_size": world_size,
+        "config": config_record(cfg),
+        "split": splits or {},
+        "num_samples": {},
+        "original": {},
+        "unlearned": {},
+    }
+    samples = []
+    try:
+        with torch.no_grad():
+            for set_name, pairs in sets.items():
+                if set_name == mia.NONMEMBER_SET:
+                    continue  # never-seen samples serve the membership inference only (below)
+                fitting = tokenize_pairs(
+                    tokenizer, pairs, context.prompt_format, cfg.data.max_length, name=set_name
+                )
+                if fitting.dropped and rank == 0:
+                    logger.warning("set %s: %s", set_name, fitting.summary())
+                pairs = fitting.pairs
+                if not pairs:
+                    if rank == 0:
+                        logger.warning("set %s is empty (held_out_fraction 0?): skipped", set_name)
+                    continue
+                if rank == 0:
+                    logger.info("evaluating %s: %d prompts on %d rank(s)", set_name, len(pairs), world_size)
+                shard, num_real = shard_indices(len(pairs), rank, world_size)
+                records = _evaluate_shard(model, reference, [pairs[i] for i in shard], context, classifiers)
+                for index, record in zip(shard[:num_real], records[:num_real]):
+                    record["index"] = index
+                records = gather_records(records[:num_real], world_size)
+                summary["num_samples"][set_name] = len(records)
+                for role in MODEL_ROLES:
+                    summary[role][set_name] = summarize(records, role, cfg)
+                samples += [sample_row(set_name, record, cfg.rouge_key) for record in records]
+            if mia.MEMBER_SET in sets and mia.NONMEMBER_SET in sets:
+                members, nonmembers = sets[mia.MEMBER_SET], sets[mia.NONMEMBER_SET]
+                summary["mia"] = mia.evaluate_mia(
+                    model, reference, tokenizer, members, nonmembers, context, rank, world_size
+                )
+    finally:
+        model.train(modes[0])
+        reference.train(modes[1])
+
+    if rank == 0:
+        write_outputs(cfg, summary, samples)
+    if world_size > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def write_outputs(cfg: EvalConfig, summary: dict, samples: list[dict]) -> Path:
+    """Write ``eval.json``, ``samples.jsonl`` and ``report.md`` (+ PNGs) to ``cfg.output_dir``; return the folder."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(to_json(summary, indent=2) + "\n")
+    with open(out_dir / "samples.jsonl", "w") as handle:
+        for row in samples:
+            handle.write(to_json(row, ensure_ascii=False) + "\n")
+    report = write_report(out_dir, [(cfg.name, summary, cfg.metrics_jsonl)])
+    logger.info("evaluation written to %s (eval.json, samples.jsonl, %s)", out_dir, report.name)
+    return out_dir
+
+
+def build_parser():
+    """The jsonargparse parser of ``dsunlearn eval``: ``--config eval.yaml`` plus one flag per field."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog="dsunlearn eval", description=EvalConfig.__doc__, default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of settings (flags after it override)")
+    parser.add_class_arguments(EvalConfig, as_group=False)
+    # The deepspeed launcher appends --local_rank; the rank comes from the environment.
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (ignored)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """``dsunlearn eval --model_path RUN/final --reference_path ORIGINAL [--data.forget.source …] …``, or
+    ``dsunlearn eval --run_dir RUN [...]``: the run's export, original model, data settings and precision."""
+    import argparse
+
+    noise.silence_known_noise()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_dir_parser = argparse.ArgumentParser(add_help=False)
+    run_dir_parser.add_argument("--run_dir")
+    known, argv = run_dir_parser.parse_known_args(argv)
+    parser = build_parser()
+    parser.add_argument("--run_dir", help="a training run's output folder: its settings become the defaults")
+    if known.run_dir:
+        parser.set_defaults(_run_defaults(Path(known.run_dir)))
+    namespace = parser.parse_args(argv)
+    namespace.pop("run_dir", None)
+    namespace.pop("config", None)
+    namespace.pop("local_rank", None)
+    parsed = parser.instantiate(namespace)
+    cfg = EvalConfig(**{name: parsed[name] for name in EvalConfig.__dataclass_fields__})
+    return run_evaluation(cfg)
+
+
+def _run_defaults(run_dir: Path) -> dict:
+    """Flat ``{"data.forget.source": …}`` defaults from a training run's saved ``config.yaml``."""
+    from dsunlearn.settings.config import parse_run_config
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise SystemExit(f"dsunlearn eval: --run_dir {run_dir}: no config.yaml there (is it a training run's output?)")
+    run, _ = parse_run_config(["--config", str(config_file)])
+    defaults = EvalConfig.from_run(run, model_path=str(run_dir / "final"))
+    defaults.output_dir = str(run_dir / "eval")
+
+    def flatten(prefix: str, settings) -> dict:
+        # A nested group (data, data.forget) has one argument per field; an optional one (data.holdout) is a single
+        # argument whose value is the whole object.
+        flat = {}
+        declared = typing.get_type_hints(type(settings))
+        for setting in fields(settings):
+            value = getattr(settings, setting.name)
+            if is_dataclass(declared[setting.name]):
+                flat.update(flatten(f"{prefix}{setting.name}.", value))
+            else:
+                flat[prefix + setting.name] = asdict(value) if is_dataclass(value) else value
+        return flat
+
+    return flatten("", defaults)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _evaluate_shard(
+    model, reference, pairs: list, context: EvalContext, classifiers: applications.Classifiers
+) -> list[dict]:
+    """Per-pair measurements for one rank's shard (including its padding)."""
+    cfg, tokenizer = context.cfg, context.tokenizer
+    sequences = [
+        tokenize_pair(tokenizer, pair, context.prompt_format, cfg.data.max_length, context.prefix_ids)
+        for pair in pairs
+    ]
+    records = teacher_forced(model, reference, sequences, context)
+    prompts = [
+        tokenize_prompt(tokenizer, pair.prompt, context.prompt_format, cfg.data.max_length, context.prefix_ids)
+        for pair in pairs
+    ]
+    for role, generator in (("unlearned", model), ("original", reference)):
+        generations = generate(generator, prompts, context)
+        # Fluency: the original model judges the generated tokens, prompt included as context.
+        judged = [
+            TokenizedSequence(prompt + generated, [0] * len(prompt) + [1] * len(generated))
+            for prompt, generated in zip(prompts, generations)
+        ]
+        fluency = nll_sums(reference, judged, context)
+        for record, side in zip(records, generation_fields(pairs, generations, fluency, context, classifiers)):
+            record[role].update(side)
+    for record, pair in zip(records, pairs):
+        record.update(prompt=pair.prompt, response=pair.response)
+        record["similarity_to_original"] = similarity(record["unlearned"]["output"], record["original"]["output"], cfg)
+    return records
+
+
+if __name__ == "__main__":
+    main()

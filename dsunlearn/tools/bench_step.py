@@ -1,0 +1,614 @@
+"""Step benchmark: a paper-style unlearning loop against dsunlearn (1 process and N ranks under ZeRO-3) on the same
+work (DESIGN.md, issue 9; notes and results in dsunlearn/BENCHMARKS.md).
+
+    python -m dsunlearn.tools.bench_step [--preset cpu|tiny|gpu] [--out DIR] [--steps S --warmup W --ranks N]
+
+For each vocabulary and length profile of the preset it builds, locally, a tiny Llama (random weights; the model's
+vocabulary may exceed its tokenizer's) and synthetic forget/normal data whose token lengths it controls:
+``equal`` (every sequence ``max_length`` tokens: responses longer than that, cut) and ``realistic`` (forget responses
+of 90-170 words, normal answers, which are also the random answers, of 8-25, prompts of 6-16; one word is one token).
+Then it runs, each in its own processes:
+
+* ``paper``: the authors' loop (kevinyaobytedance/llm_unlearn): three policy forwards (forget, random, normal), each
+  padded on its own, materialised logits, a full second copy of the model as the reference with a forward every
+  step, the true KL on normal response tokens, torch AdamW; its batches come from ``StepData`` as the trainer's do;
+* ``dsunlearn x1``: ``python -m dsunlearn train`` on 1 rank (ZeRO-3);
+* ``dsunlearn xN``: the same on N ranks, started as srun does (RANK/WORLD_SIZE/... in the environment), the global
+  batch kept (per-rank batches divided by N).
+
+The trainer runs with ``train.time_phases`` on, so its phases come from the real loop
+(dsunlearn/runtime/step_timing.py). Every step's real tokens and token-id checksum must be equal across the runs, else
+the benchmark stops with an error.
+Steps after ``--warmup`` count. Reported per run: seconds per step and per phase (ZeRO-3 gathers and reduces are
+"of which" inside forward and backward), real tokens per second, the share of padded policy positions, peak memory
+per process (peak RSS on the CPU, with the RSS after imports as the baseline; ``max_memory_allocated`` on a GPU), the
+step's FLOP floor (the FLOPs the real tokens need, at the ``torch.mm`` rate measured in this run, one core or device
+per process) and the share of it reached, and ratios to the paper loop. Writes DIR/bench_step.json and
+DIR/bench_step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+RUN_TIMEOUT_S = 1800  # only stops a hung run
+PREEMPTION_RESUMES = 2
+EXIT_PREEMPTED = 75  # dsunlearn.runtime.distributed.EXIT_PREEMPTED, not imported: the paper loop runs without deepspeed
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    vocab_sizes: tuple
+    length_profiles: tuple
+    precision: str
+    steps: int
+    warmup: int
+    ranks: int
+    forget_batch_size: int = 2  # global, per step
+    normal_batch_size: int = 2
+    num_random_answers: int = 5
+    equal_length: int = 128
+    num_pairs: int = 48
+
+
+PRESETS = {
+    "cpu": Preset(256, 4, 4, (32_000, 128_256), ("equal", "realistic"), "fp32", steps=4, warmup=1, ranks=2),
+    "tiny": Preset(64, 2, 4, (2_048,), ("realistic",), "fp32", steps=3, warmup=1, ranks=2, equal_length=64,
+                   num_pairs=16),
+    # One H200: the N-rank row needs a second device (skipped with the reason), deepspeed only if its wheel travels.
+    "gpu": Preset(2048, 8, 16, (128_256,), ("equal", "realistic"), "bf16", steps=6, warmup=2, ranks=2,
+                  forget_batch_size=4, normal_batch_size=4),
+}
+
+# Lengths in words (one word is one token) of the realistic profile, close to PKU-SafeRLHF and TruthfulQA.
+PROMPT_WORDS = (6, 16)
+FORGET_WORDS = (90, 170)
+ANSWER_WORDS = (8, 25)
+REALISTIC_MAX_LENGTH = 256
+TEMPLATE = "Question: {prompt}\nAnswer: {response}"
+
+
+class WorkMismatch(RuntimeError):
+    """Two runs of a case did not process the same tokens in some step."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inputs: model folder, data files, run settings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _words(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(letters) for _ in range(rng.randint(3, 6))))
+    return sorted(words)
+
+
+WORDS = _words(300, seed=0)
+
+
+def _text(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(num_words))
+
+
+def build_model(model_dir: Path, preset: Preset, vocab_size: int) -> Path:
+    """A random tiny Llama with ``vocab_size`` ids and a word-level tokenizer (tiny.py's BPE trained on the benchmark's
+    words, so each word is one token); saved in the preset's precision."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dsunlearn.data import tiny
+
+    if (model_dir / "config.json").exists():
+        return model_dir
+    corpus = [" ".join(WORDS[i:i + 20]) for i in range(0, len(WORDS), 20)] * 4
+    tokenizer = tiny.build_bpe_tokenizer(corpus, vocab_size=4096)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"vocabulary {vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=preset.hidden_size, intermediate_size=4 * preset.hidden_size,
+        num_hidden_layers=preset.num_layers, num_attention_heads=preset.num_heads,
+        max_position_embeddings=2 * REALISTIC_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    from dsunlearn.runtime.engines import PRECISION_DTYPES
+
+    model.to(PRECISION_DTYPES[preset.precision]).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def write_data(data_dir: Path, preset: Preset, profile: str, seed: int = 0) -> tuple[Path, Path]:
+    """forget.jsonl and normal.jsonl (``pairs`` format) of one length profile."""
+    rng = random.Random(seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if profile == "equal":
+        forget_words = answer_words = (preset.equal_length + 20,) * 2  # longer than max_length: every sequence is cut
+    else:
+        forget_words, answer_words = FORGET_WORDS, ANSWER_WORDS
+    paths = []
+    for name, response_words in (("forget", forget_words), ("normal", answer_words)):
+        rows = [
+            {"prompt": _text(rng, rng.randint(*PROMPT_WORDS)), "response": _text(rng, rng.randint(*response_words))}
+            for _ in range(preset.num_pairs)
+        ]
+        path = data_dir / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@dataclass
+class Case:
+    """One benchmark case: a model, a length profile, and where its runs write."""
+
+    preset: str
+    vocab_size: int
+    profile: str
+    model_dir: str
+    forget_path: str
+    normal_path: str
+    steps: int
+    data_seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"V={self.vocab_size} {self.profile}"
+
+
+def build_run_config(case: Case, ranks: int, out_dir: str):
+    """The run settings of ``case`` on ``ranks`` ranks (the global batch of the preset, split over the ranks)."""
+    from dsunlearn.settings.config import DataConfig, ModelConfig, ObjectiveConfig, OutputConfig, RunConfig, TrainConfig
+    from dsunlearn.settings.dataset import DatasetSpec
+
+    preset = PRESETS[case.preset]
+    for name in ("forget_batch_size", "normal_batch_size"):
+        if getattr(preset, name) % ranks:
+            raise ValueError(f"{name}={getattr(preset, name)} does not split over {ranks} ranks")
+    max_length = preset.equal_length if case.profile == "equal" else REALISTIC_MAX_LENGTH
+    return RunConfig(
+        model=ModelConfig(name_or_path=case.model_dir, precision=preset.precision),
+        data=DataConfig(
+            forget=DatasetSpec(source=case.forget_path, format="pairs", held_out_fraction=0.1),
+            normal=DatasetSpec(source=case.normal_path, format="pairs", held_out_fraction=0.1),
+            template=TEMPLATE, max_length=max_length, seed=case.data_seed,
+        ),
+        objective=ObjectiveConfig(num_random_answers=preset.num_random_answers),
+        train=TrainConfig(
+            max_steps=case.steps, forget_batch_size=preset.forget_batch_size // ranks,
+            normal_batch_size=preset.normal_batch_size // ranks, lr=1e-5, lr_schedule="constant",
+            checkpoint_every=0, keep_checkpoints=1, max_normal_kl=None, max_zero_grad_steps=None, time_phases=True,
+        ),
+        output=OutputConfig(dir=out_dir, export=False, evaluate=False),
+    )
+
+
+def write_run_yaml(cfg, path: Path) -> Path:
+    import yaml
+
+    settings = cfg.to_dict()
+    settings["train"]["betas"] = list(settings["train"]["betas"])
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The paper-style loop (its own subprocess)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def body_parameters(model) -> int:
+    """Parameters of the transformer layers: those every token's matmuls read (not the embedding, not the head)."""
+    return sum(p.numel() for p in model.model.layers.parameters())
+
+
+def step_flops(sequences, normal_sequences, body_params: int, hidden_size: int, vocab_size: int,
+               num_layers: int) -> int:
+    """The FLOPs a step's real tokens need: 6 x body parameters x tokens for the trained forward+backward, 2 x for the
+    reference forward of the normal sequences, the head (6HV trained, 2HV reference) at the positions the loss scores,
+    and causal attention (QK^T and AV: 2 n^2 H per layer and forward of an n-token sequence, x3 when trained)."""
+
+    def totals(group):
+        return (sum(len(s) for s in group), sum(sum(s.response_mask) for s in group),
+                sum(len(s) ** 2 for s in group))
+
+    tokens, scored, squares = totals(sequences)
+    normal_tokens, normal_scored, normal_squares = totals(normal_sequences)
+    return (6 * body_params * tokens + 2 * body_params * normal_tokens
+            + 6 * hidden_size * vocab_size * scored + 2 * hidden_size * vocab_size * normal_scored
+            + 2 * num_layers * hidden_size * (3 * squares + normal_squares))
+
+
+def _sequence_mean(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L-1] values, [B, L-1] mask -> mean over each sequence's masked positions, then over sequences."""
+    return ((token_values * mask).sum(1) / mask.sum(1)).mean()
+
+
+def paper_loop(case: Case) -> dict:
+    """The authors' loop on ``case``: per step, its work, phase seconds, peak memory and FLOPs; step 0's losses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dsunlearn.data.step_data import StepData
+    from dsunlearn.data.tokenization import pad_batch
+    from dsunlearn.runtime import step_timing
+    from dsunlearn.runtime.engines import PRECISION_DTYPES, disable_dropout
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timer = step_timing.StepTimer(True, device)
+    cfg = build_run_config(case, 1, out_dir="unused")
+    dtype = PRECISION_DTYPES[cfg.model.precision]
+    tokenizer = AutoTokenizer.from_pretrained(case.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(case.model_dir, dtype=dtype).to(device)
+    disable_dropout(model)
+    model.train()
+    reference = AutoModelForCausalLM.from_pretrained(case.model_dir, dtype=dtype).to(device).eval()
+    reference.requires_grad_(False)
+    train = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    step_data = StepData(cfg, tokenizer, world_size=1)
+    objective = cfg.objective
+    config = model.config
+    body_params = body_parameters(model)
+    steps = []
+    for step in range(case.steps):
+        started = time.perf_counter()
+        with timer.phase("batch"):
+            slot = step_data.slot(step, 0, 0)
+            terms = {name: {k: v.to(device) for k, v in pad_batch(group, step_data.pad_id).items()}
+                     for name, group in (("forget", slot.forget), ("random", slot.random), ("normal", slot.normal))}
+        term_values = {}
+        for name, batch in terms.items():
+            timer.count_work(batch["input_ids"], batch["attention_mask"])
+            # Position t predicts token t+1: [B, L-1] targets and the mask of the response tokens among them.
+            targets = batch["input_ids"][:, 1:]
+            scored = (batch["response_mask"] * batch["attention_mask"])[:, 1:].to(torch.float32)
+            with timer.phase("policy_forward"):
+                hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+            if name == "normal":
+                with timer.phase("reference_forward"), torch.no_grad():
+                    ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with timer.phase("head_loss"):
+                log_probs = torch.log_softmax(model.lm_head(hidden)[:, :-1].float(), -1)  # [B, L-1, V]
+                if name == "normal":
+                    ref_log_probs = torch.log_softmax(ref_logits[:, :-1].float(), -1)
+                    token_kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)  # [B, L-1]
+                    term_values[name] = _sequence_mean(token_kl, scored)
+                else:
+                    token_ce = -log_probs.gather(-1, targets[..., None]).squeeze(-1)  # [B, L-1]
+                    term_values[name] = _sequence_mean(token_ce, scored)
+        loss = (-objective.forget_weight * term_values["forget"] + objective.random_weight * term_values["random"]
+                + objective.normal_weight * term_values["normal"])
+        with timer.phase("backward"):
+            loss.backward()
+        with timer.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - started
+        record = timer.step_fields()
+        record.update(
+            step=step + 1, step_s=step_s,
+            forget_ce=float(term_values["forget"].detach()), random_ce=float(term_values["random"].detach()),
+            normal_kl=float(term_values["normal"].detach()),
+            flops=step_flops(slot.forget + slot.random + slot.normal, slot.normal, body_params, config.hidden_size,
+                             config.vocab_size, config.num_hidden_layers),
+        )
+        steps.append(record)
+    return {"steps": steps}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running the three
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(processes: list, logs: list[Path]) -> list[int]:
+    """The exit codes of ``processes``, killed if they outlast ``RUN_TIMEOUT_S``."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        return [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _failed(what: str, codes: list[int], logs: list[Path]) -> RuntimeError:
+    tail = "".join(log.read_text(errors="replace")[-3000:] for log in logs)
+    return RuntimeError(f"{what} exited {codes}:\n{tail}")
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run_paper(case: Case, run_dir: Path) -> list[dict]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result, log = run_dir / "paper.json", run_dir / "paper.log"
+    command = [sys.executable, "-m", "dsunlearn.tools.bench_step", "--paper-worker",
+               json.dumps(dataclasses.asdict(case)), "--worker-result", str(result)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=_worker_env(), stdout=out, stderr=subprocess.STDOUT)
+    codes = _wait([process], [log])
+    if codes != [0]:
+        raise _failed("the paper loop", codes, [log])
+    return json.loads(result.read_text())["steps"]
+
+
+def run_dsunlearn(case: Case, ranks: int, run_dir: Path) -> list[dict]:
+    """``python -m dsunlearn train`` on ``ranks`` ranks, started as srun does; the rows of its metrics.jsonl."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = write_run_yaml(build_run_config(case, ranks, str(run_dir / "run")), run_dir / "run.yaml")
+    start = ["--overwrite", "true"]
+    for attempt in range(PREEMPTION_RESUMES + 1):
+        port = str(_free_port())
+        processes, logs = [], []
+        for rank in range(ranks):
+            env = dict(_worker_env(), RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            logs.append(run_dir / f"rank{rank}.attempt{attempt}.log")
+            with open(logs[-1], "w") as out:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "dsunlearn", "train", "--config", str(config), *start],
+                    env=env, stdout=out, stderr=subprocess.STDOUT,
+                ))
+        codes = _wait(processes, logs)
+        if not any(codes):
+            break
+        # A SIGTERM from outside (the CI machines send one now and then, see tests/launching.py) stops the ranks after
+        # a saved step: finish the run as a user would, by resuming it (metrics.jsonl keeps the steps done).
+        if set(codes) != {EXIT_PREEMPTED} or attempt == PREEMPTION_RESUMES:
+            raise _failed(f"dsunlearn on {ranks} ranks", codes, logs)
+        start = ["--resume", "true"]
+    lines = (run_dir / "run" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def check_same_work(reference_steps: list[dict], steps: list[dict], what: str) -> None:
+    """Raise ``WorkMismatch`` unless every step of ``steps`` has the real tokens and token checksum of the same step
+    of ``reference_steps``."""
+    if len(steps) != len(reference_steps):
+        raise WorkMismatch(f"{what}: {len(steps)} steps, the paper loop {len(reference_steps)}")
+    for ours, theirs in zip(steps, reference_steps):
+        if (ours["real_tokens"], ours["work_checksum"]) != (theirs["real_tokens"], theirs["work_checksum"]):
+            raise WorkMismatch(
+                f"{what}, step {ours['step']}: {ours['real_tokens']} tokens with checksum {ours['work_checksum']}, "
+                f"the paper loop {theirs['real_tokens']} with {theirs['work_checksum']}: not the same work"
+            )
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, size: int, repeats: int = 5) -> float:
+    """FLOP/s of one ``torch.mm`` of [size, size] matrices on one core (CPU) or the device; the best of ``repeats``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            torch.mm(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return 2 * size**3 / best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def summarise(name: str, processes: int, steps: list[dict], warmup: int, flops_per_step: list[int],
+              rate: float) -> dict:
+    """One run's row: means over the steps after ``warmup``."""
+    measured = steps[warmup:]
+    step_s = statistics.fmean(s["step_s"] for s in measured)
+    phase_s = {k: statistics.fmean(s["phase_s"][k] for s in measured) for k in measured[0]["phase_s"]}
+    in_phases = sum(v for k, v in phase_s.items() if not k.startswith("zero3_"))
+    tokens = sum(s["real_tokens"] for s in measured)
+    positions = sum(s["positions"] for s in measured)
+    floor_s = statistics.fmean(flops_per_step[warmup:]) / (rate * processes)
+    return {
+        "run": name,
+        "processes": processes,
+        "status": "ok",
+        "step_s": step_s,
+        "phase_s": phase_s,
+        "other_s": step_s - in_phases,
+        "real_tokens_per_step": tokens / len(measured),
+        "positions_per_step": positions / len(measured),
+        "tokens_per_s": tokens / sum(s["step_s"] for s in measured),
+        "padding_share": 1 - tokens / positions,
+        "peak_mem_mib": max(s["peak_mem_mib"] for s in measured),
+        "baseline_mem_mib": measured[0]["baseline_mem_mib"],
+        "flop_floor_s": floor_s,
+        "floor_share": floor_s / step_s,
+        "step1_terms": {k: steps[0][k] for k in ("forget_ce", "random_ce", "normal_kl")},
+        "work": [[s["real_tokens"], s["work_checksum"]] for s in steps],
+    }
+
+
+def run_case(case: Case, work_dir: Path, preset: Preset, warmup: int, ranks: int, rate: float) -> dict:
+    """The three runs of one case, checked for the same work, with ratios to the paper loop."""
+    case_dir = work_dir / case.name.replace(" ", "_").replace("=", "")
+    paper_steps = run_paper(case, case_dir / "paper")
+    flops = [s["flops"] for s in paper_steps]
+    rows = [summarise("paper", 1, paper_steps, warmup, flops, rate)]
+    runs = [("dsunlearn x1", 1), (f"dsunlearn x{ranks}", ranks)]
+    for name, processes in runs:
+        skip = _why_not(processes)
+        if skip:
+            rows.append({"run": name, "processes": processes, "status": "skipped", "note": skip})
+            continue
+        steps = run_dsunlearn(case, processes, case_dir / name.replace(" ", "_"))
+        check_same_work(paper_steps, steps, f"{case.name}: {name}")
+        rows.append(summarise(name, processes, steps, warmup, flops, rate))
+    paper = rows[0]
+    for row in rows:
+        if row["status"] == "ok":
+            row["speedup_vs_paper"] = paper["step_s"] / row["step_s"]
+            row["memory_vs_paper"] = row["peak_mem_mib"] / paper["peak_mem_mib"]
+    return {"case": case.name, "vocab_size": case.vocab_size, "lengths": case.profile, "rows": rows}
+
+
+def _why_not(processes: int) -> Optional[str]:
+    """Why dsunlearn cannot run on ``processes`` processes here (None: it can)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed on this machine"
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        return f"{processes} ranks need {processes} GPUs, this machine has {torch.cuda.device_count()}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({model}), torch {torch.__version__}"
+
+
+PHASE_COLUMNS = (("batch", "batch"), ("policy_forward", "policy fwd"), ("reference_forward", "ref fwd"),
+                 ("head_loss", "head+loss"), ("backward", "backward"), ("optimizer", "optim"),
+                 ("zero3_gather", "of which gathers"), ("zero3_reduce", "of which reduce"))
+
+
+def format_markdown(result: dict) -> str:
+    header = ["case", "run", "s/step", "vs paper", "tokens/s", "padded", "peak MiB/proc", "mem vs paper",
+              "floor share"] + [label for _, label in PHASE_COLUMNS] + ["other"]
+    lines = [f"Step benchmark, preset {result['preset']}: {result['machine']}, {result['date']}",
+             f"`{result['command']}`; matmul rate {result['matmul_gflops']:.1f} GFLOP/s per process; "
+             f"means over steps {result['warmup'] + 1}-{result['steps']}; phase times in ms", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case in result["cases"]:
+        for row in case["rows"]:
+            if row["status"] != "ok":
+                lines.append(f"| {case['case']} | {row['run']} | {row['status']}: {row['note']} |")
+                continue
+            phases = [f"{1000 * row['phase_s'][key]:.0f}" for key, _ in PHASE_COLUMNS]
+            lines.append("| " + " | ".join([
+                case["case"], row["run"], f"{row['step_s']:.3f}", _ratio(row["speedup_vs_paper"], "faster", "slower"),
+                f"{row['tokens_per_s']:.0f}", f"{100 * row['padding_share']:.0f}%",
+                f"{row['peak_mem_mib']:.0f} (base {row['baseline_mem_mib']:.0f})", _ratio(row["memory_vs_paper"]),
+                f"{100 * row['floor_share']:.1f}%", *phases, f"{1000 * row['other_s']:.0f}",
+            ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float, above: str = "", below: str = "") -> str:
+    """``1.37x faster`` / ``1.25x slower`` for a speed ratio, ``0.55x`` for a memory ratio; the paper row is ``-``."""
+    if value == 1.0:
+        return "-"
+    if below and value < 1:
+        return f"{1 / value:.2f}x {below}"
+    return f"{value:.2f}x {above}".rstrip()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dsunlearn.tools.bench_step", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", type=Path, help="write OUT/bench_step.json and OUT/bench_step.md (and keep the runs)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
+    parser.add_argument("--warmup", type=int, help="first steps left out of the means (default: the preset's)")
+    parser.add_argument("--ranks", type=int, help="ranks of the multi-rank run (default: the preset's)")
+    parser.add_argument("--paper-worker", help=argparse.SUPPRESS)  # internal: the paper loop's subprocess
+    parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.paper_worker:
+        result = paper_loop(Case(**json.loads(args.paper_worker)))
+        args.worker_result.write_text(json.dumps(result))
+        return result
+    preset = PRESETS[args.preset]
+    steps, warmup = args.steps or preset.steps, preset.warmup if args.warmup is None else args.warmup
+    ranks = args.ranks or preset.ranks
+    if not 0 <= warmup < steps:
+        raise SystemExit(f"--warmup {warmup} must leave at least one of the {steps} steps")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from dsunlearn.runtime.engines import PRECISION_DTYPES
+
+    rate = matmul_rate(PRECISION_DTYPES[preset.precision], device, 8192 if device.type == "cuda" else 1024)
+    cases = []
+    result = {
+        "preset": args.preset,
+        "machine": machine_description(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m dsunlearn.tools.bench_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "steps": steps,
+        "warmup": warmup,
+        "matmul_gflops": rate / 1e9,
+        "settings": dataclasses.asdict(preset),
+        "cases": cases,
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        work_dir = args.out / "runs" if args.out else Path(scratch)
+        for vocab_size in preset.vocab_sizes:
+            model_dir = build_model(work_dir / f"model_V{vocab_size}", preset, vocab_size)
+            for profile in preset.length_profiles:
+                forget, normal = write_data(work_dir / f"data_{profile}", preset, profile)
+                case = Case(args.preset, vocab_size, profile, str(model_dir), str(forget), str(normal), steps)
+                cases.append(run_case(case, work_dir, preset, warmup, ranks, rate))
+                print(f"done: {case.name}", file=sys.stderr, flush=True)
+                if args.out:  # after every case, so a later failure keeps the cases done
+                    write_result(args.out, result)
+    print(format_markdown(result))
+    return result
+
+
+def write_result(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_step.json").write_text(json.dumps(result, indent=1))
+    (out / "bench_step.md").write_text(format_markdown(result))
+
+
+if __name__ == "__main__":
+    main()

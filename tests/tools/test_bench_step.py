@@ -1,0 +1,106 @@
+"""The step benchmark (dsunlearn/tools/bench_step.py) and the trainer's phase timing
+(dsunlearn/runtime/step_timing.py): one ``--preset tiny`` run (paper loop, dsunlearn on 1 process and on 2 ranks) shared by the tests; no timing assertions."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsunlearn.runtime import step_timing
+from dsunlearn.tools import bench_step
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS = ("paper", "dsunlearn x1", "dsunlearn x2")
+ROW_FIELDS = {
+    "run", "processes", "status", "step_s", "phase_s", "other_s", "real_tokens_per_step", "positions_per_step",
+    "tokens_per_s", "padding_share", "peak_mem_mib", "baseline_mem_mib", "flop_floor_s", "floor_share",
+    "step1_terms", "work", "speedup_vs_paper", "memory_vs_paper",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_step")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "dsunlearn.tools.bench_step", "--preset", "tiny", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_tiny_preset_writes_every_field(tiny_bench):
+    result = json.loads((tiny_bench / "bench_step.json").read_text())
+    assert {"preset", "machine", "date", "command", "steps", "warmup", "matmul_gflops", "cases"} <= result.keys()
+    (case,) = result["cases"]
+    assert [row["run"] for row in case["rows"]] == list(RUNS)
+    for row in case["rows"]:
+        assert row["status"] == "ok"
+        assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
+        assert set(row["phase_s"]) == set(step_timing.PHASES + step_timing.ZERO3_PHASES)
+        assert all(seconds >= 0 for seconds in row["phase_s"].values())
+        assert row["peak_mem_mib"] > row["baseline_mem_mib"] > 0
+        assert 0 <= row["padding_share"] < 1
+    assert "| V=2048 realistic | dsunlearn x2 |" in (tiny_bench / "bench_step.md").read_text()
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_runs_do_the_same_work(tiny_bench):
+    """Every run processed the same tokens in every step, and dsunlearn's packed rows run fewer positions than the
+    paper loop's three padded batches."""
+    (case,) = json.loads((tiny_bench / "bench_step.json").read_text())["cases"]
+    paper, single, ranks = case["rows"]
+    assert paper["work"] == single["work"] == ranks["work"]
+    assert single["positions_per_step"] < paper["positions_per_step"]
+    assert ranks["positions_per_step"] < paper["positions_per_step"]
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_paper_loop_losses_equal_dsunlearn_step_one_terms(tiny_bench):
+    """Before any update the three loops compute the same terms: forget CE, random CE, and normal KL = 0."""
+    (case,) = json.loads((tiny_bench / "bench_step.json").read_text())["cases"]
+    paper = case["rows"][0]["step1_terms"]
+    assert paper["normal_kl"] == 0.0
+    for row in case["rows"][1:]:
+        terms = row["step1_terms"]
+        assert terms["forget_ce"] == pytest.approx(paper["forget_ce"], rel=1e-5)
+        assert terms["random_ce"] == pytest.approx(paper["random_ce"], rel=1e-5)
+        assert terms["normal_kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.integration
+def test_work_check_fails_on_different_data(tiny_bench):
+    """The paper loop on other data (another data seed: other examples and random answers) is refused against the
+    trainer's steps; on the same data it is accepted."""
+    runs = tiny_bench / "runs"
+    trainer_steps = [json.loads(line) for line in
+                     (runs / "V2048_realistic" / "dsunlearn_x1" / "run" / "metrics.jsonl").read_text().splitlines()]
+    same = json.loads((runs / "V2048_realistic" / "paper" / "paper.json").read_text())["steps"]
+    bench_step.check_same_work(same, trainer_steps, "same data")
+    case = bench_step.Case("tiny", 2048, "realistic", str(runs / "model_V2048"), str(runs / "data_realistic" /
+                           "forget.jsonl"), str(runs / "data_realistic" / "normal.jsonl"), steps=len(same))
+    other = bench_step.paper_loop(dataclasses.replace(case, data_seed=1))["steps"]
+    with pytest.raises(bench_step.WorkMismatch, match="not the same work"):
+        bench_step.check_same_work(other, trainer_steps, "other data")
+
+
+def test_checksum_does_not_depend_on_padding():
+    """A sequence's checksum is sum(id * BASE^i) mod the prime, computed here in plain integers, whatever the padding
+    around it."""
+    ids = [5, 17, 3, 250_000, 9]
+    expected = sum(t * pow(step_timing.CHECKSUM_BASE, i, step_timing.CHECKSUM_MODULUS)
+                   for i, t in enumerate(ids)) % step_timing.CHECKSUM_MODULUS
+    right = torch.tensor([ids + [0, 0]]), torch.tensor([[1] * 5 + [0, 0]])
+    left = torch.tensor([[7, 7] + ids]), torch.tensor([[0, 0] + [1] * 5])
+    for input_ids, mask in (right, left, (torch.tensor([ids]), torch.ones(1, 5, dtype=torch.long))):
+        assert step_timing.sequence_checksums(input_ids, mask).tolist() == [expected]
+    work = step_timing.work_of(*right)
+    assert work.tolist() == [5, 7, expected]
