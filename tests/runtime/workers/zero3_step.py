@@ -17,7 +17,9 @@ def main(policy_dir: str, reference_dir: str, out_file: str, backend: str, head_
     from dsunlearn.runtime import ds_config as ds_configs
     from dsunlearn.train import forward_loss
 
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    # The test module beside this folder, and tests/ for the launching helpers it imports (as pytest's path has them).
+    tests_dir = __import__("pathlib").Path(__file__).resolve().parents[2]
+    sys.path[:0] = [str(tests_dir / "runtime"), str(tests_dir)]
     from test_zero3_step import make_config, rank_batch
 
     rank, world_size, _ = distributed.init_distributed()
