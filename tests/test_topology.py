@@ -31,5 +31,8 @@ def test_one_rank_accumulating_matches_two_ranks(tiny_model_dir, tmp_path, reduc
     assert one_rank[2]["normal_kl"] > 5e-4
     for single, double in zip(one_rank, two_ranks):
         for key in COMPARED:
-            # abs: the KL of step 1 is rounding (~1e-9: the cached reference rows came from other batch shapes)
+            # Each rank's micro-batch is the same on both topologies, and so are the cached reference rows (the cache
+            # pass forwards the same groups on any rank count, test_reference_cache): what is left is the order of
+            # the gradient sums. abs: the KL of step 1 is rounding (~1e-9: the policy's rows come from the step's
+            # batch shapes, the reference's from the cache pass's).
             assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-8), (single["step"], key)

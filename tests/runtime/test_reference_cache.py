@@ -82,9 +82,34 @@ def test_rows_are_counted_as_the_loss_counts_them():
 
 
 def test_shares_cover_every_example_once():
-    for examples, ranks in ((5, 4), (8, 2), (3, 3)):
+    for examples, ranks in ((5, 4), (8, 2), (3, 3), (50, 2), (50, 3), (17, 8)):
         shares = reference_cache.shares(examples, ranks)
+        assert len(shares) == ranks
         assert [i for share in shares for i in share] == list(range(examples))
+
+
+@pytest.mark.parametrize("num_examples", [20, 50, 3])
+def test_the_pass_forwards_the_same_groups_on_any_rank_count(num_examples):
+    """The rows are the same bits on 1 rank and on N (topology invariance, DESIGN.md §6a): every rank count forwards
+    the normal examples in the same groups, in the same layout. Each forward is recorded as the token ids it saw."""
+    sequences = [TokenizedSequence(input_ids=[i + 3, i + 4, 5], response_mask=[0, 1, 1]) for i in range(num_examples)]
+
+    def groups_on(world_size):
+        seen = []
+
+        def forward_hidden(segment):
+            seen.append(tuple(segment.input_ids.flatten().tolist()))
+            return torch.zeros(int(segment.input_ids.numel()), 1)
+
+        for share in reference_cache.shares(num_examples, world_size):
+            # As many forwards as the share has groups: the fillers that even out the ranks' counts are dropped anyway.
+            num_forwards = -(-len(share) // reference_cache.BUILD_BATCH_SIZE)
+            reference_cache.compute_share_rows(forward_hidden, sequences, share, num_forwards, "packed", 0, "cpu")
+        return seen
+
+    one_rank = groups_on(1)
+    for world_size in (2, 3, 4):
+        assert groups_on(world_size) == one_rank, world_size
 
 
 def test_auto_chooses_by_size_and_logits_path_refuses_memory_and_disk(tiny_model_dir):
