@@ -25,6 +25,9 @@ per process (peak RSS on the CPU, with the RSS after imports as the baseline; ``
 step's FLOP floor (the FLOPs the real tokens need, at the ``torch.mm`` rate measured in this run, one core or device
 per process) and the share of it reached, and ratios to the paper loop. Writes DIR/bench_step.json and
 DIR/bench_step.md.
+
+The cases, their model and data are built by :mod:`dsunlearn.tools.bench_cases`; the paper loop is
+:mod:`dsunlearn.tools.paper_loop`; this module runs the three and writes the results.
 """
 
 from __future__ import annotations
@@ -36,289 +39,32 @@ import importlib.util
 import json
 import os
 import platform
-import random
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from dsunlearn.tools.bench_cases import (
+    PRESETS,
+    Case,
+    Preset,
+    WorkMismatch,
+    build_model,
+    build_run_config,
+    write_data,
+    write_run_yaml,
+)
+from dsunlearn.tools.paper_loop import paper_loop
+
 RUN_TIMEOUT_S = 1800  # only stops a hung run
 PREEMPTION_RESUMES = 2
 EXIT_PREEMPTED = 75  # dsunlearn.runtime.distributed.EXIT_PREEMPTED, not imported: the paper loop runs without deepspeed
-
-
-@dataclass(frozen=True)
-class Preset:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    vocab_sizes: tuple
-    length_profiles: tuple
-    precision: str
-    steps: int
-    warmup: int
-    ranks: int
-    forget_batch_size: int = 2  # global, per step
-    normal_batch_size: int = 2
-    num_random_answers: int = 5
-    equal_length: int = 128
-    num_pairs: int = 48
-
-
-PRESETS = {
-    "cpu": Preset(256, 4, 4, (32_000, 128_256), ("equal", "realistic"), "fp32", steps=4, warmup=1, ranks=2),
-    "tiny": Preset(64, 2, 4, (2_048,), ("realistic",), "fp32", steps=3, warmup=1, ranks=2, equal_length=64,
-                   num_pairs=16),
-    # One H200: the N-rank row needs a second device (skipped with the reason), deepspeed only if its wheel travels.
-    "gpu": Preset(2048, 8, 16, (128_256,), ("equal", "realistic"), "bf16", steps=6, warmup=2, ranks=2,
-                  forget_batch_size=4, normal_batch_size=4),
-}
-
-# Lengths in words (one word is one token) of the realistic profile, close to PKU-SafeRLHF and TruthfulQA.
-PROMPT_WORDS = (6, 16)
-FORGET_WORDS = (90, 170)
-ANSWER_WORDS = (8, 25)
-REALISTIC_MAX_LENGTH = 256
-TEMPLATE = "Question: {prompt}\nAnswer: {response}"
-
-
-class WorkMismatch(RuntimeError):
-    """Two runs of a case did not process the same tokens in some step."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Inputs: model folder, data files, run settings
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _words(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    words = set()
-    while len(words) < count:
-        words.add("".join(rng.choice(letters) for _ in range(rng.randint(3, 6))))
-    return sorted(words)
-
-
-WORDS = _words(300, seed=0)
-
-
-def _text(rng: random.Random, num_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(num_words))
-
-
-def build_model(model_dir: Path, preset: Preset, vocab_size: int) -> Path:
-    """A random tiny Llama with ``vocab_size`` ids and a word-level tokenizer (tiny.py's BPE trained on the benchmark's
-    words, so each word is one token); saved in the preset's precision."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dsunlearn.data import tiny
-
-    if (model_dir / "config.json").exists():
-        return model_dir
-    corpus = [" ".join(WORDS[i:i + 20]) for i in range(0, len(WORDS), 20)] * 4
-    tokenizer = tiny.build_bpe_tokenizer(corpus, vocab_size=4096)
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"vocabulary {vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=preset.hidden_size, intermediate_size=4 * preset.hidden_size,
-        num_hidden_layers=preset.num_layers, num_attention_heads=preset.num_heads,
-        max_position_embeddings=2 * REALISTIC_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    from dsunlearn.runtime.engines import PRECISION_DTYPES
-
-    model.to(PRECISION_DTYPES[preset.precision]).save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
-
-
-def write_data(data_dir: Path, preset: Preset, profile: str, seed: int = 0) -> tuple[Path, Path]:
-    """forget.jsonl and normal.jsonl (``pairs`` format) of one length profile."""
-    rng = random.Random(seed)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if profile == "equal":
-        forget_words = answer_words = (preset.equal_length + 20,) * 2  # longer than max_length: every sequence is cut
-    else:
-        forget_words, answer_words = FORGET_WORDS, ANSWER_WORDS
-    paths = []
-    for name, response_words in (("forget", forget_words), ("normal", answer_words)):
-        rows = [
-            {"prompt": _text(rng, rng.randint(*PROMPT_WORDS)), "response": _text(rng, rng.randint(*response_words))}
-            for _ in range(preset.num_pairs)
-        ]
-        path = data_dir / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        paths.append(path)
-    return paths[0], paths[1]
-
-
-@dataclass
-class Case:
-    """One benchmark case: a model, a length profile, and where its runs write."""
-
-    preset: str
-    vocab_size: int
-    profile: str
-    model_dir: str
-    forget_path: str
-    normal_path: str
-    steps: int
-    data_seed: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"V={self.vocab_size} {self.profile}"
-
-
-def build_run_config(case: Case, ranks: int, out_dir: str):
-    """The run settings of ``case`` on ``ranks`` ranks (the global batch of the preset, split over the ranks)."""
-    from dsunlearn.settings.config import DataConfig, ModelConfig, ObjectiveConfig, OutputConfig, RunConfig, TrainConfig
-    from dsunlearn.settings.dataset import DatasetSpec
-
-    preset = PRESETS[case.preset]
-    for name in ("forget_batch_size", "normal_batch_size"):
-        if getattr(preset, name) % ranks:
-            raise ValueError(f"{name}={getattr(preset, name)} does not split over {ranks} ranks")
-    max_length = preset.equal_length if case.profile == "equal" else REALISTIC_MAX_LENGTH
-    return RunConfig(
-        model=ModelConfig(name_or_path=case.model_dir, precision=preset.precision),
-        data=DataConfig(
-            forget=DatasetSpec(source=case.forget_path, format="pairs", held_out_fraction=0.1),
-            normal=DatasetSpec(source=case.normal_path, format="pairs", held_out_fraction=0.1),
-            template=TEMPLATE, max_length=max_length, seed=case.data_seed,
-        ),
-        objective=ObjectiveConfig(num_random_answers=preset.num_random_answers),
-        train=TrainConfig(
-            max_steps=case.steps, forget_batch_size=preset.forget_batch_size // ranks,
-            normal_batch_size=preset.normal_batch_size // ranks, lr=1e-5, lr_schedule="constant",
-            checkpoint_every=0, keep_checkpoints=1, max_normal_kl=None, max_zero_grad_steps=None, time_phases=True,
-        ),
-        output=OutputConfig(dir=out_dir, export=False, evaluate=False),
-    )
-
-
-def write_run_yaml(cfg, path: Path) -> Path:
-    import yaml
-
-    settings = cfg.to_dict()
-    settings["train"]["betas"] = list(settings["train"]["betas"])
-    path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return path
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The paper-style loop (its own subprocess)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def body_parameters(model) -> int:
-    """Parameters of the transformer layers: those every token's matmuls read (not the embedding, not the head)."""
-    return sum(p.numel() for p in model.model.layers.parameters())
-
-
-def step_flops(sequences, normal_sequences, body_params: int, hidden_size: int, vocab_size: int,
-               num_layers: int) -> int:
-    """The FLOPs a step's real tokens need: 6 x body parameters x tokens for the trained forward+backward, 2 x for the
-    reference forward of the normal sequences, the head (6HV trained, 2HV reference) at the positions the loss scores,
-    and causal attention (QK^T and AV: 2 n^2 H per layer and forward of an n-token sequence, x3 when trained)."""
-
-    def totals(group):
-        return (sum(len(s) for s in group), sum(sum(s.response_mask) for s in group),
-                sum(len(s) ** 2 for s in group))
-
-    tokens, scored, squares = totals(sequences)
-    normal_tokens, normal_scored, normal_squares = totals(normal_sequences)
-    return (6 * body_params * tokens + 2 * body_params * normal_tokens
-            + 6 * hidden_size * vocab_size * scored + 2 * hidden_size * vocab_size * normal_scored
-            + 2 * num_layers * hidden_size * (3 * squares + normal_squares))
-
-
-def _sequence_mean(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, L-1] values, [B, L-1] mask -> mean over each sequence's masked positions, then over sequences."""
-    return ((token_values * mask).sum(1) / mask.sum(1)).mean()
-
-
-def paper_loop(case: Case) -> dict:
-    """The authors' loop on ``case``: per step, its work, phase seconds, peak memory and FLOPs; step 0's losses."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dsunlearn.data.step_data import StepData
-    from dsunlearn.data.tokenization import pad_batch
-    from dsunlearn.runtime import step_timing
-    from dsunlearn.runtime.engines import PRECISION_DTYPES, disable_dropout
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timer = step_timing.StepTimer(True, device)
-    cfg = build_run_config(case, 1, out_dir="unused")
-    dtype = PRECISION_DTYPES[cfg.model.precision]
-    tokenizer = AutoTokenizer.from_pretrained(case.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(case.model_dir, dtype=dtype).to(device)
-    disable_dropout(model)
-    model.train()
-    reference = AutoModelForCausalLM.from_pretrained(case.model_dir, dtype=dtype).to(device).eval()
-    reference.requires_grad_(False)
-    train = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
-    step_data = StepData(cfg, tokenizer, world_size=1)
-    objective = cfg.objective
-    config = model.config
-    body_params = body_parameters(model)
-    steps = []
-    for step in range(case.steps):
-        started = time.perf_counter()
-        with timer.phase("batch"):
-            slot = step_data.slot(step, 0, 0)
-            terms = {name: {k: v.to(device) for k, v in pad_batch(group, step_data.pad_id).items()}
-                     for name, group in (("forget", slot.forget), ("random", slot.random), ("normal", slot.normal))}
-        term_values = {}
-        for name, batch in terms.items():
-            timer.count_work(batch["input_ids"], batch["attention_mask"])
-            # Position t predicts token t+1: [B, L-1] targets and the mask of the response tokens among them.
-            targets = batch["input_ids"][:, 1:]
-            scored = (batch["response_mask"] * batch["attention_mask"])[:, 1:].to(torch.float32)
-            with timer.phase("policy_forward"):
-                hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-            if name == "normal":
-                with timer.phase("reference_forward"), torch.no_grad():
-                    ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            with timer.phase("head_loss"):
-                log_probs = torch.log_softmax(model.lm_head(hidden)[:, :-1].float(), -1)  # [B, L-1, V]
-                if name == "normal":
-                    ref_log_probs = torch.log_softmax(ref_logits[:, :-1].float(), -1)
-                    token_kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)  # [B, L-1]
-                    term_values[name] = _sequence_mean(token_kl, scored)
-                else:
-                    token_ce = -log_probs.gather(-1, targets[..., None]).squeeze(-1)  # [B, L-1]
-                    term_values[name] = _sequence_mean(token_ce, scored)
-        loss = (-objective.forget_weight * term_values["forget"] + objective.random_weight * term_values["random"]
-                + objective.normal_weight * term_values["normal"])
-        with timer.phase("backward"):
-            loss.backward()
-        with timer.phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_s = time.perf_counter() - started
-        record = timer.step_fields()
-        record.update(
-            step=step + 1, step_s=step_s,
-            forget_ce=float(term_values["forget"].detach()), random_ce=float(term_values["random"].detach()),
-            normal_kl=float(term_values["normal"].detach()),
-            flops=step_flops(slot.forget + slot.random + slot.normal, slot.normal, body_params, config.hidden_size,
-                             config.vocab_size, config.num_hidden_layers),
-        )
-        steps.append(record)
-    return {"steps": steps}
 
 
 # --------------------------------------------------------------------------------------------------------------------

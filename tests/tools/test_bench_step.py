@@ -1,5 +1,6 @@
 """The step benchmark (dsunlearn/tools/bench_step.py) and the trainer's phase timing
-(dsunlearn/runtime/step_timing.py): one ``--preset tiny`` run (paper loop, dsunlearn on 1 process and on 2 ranks) shared by the tests; no timing assertions."""
+(dsunlearn/runtime/step_timing.py): one ``--preset tiny`` run (paper loop, dsunlearn on 1 process and on 2 ranks)
+shared by the tests; no timing assertions."""
 
 import dataclasses
 import json
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from dsunlearn.runtime import step_timing
-from dsunlearn.tools import bench_step
+from dsunlearn.tools import bench_cases, bench_step, paper_loop
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = ("paper", "dsunlearn x1", "dsunlearn x2")
@@ -85,10 +86,10 @@ def test_work_check_fails_on_different_data(tiny_bench):
                      (runs / "V2048_realistic" / "dsunlearn_x1" / "run" / "metrics.jsonl").read_text().splitlines()]
     same = json.loads((runs / "V2048_realistic" / "paper" / "paper.json").read_text())["steps"]
     bench_step.check_same_work(same, trainer_steps, "same data")
-    case = bench_step.Case("tiny", 2048, "realistic", str(runs / "model_V2048"), str(runs / "data_realistic" /
+    case = bench_cases.Case("tiny", 2048, "realistic", str(runs / "model_V2048"), str(runs / "data_realistic" /
                            "forget.jsonl"), str(runs / "data_realistic" / "normal.jsonl"), steps=len(same))
-    other = bench_step.paper_loop(dataclasses.replace(case, data_seed=1))["steps"]
-    with pytest.raises(bench_step.WorkMismatch, match="not the same work"):
+    other = paper_loop.paper_loop(dataclasses.replace(case, data_seed=1))["steps"]
+    with pytest.raises(bench_cases.WorkMismatch, match="not the same work"):
         bench_step.check_same_work(other, trainer_steps, "other data")
 
 
