@@ -133,10 +133,13 @@ def head_softcap(config) -> Optional[float]:
 HEAD_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 HEAD_PROBE_TOKENS = 8
 # The same bound between the hidden states of packed sequences and of the sequences run one by one: the same layers on
-# other shapes. Packed in rows, the 7 fills one row and the 4 and the 2 share the other, with a padded tail: a model
-# that let a sequence see another, or read its positions as continuing another's, gives it other hidden states.
+# other shapes. Packed in rows of at most 7 tokens as real batches are (several rows, padded tails): the 5 and a 2 fill
+# one row, the 4 and the other 2 share the second, with a padded tail of 1. Each row holds two sequences at other
+# boundaries, so a model that let a sequence see another, read its positions as continuing another's, or kept only one
+# packed row apart (the first row's sequence boundaries applied to every row) gives them other hidden states.
 PACKING_PROBE_TOLERANCE = HEAD_PROBE_TOLERANCE
-PACKING_PROBE_LENGTHS = (4, 7, 2)
+PACKING_PROBE_LENGTHS = (4, 5, 2, 2)
+PACKING_PROBE_ROW_CAPACITY = 7
 
 
 class UnlearningModel(nn.Module):
@@ -162,7 +165,7 @@ class UnlearningModel(nn.Module):
         self.packing = PADDED
 
     def choose_packing(self) -> None:
-        """Take a packed layout where the model keeps packed sequences apart, checked on three short sequences, else
+        """Take a packed layout where the model keeps packed sequences apart, checked on four short sequences, else
         the padded one (saying why): one row for FlashAttention's variable-length kernels, rows for an attention that
         applies a mask (objective: layouts). Runs the model's forward: under ZeRO-3 a collective, so call it on every
         rank, after ``deepspeed.initialize``."""
@@ -180,9 +183,9 @@ class UnlearningModel(nn.Module):
         self.packing = PADDED if problem else layout
 
     def _packing_probe_problem(self, layout: str) -> Optional[str]:
-        """Compare the final hidden states of three sequences packed in ``layout`` (positions restarting at 0, no
-        attention mask; in rows, one row has a padded tail) with those of each sequence run alone; None when they
-        agree to the dtype's rounding."""
+        """Compare the final hidden states of four sequences packed in ``layout`` (positions restarting at 0, no
+        attention mask; in rows: two rows of two sequences, one with a padded tail) with those of each sequence run
+        alone; None when they agree to the dtype's rounding."""
         device = next(self.lm.parameters()).device
         # The same tokens on every rank (every rank runs the same collectives), from the first half of the
         # vocabulary as in the head probe.
@@ -192,18 +195,22 @@ class UnlearningModel(nn.Module):
             types.SimpleNamespace(input_ids=tokens[start:start + length], response_mask=[True] * length)
             for start, length in zip(starts, PACKING_PROBE_LENGTHS)
         ]
-        segment, _, _ = pack_sequences(sequences, pad_id=0, one_row=layout == VARLEN)
+        one_row = layout == VARLEN
+        segment, _, _ = pack_sequences(sequences, pad_id=0, one_row=one_row,
+                                       row_capacity=None if one_row else PACKING_PROBE_ROW_CAPACITY)
+        if not one_row and (segment.input_ids.shape[0] < 2 or segment.input_ids.numel() == len(tokens)):
+            raise AssertionError("the packing probe must pack in several rows with a padded tail")
         segment = segment.to(device)  # it selects every position of every sequence but its last, in sequence order
         base_model = self.lm.base_model
         was_training = self.lm.training
         self.lm.eval()
         try:
             with torch.no_grad():
-                packed = _selected(base_model(**segment.model_inputs(), use_cache=False)[0], segment)  # [T - 3, H]
+                packed = _selected(base_model(**segment.model_inputs(), use_cache=False)[0], segment)  # [T - 4, H]
                 alone = torch.cat([
                     base_model(input_ids=torch.tensor([sequence.input_ids], device=device), use_cache=False)[0][0, :-1]
                     for sequence in sequences
-                ])  # [T - 3, H]
+                ])  # [T - 4, H]
         finally:
             self.lm.train(was_training)
         tolerance = PACKING_PROBE_TOLERANCE[packed.dtype]
