@@ -70,9 +70,18 @@ def load_causal_lm(ds_config: dict, cfg: RunConfig, reference: bool = False):
 
 
 def text_hidden_size(config) -> int:
-    """The width of the language model's hidden states (a multimodal config such as Gemma 3's keeps it in its text
-    config)."""
+    """The width of the language model's hidden states inside its layers (a multimodal config such as Gemma 3's keeps
+    it in its text config): what DeepSpeed's bucket sizes scale with. Not the width of the rows the head reads, which
+    a model may project first (OPT-350m: 1024 -> 512): that is ``head_input_width``."""
     return config.get_text_config().hidden_size
+
+
+def head_input_width(lm: nn.Module) -> int:
+    """The width of the rows the output head reads: its weight's second dimension, [V, H_head] (under ZeRO-3 the
+    weight is a shard and its full shape is ``ds_shape``). It differs from ``config.hidden_size`` where the model
+    projects its last hidden states before the head (OPT's ``word_embed_proj_dim``)."""
+    weight = lm.get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[-1])
 
 
 def text_vocab_size(config) -> int:
