@@ -397,7 +397,52 @@ def add_lora_adapters(lm: nn.Module, cfg: RunConfig) -> nn.Module:
     peft's wrapper, so the rest of the code sees the same module tree with or without LoRA."""
     from peft import get_peft_model
 
-    return get_peft_model(lm, lora_config(cfg)).base_model.model
+    adapted = get_peft_model(lm, lora_config(cfg)).base_model.model
+    problem = tied_lora_target_problem(adapted)
+    if problem:  # before any step: the export, which merges the adapters, could not write this model
+        from dsunlearn.runtime.distributed import UsageError
+
+        raise UsageError(f"model.lora_target_modules: {problem}")
+    _register_adapters_read_outside_their_modules(adapted)
+    return adapted
+
+
+def tied_lora_target_problem(lm: nn.Module) -> Optional[str]:
+    """Why the adapters of the LoRA-adapted ``lm`` cannot be merged into a plain model: a targeted layer whose weight
+    is tied to another (an input embedding tied to the head), where the merged weight would change both."""
+    from peft.tuners.lora import LoraLayer
+
+    names: dict[int, list[str]] = {}
+    for name, param in lm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for name, module in lm.named_modules():
+        if isinstance(module, LoraLayer):
+            weight_names = names[id(module.get_base_layer().weight)]
+            if len(weight_names) > 1:
+                return (f"{name} is targeted but its weight is tied to another ({' and '.join(weight_names)}): "
+                        f"merging its adapter would change both. Leave it out of the targets (the other targets, "
+                        f"Linear and untied embedding layers, train and merge), or use a model with untied embeddings")
+    return None
+
+
+def _register_adapters_read_outside_their_modules(lm: nn.Module) -> None:
+    """Make ZeRO-3 gather the adapters a LoRA layer reads as tensors rather than by calling a module.
+
+    peft's ``lora.Embedding`` keeps ``lora_embedding_A/B`` in ``nn.ParameterDict``s and reads them in its own forward
+    (``F.embedding(x, A.T)``, ``@ B.T``). ZeRO-3 gathers a module's own parameters around that module's forward and
+    backward, and a ParameterDict never runs one: its entries would stay 1-D shards ("'weight' must be 2-D"). Registered
+    as external parameters of the LoRA layer, they are gathered with it. The adapters that are modules (``lora_A``,
+    ``lora_B`` of a Linear or Conv layer) are gathered by their own forward already."""
+    import deepspeed
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in lm.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for child in module.children():
+            if isinstance(child, nn.ParameterDict):
+                for param in child.parameters():
+                    deepspeed.zero.register_external_parameter(module, param)
 
 
 @contextlib.contextmanager
