@@ -91,13 +91,14 @@ def response_positions(response_mask: torch.Tensor, input_ids: torch.Tensor):
 
 
 def pack_sequences(
-    sequences: Sequence, pad_id: int, one_row: bool = False
+    sequences: Sequence, pad_id: int, one_row: bool = False, row_capacity: Optional[int] = None
 ) -> tuple[Segment, torch.Tensor, torch.Tensor]:
     """``sequences`` (objects with ``input_ids`` and ``response_mask`` lists) packed into rows: the segment, and for
     each response token, in the order of ``sequences``, the token and its sequence, [M] each.
 
-    ``one_row``: all in one row [1, T] with no padding. Otherwise rows of one to two times the longest sequence (the
-    capacity that leaves the least padding), filled first fit, longest first, and right-padded to the fullest row
+    ``one_row``: all in one row [1, T] with no padding. ``row_capacity``: rows of at most that many tokens (at least
+    the longest sequence), filled first fit, longest first. Otherwise rows of one to two times the longest sequence
+    (the capacity that leaves the least padding), filled first fit, longest first, and right-padded to the fullest row
     (attention costs a row's length squared, so rows stay short); a row's padded tail is a sequence of its own (positions
     restarting at 0), so it attends to nothing real and nothing real attends to it. The hidden state at t predicts
     token t+1 only within a sequence: the first token of the next sequence is not predicted by the last of this one.
@@ -105,6 +106,10 @@ def pack_sequences(
     lengths = [len(sequence.input_ids) for sequence in sequences]
     if one_row:
         rows = [list(range(len(sequences)))]
+    elif row_capacity is not None:  # rows of at most this many tokens (the packing probe's several rows)
+        if row_capacity < max(lengths):
+            raise ValueError(f"row_capacity {row_capacity} is shorter than the longest sequence ({max(lengths)})")
+        rows = _fill_rows(lengths, row_capacity)
     else:
         # Rows of 1 to 2 longest sequences: the capacity that leaves the fewest positions (the shortest on a tie).
         candidates = [_fill_rows(lengths, max(lengths) * quarters // 4) for quarters in range(4, 9)]

@@ -155,8 +155,10 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     # the reference model is then freed but its head (reference_cache.py) ----
     ref_cache = None
     if step_data.use_normal:
-        ref_hidden_size = engines.text_hidden_size(ref_config or model_config)
-        ref_cache = reference_cache.prepare(cfg, step_data, policy_engine, ref_engine, ref_hidden_size, device)
+        # The rows are what the reference's head reads: its input width, not config.hidden_size (OPT projects first).
+        # With LoRA the policy is the reference.
+        ref_width = engines.head_input_width((ref_engine or policy_engine).module.lm)
+        ref_cache = reference_cache.prepare(cfg, step_data, policy_engine, ref_engine, ref_width, device)
         if ref_cache is not None:
             ref_engine = None  # freed: the end-of-run evaluation loads the original again
     step_timer.attach(policy_engine, ref_engine)  # after the cache pass, whose forwards belong to no step

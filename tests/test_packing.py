@@ -322,3 +322,50 @@ def test_the_trainer_on_two_ranks_logs_the_same_step_in_both_layouts_and_its_pad
     assert rows[PACKED]["padded_share"] < rows[PADDED]["padded_share"] / 2
     assert rows[PADDED]["padded_share"] == pytest.approx(1 - tokens / positions, rel=1e-6)
     assert rows[PADDED]["padded_share"] > 0.05  # the demo's answers differ in length: the check says something
+
+
+def test_the_probe_catches_an_attention_that_keeps_only_one_packed_row_apart(monkeypatch, caplog):
+    """Real batches pack into several rows with padded tails. An attention path whose packed-sequence mask is right
+    for the first row but is applied to every row (here: the sequence boundaries of row 0 broadcast to all rows) keeps
+    one packed row exact and mixes the sequences of the others: the probe must pack in at least two rows, a padded
+    tail among them, and send such a model to the padded layout."""
+    import transformers.masking_utils as masking_utils
+
+    from dsunlearn.runtime import engines
+
+    right = masking_utils.find_packed_sequence_indices
+
+    def first_row_only(position_ids):
+        found = right(position_ids[:1])
+        return None if found is None else found.expand(position_ids.shape[0], -1)
+
+    probed = []
+
+    def recording_pack(sequences, *args, **kwargs):
+        packed = engines_pack(sequences, *args, **kwargs)
+        probed.append((sum(len(sequence.input_ids) for sequence in sequences), packed[0]))
+        return packed
+
+    engines_pack = engines.pack_sequences
+    monkeypatch.setattr(engines, "pack_sequences", recording_pack)
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", first_row_only)
+    with caplog.at_level("WARNING", logger="dsunlearn.runtime.engines"):
+        policy, reference = models(llama)
+    assert len(probed) == 2  # the policy's probe and the reference's
+    for tokens, segment in probed:
+        assert segment.input_ids.shape[0] >= 2  # several rows
+        assert segment.input_ids.numel() > tokens  # a padded tail
+    assert policy.packing == reference.packing == PADDED
+    assert "packed sequences do not get the hidden states they get one by one" in caplog.text
+
+
+def test_a_row_capacity_packs_into_rows_of_at_most_that_length():
+    from dsunlearn.objective import pack_sequences
+
+    sequences = [TokenizedSequence(input_ids=list(range(3, 3 + n)), response_mask=[1] * n) for n in (5, 4, 2, 2)]
+    segment, targets, token_sequence = pack_sequences(sequences, pad_id=0, row_capacity=7)
+    assert segment.input_ids.tolist() == [[3, 4, 5, 6, 7, 3, 4], [3, 4, 5, 6, 3, 4, 0]]
+    assert segment.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 0, 1, 0]]
+    assert token_sequence.tolist() == [0] * 4 + [1] * 3 + [2] + [3]
+    with pytest.raises(ValueError, match="row_capacity"):
+        pack_sequences(sequences, pad_id=0, row_capacity=4)

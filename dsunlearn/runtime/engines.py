@@ -70,9 +70,18 @@ def load_causal_lm(ds_config: dict, cfg: RunConfig, reference: bool = False):
 
 
 def text_hidden_size(config) -> int:
-    """The width of the language model's hidden states (a multimodal config such as Gemma 3's keeps it in its text
-    config)."""
+    """The width of the language model's hidden states inside its layers (a multimodal config such as Gemma 3's keeps
+    it in its text config): what DeepSpeed's bucket sizes scale with. Not the width of the rows the head reads, which
+    a model may project first (OPT-350m: 1024 -> 512): that is ``head_input_width``."""
     return config.get_text_config().hidden_size
+
+
+def head_input_width(lm: nn.Module) -> int:
+    """The width of the rows the output head reads: its weight's second dimension, [V, H_head] (under ZeRO-3 the
+    weight is a shard and its full shape is ``ds_shape``). It differs from ``config.hidden_size`` where the model
+    projects its last hidden states before the head (OPT's ``word_embed_proj_dim``)."""
+    weight = lm.get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[-1])
 
 
 def text_vocab_size(config) -> int:
@@ -133,10 +142,13 @@ def head_softcap(config) -> Optional[float]:
 HEAD_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 HEAD_PROBE_TOKENS = 8
 # The same bound between the hidden states of packed sequences and of the sequences run one by one: the same layers on
-# other shapes. Packed in rows, the 7 fills one row and the 4 and the 2 share the other, with a padded tail: a model
-# that let a sequence see another, or read its positions as continuing another's, gives it other hidden states.
+# other shapes. Packed in rows of at most 7 tokens as real batches are (several rows, padded tails): the 5 and a 2 fill
+# one row, the 4 and the other 2 share the second, with a padded tail of 1. Each row holds two sequences at other
+# boundaries, so a model that let a sequence see another, read its positions as continuing another's, or kept only one
+# packed row apart (the first row's sequence boundaries applied to every row) gives them other hidden states.
 PACKING_PROBE_TOLERANCE = HEAD_PROBE_TOLERANCE
-PACKING_PROBE_LENGTHS = (4, 7, 2)
+PACKING_PROBE_LENGTHS = (4, 5, 2, 2)
+PACKING_PROBE_ROW_CAPACITY = 7
 
 
 class UnlearningModel(nn.Module):
@@ -162,7 +174,7 @@ class UnlearningModel(nn.Module):
         self.packing = PADDED
 
     def choose_packing(self) -> None:
-        """Take a packed layout where the model keeps packed sequences apart, checked on three short sequences, else
+        """Take a packed layout where the model keeps packed sequences apart, checked on four short sequences, else
         the padded one (saying why): one row for FlashAttention's variable-length kernels, rows for an attention that
         applies a mask (objective: layouts). Runs the model's forward: under ZeRO-3 a collective, so call it on every
         rank, after ``deepspeed.initialize``."""
@@ -180,9 +192,9 @@ class UnlearningModel(nn.Module):
         self.packing = PADDED if problem else layout
 
     def _packing_probe_problem(self, layout: str) -> Optional[str]:
-        """Compare the final hidden states of three sequences packed in ``layout`` (positions restarting at 0, no
-        attention mask; in rows, one row has a padded tail) with those of each sequence run alone; None when they
-        agree to the dtype's rounding."""
+        """Compare the final hidden states of four sequences packed in ``layout`` (positions restarting at 0, no
+        attention mask; in rows: two rows of two sequences, one with a padded tail) with those of each sequence run
+        alone; None when they agree to the dtype's rounding."""
         device = next(self.lm.parameters()).device
         # The same tokens on every rank (every rank runs the same collectives), from the first half of the
         # vocabulary as in the head probe.
@@ -192,18 +204,22 @@ class UnlearningModel(nn.Module):
             types.SimpleNamespace(input_ids=tokens[start:start + length], response_mask=[True] * length)
             for start, length in zip(starts, PACKING_PROBE_LENGTHS)
         ]
-        segment, _, _ = pack_sequences(sequences, pad_id=0, one_row=layout == VARLEN)
+        one_row = layout == VARLEN
+        segment, _, _ = pack_sequences(sequences, pad_id=0, one_row=one_row,
+                                       row_capacity=None if one_row else PACKING_PROBE_ROW_CAPACITY)
+        if not one_row and (segment.input_ids.shape[0] < 2 or segment.input_ids.numel() == len(tokens)):
+            raise AssertionError("the packing probe must pack in several rows with a padded tail")
         segment = segment.to(device)  # it selects every position of every sequence but its last, in sequence order
         base_model = self.lm.base_model
         was_training = self.lm.training
         self.lm.eval()
         try:
             with torch.no_grad():
-                packed = _selected(base_model(**segment.model_inputs(), use_cache=False)[0], segment)  # [T - 3, H]
+                packed = _selected(base_model(**segment.model_inputs(), use_cache=False)[0], segment)  # [T - 4, H]
                 alone = torch.cat([
                     base_model(input_ids=torch.tensor([sequence.input_ids], device=device), use_cache=False)[0][0, :-1]
                     for sequence in sequences
-                ])  # [T - 3, H]
+                ])  # [T - 4, H]
         finally:
             self.lm.train(was_training)
         tolerance = PACKING_PROBE_TOLERANCE[packed.dtype]
@@ -381,7 +397,52 @@ def add_lora_adapters(lm: nn.Module, cfg: RunConfig) -> nn.Module:
     peft's wrapper, so the rest of the code sees the same module tree with or without LoRA."""
     from peft import get_peft_model
 
-    return get_peft_model(lm, lora_config(cfg)).base_model.model
+    adapted = get_peft_model(lm, lora_config(cfg)).base_model.model
+    problem = tied_lora_target_problem(adapted)
+    if problem:  # before any step: the export, which merges the adapters, could not write this model
+        from dsunlearn.runtime.distributed import UsageError
+
+        raise UsageError(f"model.lora_target_modules: {problem}")
+    _register_adapters_read_outside_their_modules(adapted)
+    return adapted
+
+
+def tied_lora_target_problem(lm: nn.Module) -> Optional[str]:
+    """Why the adapters of the LoRA-adapted ``lm`` cannot be merged into a plain model: a targeted layer whose weight
+    is tied to another (an input embedding tied to the head), where the merged weight would change both."""
+    from peft.tuners.lora import LoraLayer
+
+    names: dict[int, list[str]] = {}
+    for name, param in lm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for name, module in lm.named_modules():
+        if isinstance(module, LoraLayer):
+            weight_names = names[id(module.get_base_layer().weight)]
+            if len(weight_names) > 1:
+                return (f"{name} is targeted but its weight is tied to another ({' and '.join(weight_names)}): "
+                        f"merging its adapter would change both. Leave it out of the targets (the other targets, "
+                        f"Linear and untied embedding layers, train and merge), or use a model with untied embeddings")
+    return None
+
+
+def _register_adapters_read_outside_their_modules(lm: nn.Module) -> None:
+    """Make ZeRO-3 gather the adapters a LoRA layer reads as tensors rather than by calling a module.
+
+    peft's ``lora.Embedding`` keeps ``lora_embedding_A/B`` in ``nn.ParameterDict``s and reads them in its own forward
+    (``F.embedding(x, A.T)``, ``@ B.T``). ZeRO-3 gathers a module's own parameters around that module's forward and
+    backward, and a ParameterDict never runs one: its entries would stay 1-D shards ("'weight' must be 2-D"). Registered
+    as external parameters of the LoRA layer, they are gathered with it. The adapters that are modules (``lora_A``,
+    ``lora_B`` of a Linear or Conv layer) are gathered by their own forward already."""
+    import deepspeed
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in lm.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for child in module.children():
+            if isinstance(child, nn.ParameterDict):
+                for param in child.parameters():
+                    deepspeed.zero.register_external_parameter(module, param)
 
 
 @contextlib.contextmanager

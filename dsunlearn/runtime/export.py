@@ -154,9 +154,10 @@ def _kept_names(lm: nn.Module, entries: list[tuple[str, nn.Module, bool]]) -> di
 def _merged_lora_weight(layer: nn.Module, base_weight: torch.Tensor) -> torch.Tensor:
     """``base_weight`` (a CPU copy of the gathered base weight) plus the active adapters' deltas, the arithmetic of
     peft's ``merge`` (in place, in the base weight's dtype). Only plain LoRA: variants (DoRA, ...) and adapter biases
-    merge differently, and are refused rather than exported wrong."""
+    merge differently, and are refused rather than exported wrong. An embedding layer keeps its adapters in
+    ``lora_embedding_A/B``, a Linear or Conv layer in ``lora_A/B``; ``get_delta_weight`` knows each."""
     for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A:
+        if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
             continue
         if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(adapter, False):
             raise ValueError(f"LoRA export: adapter {adapter!r} is a LoRA variant or has a bias; only plain LoRA merges")

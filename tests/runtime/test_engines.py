@@ -234,3 +234,22 @@ def test_a_model_with_dropout_trains_with_a_kl_of_zero_at_step_one(bpe_tokenizer
     assert code == 0, output[-4000:]
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["normal_kl"]) < 1e-6
+
+
+def test_lora_on_a_tied_embedding_is_refused_before_training_and_untied_targets_pass():
+    """An adapter merged into an embedding tied to the head would change the head too: refused, naming the layer,
+    before any step (the export would find it only after training)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dsunlearn.runtime.engines import tied_lora_target_problem
+
+    def adapted(tied, targets):
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, tie_word_embeddings=tied))
+        return get_peft_model(lm, LoraConfig(r=2, target_modules=targets)).base_model.model
+
+    problem = tied_lora_target_problem(adapted(True, ["embed_tokens", "q_proj"]))
+    assert "model.embed_tokens is targeted but its weight is tied" in problem and "lm_head.weight" in problem
+    assert tied_lora_target_problem(adapted(True, ["q_proj"])) is None
+    assert tied_lora_target_problem(adapted(False, ["embed_tokens", "q_proj"])) is None

@@ -221,3 +221,26 @@ def test_the_export_of_a_composite_config_is_the_originals(gemma3_model_dir, tmp
     original, exported = (json.loads((folder / "config.json").read_text()) for folder in (gemma3_model_dir, final))
     assert exported == original
     assert (final / "generation_config.json").read_text() == (gemma3_model_dir / "generation_config.json").read_text()
+
+
+def test_the_merge_adds_the_adapters_of_an_embedding_layer_too():
+    """peft's lora.Embedding keeps its adapters in lora_embedding_A/B, not lora_A/B: the merge adds them as peft's
+    own merge does (an export without them would ship the base embedding)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dsunlearn.runtime.export import _merged_lora_weight
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, tie_word_embeddings=False))
+    adapted = get_peft_model(lm, LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]))
+    layer = adapted.base_model.model.model.embed_tokens
+    with torch.no_grad():
+        for param in layer.lora_embedding_A.parameters():  # peft starts A at 0: the delta would be 0
+            param.normal_()
+    base = layer.get_base_layer().weight.detach().clone()
+    merged = _merged_lora_weight(layer, base.clone())
+    assert not torch.equal(merged, base)
+    input_ids = torch.arange(40).view(4, 10)
+    torch.testing.assert_close(torch.nn.functional.embedding(input_ids, merged), layer(input_ids))

@@ -67,8 +67,8 @@ def main(model_dir: str, out_dir: str, lora_rank: str) -> None:
     policy.step()
     uncached = loss_and_grads(batch_of(1), None)
     ref_lm = reference.module.lm if reference is not None else None
-    cache = reference_cache.prepare(cfg, step_data, policy, reference, engines.text_hidden_size(model_config),
-                                    distributed.device())
+    cache = reference_cache.prepare(cfg, step_data, policy, reference,
+                                    engines.head_input_width((reference or policy).module.lm), distributed.device())
     freed = None
     if ref_lm is not None:
         head = set(map(id, ref_lm.get_output_embeddings().parameters()))
