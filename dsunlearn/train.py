@@ -9,7 +9,17 @@ Reads top to bottom: settings -> process group -> data -> engines -> (resume) ->
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+if __name__ == "__main__":
+    # SIGTERM is blocked in every thread of a rank and taken by the watchdog's thread (runtime/distributed.py), which
+    # saves the step and ends every rank with 75. Threads inherit the mask of the thread that starts them, and `import
+    # torch` imports numpy, whose OpenBLAS starts its worker threads at import: blocked after that, they keep SIGTERM
+    # unblocked, the kernel hands a SIGTERM to one of them and its default action kills the rank (-15, no
+    # checkpoint). So this is the first thing the script does, before any import that can start a thread.
+    # (`python -m dsunlearn train` blocks it in __main__.py.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 # Run as a script (`deepspeed dsunlearn/train.py`), Python puts this file's folder first on sys.path, where each module
 # and room of the package (data/, eval/, tools/, ...) would be a top-level name that hides an installed one of that name

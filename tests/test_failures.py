@@ -29,8 +29,9 @@ HANG_LIMIT_S = 300  # only stops a hung test; nothing is timed
 class Ranks:
     """Rank processes of one run, each with its own log file."""
 
-    def __init__(self, args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, extra_env=None):
-        self.processes, self.logs = start_ranks(args, log_dir, nproc, port, prefix, ranks, extra_env)
+    def __init__(self, args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, extra_env=None,
+                 one_thread=True):
+        self.processes, self.logs = start_ranks(args, log_dir, nproc, port, prefix, ranks, extra_env, one_thread)
 
     def wait(self) -> dict:
         deadline = time.monotonic() + HANG_LIMIT_S
@@ -199,10 +200,11 @@ def test_a_stopped_rank_ends_the_run_at_the_collective_timeout(tiny_model_dir, t
 def test_sigterm_in_training_saves_the_step_and_resume_is_bit_exact(straight_run, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
 
+    # No thread-count variable, as users run: numpy's OpenBLAS starts its threads at import (launching.THREAD_VARIABLES).
     def resumed(*extra):
-        return Ranks(run_args(tiny_model_dir, run_dir, "--resume", "true", *extra), tmp_path)
+        return Ranks(run_args(tiny_model_dir, run_dir, "--resume", "true", *extra), tmp_path, one_thread=False)
 
-    ranks = Ranks(run_args(tiny_model_dir, run_dir), tmp_path)
+    ranks = Ranks(run_args(tiny_model_dir, run_dir), tmp_path, one_thread=False)
     ranks = wait_for(lambda: len(metric_rows(run_dir)) >= 2, ranks, resume=resumed)
     ranks.send(signal.SIGTERM)
     assert ranks.wait() == {0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}, ranks.output()[-4000:]
