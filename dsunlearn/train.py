@@ -155,6 +155,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     start_step = 0
     if resume_from is not None:
         start_step = int(checkpoints.load_checkpoint(policy_engine, checkpoint_dir, resume_from)["step"])
+        engines.continue_lr_schedule(policy_engine)  # train.max_steps may have grown: the new schedule's rate
         if is_main:
             logger.info("resumed from %s at step %d", checkpoint_dir / resume_from.tag, start_step)
     # ---- evaluation during training, best step, TensorBoard (output.eval_every, keep_best, tensorboard): the

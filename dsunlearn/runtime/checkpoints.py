@@ -138,7 +138,7 @@ class RunShape:
     def differences(self, saved: "RunShape") -> list[str]:
         """Why a checkpoint written by a run of shape ``saved`` cannot continue as this run: one line per setting."""
         found = []
-        for name in sorted(set(self.fingerprint) | set(saved.fingerprint)):
+        for name in sorted(name for name in set(self.fingerprint) | set(saved.fingerprint) if _fixed_on_resume(name)):
             before, now = saved.fingerprint.get(name, "<absent>"), self.fingerprint.get(name, "<absent>")
             if before != now:
                 found.append(f"{name}: the checkpoint has {before!r}, this run {now!r}")
@@ -161,15 +161,18 @@ def fingerprint(cfg: RunConfig, ds_template: dict) -> dict[str, Any]:
     (its other fields are switches, or "auto" and filled from ``cfg``).
     """
     settings = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg))))
-    kept = {
-        name: value for name, value in settings.items()
-        if not any(name == free or name.startswith(free + ".") for free in CHANGEABLE_ON_RESUME)
-    }
+    kept = {name: value for name, value in settings.items() if _fixed_on_resume(name)}
     for name, value in _flatten(ds_template).items():
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         if numeric and name.rsplit(".", 1)[-1] not in _DS_MEMORY_KNOBS:
             kept[f"deepspeed_config:{name}"] = value
     return kept
+
+
+def _fixed_on_resume(name: str) -> bool:
+    """Whether the setting ``name`` must equal the checkpoint's (a checkpoint written when it had to, e.g.
+    ``train.max_steps`` before it could grow, still records it: it is not compared either)."""
+    return not any(name == free or name.startswith(free + ".") for free in CHANGEABLE_ON_RESUME)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -420,6 +423,9 @@ def _inspect_run_folder(out_dir: Path, cfg: RunConfig, shape: RunShape) -> tuple
     logger.info("%s", why)
     if checkpoint is not None:
         differences = shape.differences(checkpoint.shape)
+        if cfg.train.max_steps < checkpoint.step:
+            differences.append(f"train.max_steps: this run has {cfg.train.max_steps}, fewer than the {checkpoint.step} "
+                               f"steps the checkpoint has trained (it may grow on resume, never shrink below them)")
         if differences:
             raise ConfigError([
                 f"{out_dir / 'checkpoints' / checkpoint.tag} was written with other settings; resume with the "
