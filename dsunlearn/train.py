@@ -152,12 +152,19 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         logger.info("LoRA rank %d: %d trainable parameters; the reference is this model with its adapters off",
                     cfg.model.lora_rank, trainable)
 
-    start_step = 0
+    start_step, end_step = 0, cfg.train.max_steps
+    step_guards = guards.StepGuards(cfg)
     if resume_from is not None:
         start_step = int(checkpoints.load_checkpoint(policy_engine, checkpoint_dir, resume_from)["step"])
         engines.continue_lr_schedule(policy_engine)  # train.max_steps may have grown: the new schedule's rate
         if is_main:
             logger.info("resumed from %s at step %d", checkpoint_dir / resume_from.tag, start_step)
+        if step_guards.done_before(resume_from.done):  # objective.stop_forget_ce ended it: no more ascent
+            end_step = start_step
+            if is_main:
+                logger.info("unlearning was done at step %d (forget CE %.4g > objective.stop_forget_ce=%g): going "
+                            "straight to the outputs", start_step, resume_from.done["forget_ce"],
+                            cfg.objective.stop_forget_ce)
     # ---- evaluation during training, best step, TensorBoard (output.eval_every, keep_best, tensorboard): the
     # original's side measured once, while the reference is alive (eval_during.py) ----
     during = eval_during.DuringTraining.start(cfg, tokenizer, policy_engine, ref_engine, rank, world_size, start_step,
@@ -181,9 +188,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="unlearning", dynamic_ncols=True)
-    step_guards = guards.StepGuards(cfg)
     watchdog.defer_stop(True)  # SIGTERM from here on: finish the step, save it, exit EXIT_PREEMPTED
-    for step in range(start_step, cfg.train.max_steps):
+    for step in range(start_step, end_step):
         started = time.perf_counter()
         lr = policy_engine.get_lr()[0]
         skipped_before = policy_engine.skipped_steps
@@ -232,12 +238,15 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         if during.is_due(step + 1) and not stopping:  # a stop first leaves this evaluation to the resumed run
             stopping = during.evaluate(step + 1, policy_engine, watchdog)  # True: SIGTERM came during it
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps or stopping or done:
+            # A done step is saved as such, so a resume goes straight to the outputs (also after a SIGTERM now).
             checkpoints.save_checkpoint(
-                policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints, run_shape
+                policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints, run_shape,
+                done=step_guards.done_record(row) if done else None,
             )
         if stopping:
             raise distributed.Preempted(
                 f"stopped by SIGTERM after step {step + 1}; checkpoint saved: continue with --resume true"
+                + (" (unlearning was done at this step: it goes straight to the outputs)" if done else "")
             )
         if done:
             if is_main:

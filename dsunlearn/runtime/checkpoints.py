@@ -192,6 +192,9 @@ class Checkpoint:
     tag: str
     step: int
     shape: RunShape
+    done: Optional[dict] = None
+    """Set when unlearning was done at this step (``objective.stop_forget_ce``; guards.StepGuards.done_record): a
+    resume goes straight to the outputs."""
 
 
 def step_tag(step: int) -> str:
@@ -203,12 +206,13 @@ def read_marker(step_dir: Path) -> Optional[Checkpoint]:
     try:
         record = json.loads((step_dir / MARKER_NAME).read_text())
         step = int(record.pop("step"))
+        done = record.pop("done", None)
         shape = RunShape(**record)
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if step_dir.name != step_tag(step):
+    if step_dir.name != step_tag(step) or not isinstance(done, (dict, type(None))):
         return None
-    return Checkpoint(step_dir.name, step, shape)
+    return Checkpoint(step_dir.name, step, shape, done)
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Checkpoint]:
@@ -251,8 +255,10 @@ def choose_resume_checkpoint(checkpoint_dir: Path) -> tuple[Optional[Checkpoint]
 # ---- saving ----
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, keep: int, shape: RunShape) -> Path:
-    """Save a complete checkpoint of ``step`` (call on every rank) and return its folder.
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, keep: int, shape: RunShape,
+                    done: Optional[dict] = None) -> Path:
+    """Save a complete checkpoint of ``step`` (call on every rank) and return its folder; ``done``: unlearning ended
+    at this step (recorded in the marker, ``Checkpoint.done``).
 
     Every rank writes and fsyncs its DeepSpeed files; after a barrier rank 0 writes the completion marker, then
     ``latest``, then removes the complete checkpoints older than this one beyond ``keep`` (0: keep all). A write
@@ -281,7 +287,8 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
     failure = None
     if rank == 0:
         try:
-            atomic_write_text(step_dir / MARKER_NAME, json.dumps({"step": step, **dataclasses.asdict(shape)}))
+            record = {"step": step, **dataclasses.asdict(shape), **({"done": done} if done is not None else {})}
+            atomic_write_text(step_dir / MARKER_NAME, json.dumps(record))
         except OSError as err:
             failure = _write_failure(step_dir, err)
             shutil.rmtree(step_dir, ignore_errors=True)

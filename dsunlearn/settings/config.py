@@ -447,7 +447,9 @@ class RunConfig:
     "may change on resume": memory and speed switches, checkpointing, logging and outputs, and the split of the
     global batch into ranks x micro-steps x per-rank batch. ``train.max_steps`` may grow (or shrink to no fewer steps
     than the checkpoint's): from the resumed step on, the learning-rate schedule is the one of the new ``max_steps``
-    (a linear decay then ends at the new ``max_steps``). A SLURM job that is requeued into the folder it owns resumes without this flag."""
+    (a linear decay then ends at the new ``max_steps``). A run ended by ``objective.stop_forget_ce`` stays done: its
+    resume goes straight to the outputs (unless the bound was raised above the forget CE that ended it, or turned
+    off). A SLURM job that is requeued into the folder it owns resumes without this flag."""
     overwrite: bool = False
     """Start afresh in an ``output.dir`` that holds a run: its metrics, checkpoints and ``final/`` are removed
     first. Without this (or ``resume``) such a folder is refused."""
