@@ -12,12 +12,21 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Optional
+
+# The commands whose processes run the watchdog (runtime/distributed.py), which takes SIGTERM in a thread of its own.
+WATCHED_COMMANDS = frozenset({"train"})
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in WATCHED_COMMANDS:
+        # Before anything imports torch: numpy's OpenBLAS starts its threads at import, and a thread that leaves
+        # SIGTERM unblocked takes it and dies with the whole process (-15) instead of the watchdog saving the step
+        # (why at length: train.py). Only for commands with a watchdog: in others a blocked SIGTERM would be lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)

@@ -9,7 +9,17 @@ Reads top to bottom: settings -> process group -> data -> engines -> (resume) ->
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+if __name__ == "__main__":
+    # SIGTERM is blocked in every thread of a rank and taken by the watchdog's thread (runtime/distributed.py), which
+    # saves the step and ends every rank with 75. Threads inherit the mask of the thread that starts them, and `import
+    # torch` imports numpy, whose OpenBLAS starts its worker threads at import: blocked after that, they keep SIGTERM
+    # unblocked, the kernel hands a SIGTERM to one of them and its default action kills the rank (-15, no
+    # checkpoint). So this is the first thing the script does, before any import that can start a thread.
+    # (`python -m dsunlearn train` blocks it in __main__.py.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 # Run as a script (`deepspeed dsunlearn/train.py`), Python puts this file's folder first on sys.path, where each module
 # and room of the package (data/, eval/, tools/, ...) would be a top-level name that hides an installed one of that name
@@ -142,11 +152,19 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         logger.info("LoRA rank %d: %d trainable parameters; the reference is this model with its adapters off",
                     cfg.model.lora_rank, trainable)
 
-    start_step = 0
+    start_step, end_step = 0, cfg.train.max_steps
+    step_guards = guards.StepGuards(cfg)
     if resume_from is not None:
         start_step = int(checkpoints.load_checkpoint(policy_engine, checkpoint_dir, resume_from)["step"])
+        engines.continue_lr_schedule(policy_engine)  # train.max_steps may have grown: the new schedule's rate
         if is_main:
             logger.info("resumed from %s at step %d", checkpoint_dir / resume_from.tag, start_step)
+        if step_guards.done_before(resume_from.done):  # objective.stop_forget_ce ended it: no more ascent
+            end_step = start_step
+            if is_main:
+                logger.info("unlearning was done at step %d (forget CE %.4g > objective.stop_forget_ce=%g): going "
+                            "straight to the outputs", start_step, resume_from.done["forget_ce"],
+                            cfg.objective.stop_forget_ce)
     # ---- evaluation during training, best step, TensorBoard (output.eval_every, keep_best, tensorboard): the
     # original's side measured once, while the reference is alive (eval_during.py) ----
     during = eval_during.DuringTraining.start(cfg, tokenizer, policy_engine, ref_engine, rank, world_size, start_step,
@@ -172,9 +190,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="unlearning", dynamic_ncols=True)
-    step_guards = guards.StepGuards(cfg)
     watchdog.defer_stop(True)  # SIGTERM from here on: finish the step, save it, exit EXIT_PREEMPTED
-    for step in range(start_step, cfg.train.max_steps):
+    for step in range(start_step, end_step):
         started = time.perf_counter()
         lr = policy_engine.get_lr()[0]
         skipped_before = policy_engine.skipped_steps
@@ -223,12 +240,15 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         if during.is_due(step + 1) and not stopping:  # a stop first leaves this evaluation to the resumed run
             stopping = during.evaluate(step + 1, policy_engine, watchdog)  # True: SIGTERM came during it
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.max_steps or stopping or done:
+            # A done step is saved as such, so a resume goes straight to the outputs (also after a SIGTERM now).
             checkpoints.save_checkpoint(
-                policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints, run_shape
+                policy_engine, checkpoint_dir, step + 1, {"step": step + 1}, cfg.train.keep_checkpoints, run_shape,
+                done=step_guards.done_record(row) if done else None,
             )
         if stopping:
             raise distributed.Preempted(
                 f"stopped by SIGTERM after step {step + 1}; checkpoint saved: continue with --resume true"
+                + (" (unlearning was done at this step: it goes straight to the outputs)" if done else "")
             )
         if done:
             if is_main:

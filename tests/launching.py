@@ -73,15 +73,28 @@ def _launch_once(args, nproc, timeout, launcher):
     return next((code for code in codes if code != 0), 0), output
 
 
-def start_ranks(args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, extra_env=None):
+# What sets the threads of OpenBLAS (numpy starts its pool at import), OpenMP and MKL. Most tests set one thread per
+# rank (two ranks share the CI machine's cores); tests of signals unset them all, as launch.sh and srun leave them:
+# a thread pool started before the entry point blocked SIGTERM is what killed ranks outright (issue 17, item 6).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def as_users_run(env: dict) -> dict:
+    """``env`` without the thread-count variables (THREAD_VARIABLES)."""
+    return {name: value for name, value in env.items() if name not in THREAD_VARIABLES}
+
+
+def start_ranks(args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, extra_env=None, one_thread=True):
     """Start the trainer's ranks (all, or those in ``ranks``) as srun does: one process per rank with
     RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in its environment, its output in ``log_dir/rank{R}.log``; ``prefix`` goes
-    before the interpreter (e.g. ``unshare --net``). Returns ({rank: process}, [log path per rank])."""
+    before the interpreter (e.g. ``unshare --net``). ``one_thread=False``: no thread-count variable is set, as users
+    run (tests of signals). Returns ({rank: process}, [log path per rank])."""
     logs = [log_dir / f"rank{rank}.log" for rank in range(nproc)]
     port = str(port or free_port())
     processes = {}
+    base_env = dict(os.environ, OMP_NUM_THREADS="1") if one_thread else as_users_run(os.environ)
     for rank in ranks if ranks is not None else range(nproc):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(nproc),
+        env = dict(base_env, DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(nproc),
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                    **(extra_env or {}))
         with open(logs[rank], "w") as log:

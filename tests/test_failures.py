@@ -29,8 +29,9 @@ HANG_LIMIT_S = 300  # only stops a hung test; nothing is timed
 class Ranks:
     """Rank processes of one run, each with its own log file."""
 
-    def __init__(self, args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, extra_env=None):
-        self.processes, self.logs = start_ranks(args, log_dir, nproc, port, prefix, ranks, extra_env)
+    def __init__(self, args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, extra_env=None,
+                 one_thread=True):
+        self.processes, self.logs = start_ranks(args, log_dir, nproc, port, prefix, ranks, extra_env, one_thread)
 
     def wait(self) -> dict:
         deadline = time.monotonic() + HANG_LIMIT_S
@@ -135,6 +136,13 @@ def test_stop_forget_ce_is_a_normal_end():
     guards = guarded(stop_forget_ce=8.0)
     assert not guards.check(row(1, forget_ce=7.9), skipped=False)
     assert guards.check(row(2, forget_ce=8.1), skipped=False)
+    # What the checkpoint of that step records, and what a resume makes of it: done with the same bound (or a lower
+    # one); a bound raised above the recorded CE, or the rule off, goes on unlearning.
+    record = guards.done_record(row(2, forget_ce=8.1))
+    assert record == {"rule": "objective.stop_forget_ce", "forget_ce": 8.1, "stop_forget_ce": 8.0}
+    assert guards.done_before(record) and guarded(stop_forget_ce=7.0).done_before(record)
+    assert not guarded(stop_forget_ce=9.0).done_before(record) and not guarded().done_before(record)
+    assert not guards.done_before(None)
 
 
 def test_json_writes_null_for_non_finite_values():
@@ -199,10 +207,11 @@ def test_a_stopped_rank_ends_the_run_at_the_collective_timeout(tiny_model_dir, t
 def test_sigterm_in_training_saves_the_step_and_resume_is_bit_exact(straight_run, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
 
+    # No thread-count variable, as users run: numpy's OpenBLAS starts its threads at import (launching.THREAD_VARIABLES).
     def resumed(*extra):
-        return Ranks(run_args(tiny_model_dir, run_dir, "--resume", "true", *extra), tmp_path)
+        return Ranks(run_args(tiny_model_dir, run_dir, "--resume", "true", *extra), tmp_path, one_thread=False)
 
-    ranks = Ranks(run_args(tiny_model_dir, run_dir), tmp_path)
+    ranks = Ranks(run_args(tiny_model_dir, run_dir), tmp_path, one_thread=False)
     ranks = wait_for(lambda: len(metric_rows(run_dir)) >= 2, ranks, resume=resumed)
     ranks.send(signal.SIGTERM)
     assert ranks.wait() == {0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}, ranks.output()[-4000:]
@@ -253,6 +262,36 @@ def test_stop_forget_ce_ends_the_run_normally(straight_run, tiny_model_dir, tmp_
     assert [r["step"] for r in metric_rows(run_dir)] == list(range(1, last + 1))
     assert f"unlearning done at step {last}" in ranks.output()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_a_run_ended_by_stop_forget_ce_stays_done_when_resumed(straight_run, tiny_model_dir, tmp_path):
+    """The step where objective.stop_forget_ce fires is saved as the end of unlearning: a resume goes straight to the
+    export. SIGTERM is sent as soon as the step before it is logged, so it lands in that very step (or, on a slow
+    poll, later: either way the run ends 75 or 0 with that step saved, and no step of ascent follows it)."""
+    forget_ce = [row["forget_ce"] for row in metric_rows(straight_run)]
+    last = next(step for step in range(2, len(forget_ce) + 1) if forget_ce[step - 1] > max(forget_ce[:step - 1]))
+    bound = (max(forget_ce[:last - 1]) + forget_ce[last - 1]) / 2
+    run_dir = tmp_path / "run"
+    args = run_args(tiny_model_dir, run_dir, "--objective.stop_forget_ce", str(bound))
+
+    def resumed():
+        return Ranks([*args, "--resume", "true"], tmp_path, one_thread=False)
+
+    ranks = wait_for(lambda: len(metric_rows(run_dir)) >= last - 1, Ranks(args, tmp_path, one_thread=False),
+                     resume=resumed)
+    ranks.send(signal.SIGTERM)
+    codes = ranks.wait()
+    assert codes in ({0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}, {0: EXIT_OK, 1: EXIT_OK}), ranks.output()[-4000:]
+    assert [r["step"] for r in metric_rows(run_dir)] == list(range(1, last + 1)), ranks.output()[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+
+    ranks = resumed()
+    assert ranks.wait() == {0: EXIT_OK, 1: EXIT_OK}, ranks.output()[-4000:]
+    assert [r["step"] for r in metric_rows(run_dir)] == list(range(1, last + 1)), ranks.output()[-4000:]
+    assert f"unlearning was done at step {last}" in ranks.output(), ranks.output()[-4000:]
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 

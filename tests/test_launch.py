@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launching import REPO, free_port
+from launching import REPO, as_users_run, free_port
 
 from dsunlearn.runtime.distributed import EXIT_PREEMPTED, EXIT_USAGE
 
@@ -142,8 +142,9 @@ def test_sigterm_to_launch_sh_reaches_every_rank(tmp_path, tiny_model_dir):
     # The deepspeed runner dies on SIGTERM and leaves its ranks running: launch.sh must signal the ranks themselves.
     out = tmp_path / "run"
     log = (tmp_path / "launch.log").open("w")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHON=sys.executable,
-               OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    # No thread-count variable, as users run launch.sh: numpy's OpenBLAS starts threads in every rank at import.
+    env = dict(as_users_run(os.environ), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHON=sys.executable, MASTER_PORT=str(free_port()))
     process = subprocess.Popen(
         ["bash", "launch.sh", "--nproc", "2", "--config", "configs/demo.yaml", "--model.name_or_path",
          str(tiny_model_dir), "--output.dir", str(out), "--train.max_steps", "30", "--output.evaluate", "false"],

@@ -138,7 +138,7 @@ class RunShape:
     def differences(self, saved: "RunShape") -> list[str]:
         """Why a checkpoint written by a run of shape ``saved`` cannot continue as this run: one line per setting."""
         found = []
-        for name in sorted(set(self.fingerprint) | set(saved.fingerprint)):
+        for name in sorted(name for name in set(self.fingerprint) | set(saved.fingerprint) if _fixed_on_resume(name)):
             before, now = saved.fingerprint.get(name, "<absent>"), self.fingerprint.get(name, "<absent>")
             if before != now:
                 found.append(f"{name}: the checkpoint has {before!r}, this run {now!r}")
@@ -161,15 +161,18 @@ def fingerprint(cfg: RunConfig, ds_template: dict) -> dict[str, Any]:
     (its other fields are switches, or "auto" and filled from ``cfg``).
     """
     settings = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg))))
-    kept = {
-        name: value for name, value in settings.items()
-        if not any(name == free or name.startswith(free + ".") for free in CHANGEABLE_ON_RESUME)
-    }
+    kept = {name: value for name, value in settings.items() if _fixed_on_resume(name)}
     for name, value in _flatten(ds_template).items():
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         if numeric and name.rsplit(".", 1)[-1] not in _DS_MEMORY_KNOBS:
             kept[f"deepspeed_config:{name}"] = value
     return kept
+
+
+def _fixed_on_resume(name: str) -> bool:
+    """Whether the setting ``name`` must equal the checkpoint's (a checkpoint written when it had to, e.g.
+    ``train.max_steps`` before it could grow, still records it: it is not compared either)."""
+    return not any(name == free or name.startswith(free + ".") for free in CHANGEABLE_ON_RESUME)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -189,6 +192,9 @@ class Checkpoint:
     tag: str
     step: int
     shape: RunShape
+    done: Optional[dict] = None
+    """Set when unlearning was done at this step (``objective.stop_forget_ce``; guards.StepGuards.done_record): a
+    resume goes straight to the outputs."""
 
 
 def step_tag(step: int) -> str:
@@ -200,12 +206,13 @@ def read_marker(step_dir: Path) -> Optional[Checkpoint]:
     try:
         record = json.loads((step_dir / MARKER_NAME).read_text())
         step = int(record.pop("step"))
+        done = record.pop("done", None)
         shape = RunShape(**record)
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if step_dir.name != step_tag(step):
+    if step_dir.name != step_tag(step) or not isinstance(done, (dict, type(None))):
         return None
-    return Checkpoint(step_dir.name, step, shape)
+    return Checkpoint(step_dir.name, step, shape, done)
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Checkpoint]:
@@ -248,8 +255,10 @@ def choose_resume_checkpoint(checkpoint_dir: Path) -> tuple[Optional[Checkpoint]
 # ---- saving ----
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, keep: int, shape: RunShape) -> Path:
-    """Save a complete checkpoint of ``step`` (call on every rank) and return its folder.
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, keep: int, shape: RunShape,
+                    done: Optional[dict] = None) -> Path:
+    """Save a complete checkpoint of ``step`` (call on every rank) and return its folder; ``done``: unlearning ended
+    at this step (recorded in the marker, ``Checkpoint.done``).
 
     Every rank writes and fsyncs its DeepSpeed files; after a barrier rank 0 writes the completion marker, then
     ``latest``, then removes the complete checkpoints older than this one beyond ``keep`` (0: keep all). A write
@@ -278,7 +287,8 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict,
     failure = None
     if rank == 0:
         try:
-            atomic_write_text(step_dir / MARKER_NAME, json.dumps({"step": step, **dataclasses.asdict(shape)}))
+            record = {"step": step, **dataclasses.asdict(shape), **({"done": done} if done is not None else {})}
+            atomic_write_text(step_dir / MARKER_NAME, json.dumps(record))
         except OSError as err:
             failure = _write_failure(step_dir, err)
             shutil.rmtree(step_dir, ignore_errors=True)
@@ -420,6 +430,9 @@ def _inspect_run_folder(out_dir: Path, cfg: RunConfig, shape: RunShape) -> tuple
     logger.info("%s", why)
     if checkpoint is not None:
         differences = shape.differences(checkpoint.shape)
+        if cfg.train.max_steps < checkpoint.step:
+            differences.append(f"train.max_steps: this run has {cfg.train.max_steps}, fewer than the {checkpoint.step} "
+                               f"steps the checkpoint has trained (it may grow on resume, never shrink below them)")
         if differences:
             raise ConfigError([
                 f"{out_dir / 'checkpoints' / checkpoint.tag} was written with other settings; resume with the "

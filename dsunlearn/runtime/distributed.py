@@ -155,6 +155,11 @@ class Watchdog:
 
     SIGTERM is blocked in every thread and taken by the watchdog's thread with ``sigtimedwait``: a Python signal
     handler runs only when the main thread returns to the interpreter, never while it waits in a collective.
+
+    A thread inherits the mask of the thread that starts it, so the entry points (train.py, __main__.py) block SIGTERM
+    before any import that starts threads (numpy's OpenBLAS pool starts at ``import torch``). As a safety net the
+    watchdog checks that no other thread leaves SIGTERM unblocked (``_guard_stray_threads``): such a thread would take
+    a process-directed SIGTERM and die of it with the whole process.
     """
 
     def __init__(self):
@@ -173,8 +178,11 @@ class Watchdog:
         # From connect() to agree_on_inputs(): a usage error on any rank is gathered, so all end with one message.
         self._checking_inputs = False
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        self._stray_sigterm = threading.Event()  # set by the handler of a SIGTERM that another thread took
+        self._wakeup_read = None  # the pipe CPython's C-level handler writes a signal's number to, from any thread
         self._thread = threading.Thread(target=self._run, name="dsunlearn-watchdog", daemon=True)
         self._thread.start()
+        self._guard_stray_threads()
 
     # ---- called by the training code ----
 
@@ -186,6 +194,7 @@ class Watchdog:
         self._world_size = world_size
         self._timeout_s = timeout_s
         self._interval_s = min(1.0, timeout_s / 10)
+        self._guard_stray_threads()  # threads started since (DeepSpeed, the process group's)
         if world_size == 1:
             return
         self._checking_inputs = True
@@ -227,6 +236,8 @@ class Watchdog:
     def defer_stop(self, deferred: bool) -> None:
         """While True (the training loop), SIGTERM sets ``stop_requested`` and the loop saves after the current step;
         otherwise SIGTERM ends the process at once with ``EXIT_PREEMPTED``."""
+        if deferred:
+            self._guard_stray_threads()  # the last threads started before the loop (engines, data, tqdm)
         with self._lock:
             self._defer_stop = deferred
             requested = self.stop_requested
@@ -293,6 +304,43 @@ class Watchdog:
         self.close()
         _exit(code)
 
+    def _guard_stray_threads(self) -> None:
+        """The safety net (class docstring): if a thread other than the watchdog's leaves SIGTERM unblocked, say so
+        once and install a handler, so that a SIGTERM it takes requests a stop, as one the watchdog takes does, instead
+        of killing the process. Called from the main thread (only it may install handlers); Linux only."""
+        if self._wakeup_read is not None or self._stray_sigterm.is_set():
+            return  # installed already
+        if threading.current_thread() is not threading.main_thread():
+            return
+        strays = _threads_taking_sigterm(exclude={self._thread.native_id})
+        if not strays:
+            return
+        print(f"dsunlearn: {self.identity}: {len(strays)} thread(s) leave SIGTERM unblocked ({', '.join(strays)}): "
+              f"started before the entry point blocked it (was torch or numpy imported first?); a SIGTERM one of "
+              f"them takes now requests a stop through a handler instead of killing the process", file=sys.stderr,
+              flush=True)
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        if previous == -1:
+            self._wakeup_read = read_end  # read by the watchdog's thread within a poll, whatever the main thread does
+        else:  # somebody else's wakeup fd (an event loop): keep it; the handler below still runs in the main thread
+            signal.set_wakeup_fd(previous)
+            os.close(read_end)
+            os.close(write_end)
+        signal.signal(signal.SIGTERM, lambda signum, frame: self._stray_sigterm.set())
+
+    def _stray_sigterm_taken(self) -> bool:
+        """Whether a thread other than the watchdog's took a SIGTERM (the handler of ``_guard_stray_threads``)."""
+        if self._wakeup_read is not None:
+            try:
+                if signal.SIGTERM in os.read(self._wakeup_read, 512):
+                    return True
+            except BlockingIOError:
+                pass
+        return self._stray_sigterm.is_set()
+
     # ---- the thread ----
 
     def _run(self) -> None:
@@ -301,6 +349,8 @@ class Watchdog:
             received = signal.sigtimedwait({signal.SIGTERM}, self._interval_s)
             if received is not None:
                 self._stop_requested(f"SIGTERM from {_signal_sender(received)}")
+            elif self._stray_sigterm_taken():
+                self._stop_requested("SIGTERM (taken by another thread: sender unknown)")
             for pid, process in self._launchers:
                 if not _alive(process):
                     self._stop_requested(f"the launcher (pid {pid}) exited")
@@ -421,6 +471,29 @@ class Watchdog:
         else:
             self._post_and_print(EXIT_PREEMPTED, message)
         _exit(EXIT_PREEMPTED)
+
+
+def _threads_taking_sigterm(exclude: set) -> list[str]:
+    """``"tid (name)"`` of every thread of this process, except those in ``exclude`` (native ids), that leaves SIGTERM
+    unblocked, read from ``/proc/self/task/*/status`` (``SigBlk``); [] where there is no /proc."""
+    bit = 1 << (signal.SIGTERM - 1)
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    found = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for task in sorted(tasks, key=int):
+        if int(task) in exclude:
+            continue
+        try:
+            with open(f"/proc/self/task/{task}/status") as status:
+                fields = dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+        except OSError:  # ended meanwhile
+            continue
+        if not int(fields.get("SigBlk", "0"), 16) & bit:
+            found.append(f"{task} ({names.get(int(task), fields.get('Name', '?'))})")
+    return found
 
 
 def _signal_sender(info) -> str:

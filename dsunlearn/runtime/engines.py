@@ -380,6 +380,16 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> fl
     return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
+def continue_lr_schedule(engine) -> None:
+    """After a resume: the learning rate of the next step from this run's schedule (``train.max_steps`` may have
+    grown since the checkpoint, README "Resuming"). The checkpoint restored the optimizer's rate for that step as the
+    old schedule computed it (e.g. 0 after a linear decay that ended); the same settings give the same number."""
+    scheduler = engine.lr_scheduler
+    for group, schedule, base_lr in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def lora_config(cfg: RunConfig):
     from peft import LoraConfig
 

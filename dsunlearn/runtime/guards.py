@@ -7,6 +7,7 @@ verdict at the same step and nothing waits in a collective.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from dsunlearn.runtime.distributed import RunDiverged
 from dsunlearn.settings.config import RunConfig
@@ -52,6 +53,17 @@ class StepGuards:
         return self.stop_forget_ce is not None and row.get("forget_ce") is not None and (
             row["forget_ce"] > self.stop_forget_ce
         )
+
+    def done_record(self, row: dict) -> dict:
+        """What the checkpoint of a step at which ``check`` said done records (its marker's ``done``)."""
+        return {"rule": "objective.stop_forget_ce", "forget_ce": row["forget_ce"], "stop_forget_ce": self.stop_forget_ce}
+
+    def done_before(self, record: Optional[dict]) -> bool:
+        """Whether a run resumed from a checkpoint whose ``done`` is ``record`` is already done: this run's rule fires
+        on the forget CE of the step that stopped it. With the same settings it does, so the resume goes straight to
+        the outputs; a bound raised above that CE, or turned off, lets unlearning go on."""
+        return (record is not None and self.stop_forget_ce is not None
+                and record.get("forget_ce") is not None and record["forget_ce"] > self.stop_forget_ce)
 
     def _diverged(self, step: int, why: str) -> RunDiverged:
         return RunDiverged(

@@ -235,7 +235,8 @@ class TrainConfig:
     """Optimisation, DeepSpeed and checkpointing."""
 
     max_steps: int = 1000
-    """Optimizer steps (paper: 1000)."""
+    """Optimizer steps (paper: 1000). May grow on resume (never below the checkpoint's step): from the resumed step on
+    the learning-rate schedule is that of the new value, e.g. a linear decay ends at the new ``max_steps``."""
     forget_batch_size: int = 2
     """Forget samples per rank per micro-step (paper: 2). May change on resume if the global batch (this x
     gradient_accumulation_steps x ranks) stays the same."""
@@ -444,8 +445,11 @@ class RunConfig:
     """Continue from the newest complete checkpoint in ``output.dir/checkpoints`` (a fresh start if there is none).
     Every setting must equal the checkpoint's (it is refused, naming each that differs) except those documented
     "may change on resume": memory and speed switches, checkpointing, logging and outputs, and the split of the
-    global batch into ranks x micro-steps x per-rank batch. ``train.max_steps`` may not change: the learning-rate
-    schedule depends on it. A SLURM job that is requeued into the folder it owns resumes without this flag."""
+    global batch into ranks x micro-steps x per-rank batch. ``train.max_steps`` may grow (or shrink to no fewer steps
+    than the checkpoint's): from the resumed step on, the learning-rate schedule is the one of the new ``max_steps``
+    (a linear decay then ends at the new ``max_steps``). A run ended by ``objective.stop_forget_ce`` stays done: its
+    resume goes straight to the outputs (unless the bound was raised above the forget CE that ended it, or turned
+    off). A SLURM job that is requeued into the folder it owns resumes without this flag."""
     overwrite: bool = False
     """Start afresh in an ``output.dir`` that holds a run: its metrics, checkpoints and ``final/`` are removed
     first. Without this (or ``resume``) such a folder is refused."""
@@ -479,6 +483,7 @@ CHANGEABLE_ON_RESUME = (
     "model.reference_cache_dir", "model.reference_cache_memory_limit",
     "train.collective_timeout_s", "train.max_fp16_skips", "train.max_normal_kl", "train.max_zero_grad_steps",
     "objective.stop_forget_ce",
+    "train.max_steps",  # may grow (or shrink to no fewer than the checkpoint's steps): the schedule follows it
 )
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import REPO, launch
+from launching import REPO, as_users_run, launch
 from slurm import ClusterError, SlurmCluster, missing_requirements
 
 # One run's settings, shared by every cluster test and its one-node baseline: long enough to be interrupted mid-run.
@@ -68,4 +68,11 @@ def job_env(slurm_cluster):
     """What a user's shell holds when submitting: the project's Python and launcher on PATH, one thread per rank."""
     bin_dir = Path(sys.executable).parent
     return slurm_cluster.env(PYTHON=sys.executable, OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
+@pytest.fixture
+def users_job_env(job_env):
+    """``job_env`` without any thread-count variable, as users submit: for the tests of signals, since numpy's OpenBLAS
+    then starts threads at import in every rank (launching.THREAD_VARIABLES; issue 17, item 6)."""
+    return as_users_run(job_env)
 

@@ -99,8 +99,9 @@ def test_sbatch_wrap_trains_across_both_nodes(slurm_cluster, job_env, run_args, 
 
 
 def test_scancel_term_saves_the_step_and_a_resubmitted_job_finishes_bit_equal(
-    slurm_cluster, job_env, run_args, one_node_run, tmp_path
+    slurm_cluster, users_job_env, run_args, one_node_run, tmp_path
 ):
+    job_env = users_job_env
     folder = submit_folder(tmp_path)
     out = tmp_path / "run"
     first_log = tmp_path / "first.out"
@@ -126,7 +127,8 @@ def test_scancel_term_saves_the_step_and_a_resubmitted_job_finishes_bit_equal(
     assert_same_run(out, one_node_run)
 
 
-def test_signal_to_the_batch_script_reaches_every_rank(slurm_cluster, job_env, run_args, tmp_path):
+def test_signal_to_the_batch_script_reaches_every_rank(slurm_cluster, users_job_env, run_args, tmp_path):
+    job_env = users_job_env
     # What `#SBATCH --signal=B:TERM@300` does before the time limit: SIGTERM to the batch shell only, which runs
     # launch.sh (the README's script); launch.sh passes the stop on to the ranks.
     out = tmp_path / "run"

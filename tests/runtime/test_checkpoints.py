@@ -138,15 +138,16 @@ def test_no_complete_checkpoint_means_a_fresh_start(tmp_path):
 
 
 def test_settings_check_allows_another_split_of_the_same_global_batch():
+    # train.max_steps: a checkpoint written before it could change on resume still records it; it is not compared.
     saved = RunShape(world_size=2, gradient_accumulation_steps=1, forget_batch_size=2, normal_batch_size=4,
                      fingerprint={"train.lr": 1e-3, "train.max_steps": 10})
     resplit = dataclasses.replace(saved, world_size=1, gradient_accumulation_steps=4, forget_batch_size=1,
-                                  normal_batch_size=2)
+                                  normal_batch_size=2, fingerprint={"train.lr": 1e-3})
     assert resplit.differences(saved) == []
-    other = dataclasses.replace(saved, forget_batch_size=1, fingerprint={"train.lr": 1e-3, "train.max_steps": 20})
+    other = dataclasses.replace(saved, forget_batch_size=1, fingerprint={"train.lr": 1e-4})
     found = other.differences(saved)
     assert len(found) == 2
-    assert found[0] == "train.max_steps: the checkpoint has 10, this run 20"
+    assert found[0] == "train.lr: the checkpoint has 0.001, this run 0.0001"
     assert found[1].startswith("global forget batch") and "has 4 (2 x 1 x 2), this run 2 (1 x 1 x 2)" in found[1]
 
 
@@ -160,7 +161,8 @@ def test_fingerprint_leaves_out_what_may_change_on_resume():
     assert base["deepspeed_config:fp16.initial_scale_power"] == 16
     assert not any(name.startswith(("output.", "train.checkpoint_every", "train.forget_batch_size")) for name in base)
     assert "deepspeed_config:zero_optimization.reduce_bucket_size" not in base
-    assert {"train.max_steps", "train.lr", "model.name_or_path", "data.seed"} <= set(base)
+    assert {"train.lr", "train.lr_schedule", "train.warmup_steps", "model.name_or_path", "data.seed"} <= set(base)
+    assert "train.max_steps" not in base  # may grow on resume (test_resume_may_raise_max_steps_...)
 
 
 def test_metrics_log_drops_a_torn_line_and_the_replayed_steps(tmp_path, caplog):
@@ -242,18 +244,32 @@ def test_overwrite_replaces_the_old_run(reference_run, copied_run, tiny_model_di
 
 
 @pytest.mark.integration
+def test_resume_may_raise_max_steps_and_the_schedule_then_ends_at_the_new_max(reference_run, copied_run,
+                                                                                tiny_model_dir):
+    """A run that ended at its max_steps (4) continues to 6: the linear decay's end follows the new max_steps from the
+    resumed step on (README: "Resuming"), so step 5 runs at 2/6 of the peak, not at the old schedule's final 0."""
+    code, output = train_one_process(run_args(tiny_model_dir, copied_run, "--resume", "true", "--train.max_steps", "6"))
+    assert code == 0, output[-4000:]
+    rows = read_metrics(copied_run)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert_same_metrics(rows[:4], read_metrics(reference_run))
+    peak = 3e-4  # configs/demo.yaml
+    assert [row["lr"] for row in rows[4:]] == pytest.approx([peak * 2 / 6, peak * 1 / 6], rel=1e-6)
+
+
+@pytest.mark.integration
 def test_resume_with_another_model_or_other_settings_is_refused_naming_each(copied_run, tiny_model_dir, tmp_path):
     other_model = shutil.copytree(tiny_model_dir, tmp_path / "other_model")
     config_before = (copied_run / "config.yaml").read_bytes()
     code, output = train_one_process(
-        run_args(other_model, copied_run, "--resume", "true", "--train.lr", "1e-3", "--train.max_steps", "6",
+        run_args(other_model, copied_run, "--resume", "true", "--train.lr", "1e-3", "--train.max_steps", "3",
                  "--train.normal_batch_size", "2", "--train.checkpoint_every", "3", "--train.log_every", "2")
     )
     assert code == 2, output[-4000:]
     assert "step_00000004 was written with other settings" in output
     assert f"model.name_or_path: the checkpoint has '{tiny_model_dir}', this run '{other_model}'" in output
     assert "train.lr: the checkpoint has 0.0003, this run 0.001" in output
-    assert "train.max_steps: the checkpoint has 4, this run 6" in output
+    assert "train.max_steps: this run has 3, fewer than the 4 steps the checkpoint has trained" in output
     assert "global normal batch" in output and "has 4 (4 x 1 x 1), this run 2 (2 x 1 x 1)" in output
     assert "checkpoint_every" not in output and "log_every" not in output  # free to change
     assert (copied_run / "config.yaml").read_bytes() == config_before
