@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from launching import launch
 from local_hub import add_revision, save_harm_classifier
 
@@ -27,13 +28,15 @@ def harm_classifier(tmp_path_factory, bpe_tokenizer):
 
 @pytest.fixture(scope="module")
 def pinned_run(tiny_model_dir, bpe_tokenizer, harm_classifier, tmp_path_factory):
-    """A hub repository whose main is the tiny model and whose v2 is another model of the same shape; a run pinned to
+    """A hub repository whose main is the tiny model and whose v2 is another model of its shape; a run pinned to
     v2 (model.revision), evaluated at its end and after its one step, with a harm classifier. Returns (run folder,
     hub cache, the v2 snapshot folder, the main snapshot folder)."""
     root = tmp_path_factory.mktemp("pinned")
     hub = root / "hub"
-    other = save_tiny_model(build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1),
-                            bpe_tokenizer, root / "v2_model")
+    other = build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(30.0)  # far from uniform, unlike main's random model: every number differs
+    other = save_tiny_model(other, bpe_tokenizer, root / "v2_model")
     main_commit = add_revision(hub, REPO_ID, tiny_model_dir, branch="main")
     v2_commit = add_revision(hub, REPO_ID, other, branch="v2")
     snapshots = hub / f"models--{REPO_ID.replace('/', '--')}" / "snapshots"
