@@ -49,7 +49,8 @@ CACHE_FORMAT = 2
 MAGIC = b"dsunlearn reference cache\n"
 # The rows start at this offset: page-aligned, so the memory-mapped rows are aligned for any dtype.
 HEADER_BYTES = 4096
-# A cache file is rows-<first KEY_CHARS hex digits of its key>.bin; a writer's temp file .rows-<...>.bin.<host>.<pid>.tmp.
+# A cache file is rows-<the key's first KEY_CHARS hex digits>.bin; its writer's temp file is
+# .rows-<...>.bin.<host>.<pid>.tmp.
 FILE_PREFIX = "rows-"
 KEY_CHARS = 32
 TEMP_SUFFIX = ".tmp"
