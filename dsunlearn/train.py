@@ -359,11 +359,11 @@ def evaluate_run(cfg: RunConfig, policy_lm, ref_engine, tokenizer, final_dir: Pa
     from dsunlearn.eval.evaluation import build_eval_sets, evaluate_models
 
     eval_cfg = EvalConfig.from_run(cfg, model_path=str(final_dir))
-    if ref_engine is None:  # a run without the KL term built no reference: load the original for the comparison
+    if ref_engine is None:  # no KL term, or the reference cache freed the reference: load the original again, from the
+        # trainer's own source (revision, trust_remote_code)
         dtype = engines.PRECISION_DTYPES[cfg.model.precision]
-        ref_engine = engines.load_inference_engine(
-            eval_cfg.reference_path, ds_config.inference_ds_config(dtype, cfg.model.reference_offload), dtype
-        )
+        inference_config = ds_config.inference_ds_config(dtype, cfg.model.reference_offload)
+        ref_engine = engines.load_original_engine(cfg, inference_config)
         reference_lm = ref_engine.module
     else:
         reference_lm = ref_engine.module.lm

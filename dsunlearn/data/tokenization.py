@@ -129,6 +129,31 @@ def _answer_text(tokenizer: Any, fmt: PromptFormat, prompt_text: str, pair: Pair
     return turn[: content_end + position + len(text)], False
 
 
+def chat_turn_end_id(tokenizer: Any) -> Optional[int]:
+    """The id of the token that ends an assistant turn in the tokenizer's chat template (Gemma's ``<end_of_turn>``,
+    Llama 3's ``<|eot_id|>``, ChatML's ``<|im_end|>``): the first special token the template renders after the
+    assistant's content, as :func:`tokenize_pair` ends a chat-formatted answer. None without a chat template, or when
+    the template ends the turn with no special token (or cannot render a user/assistant exchange)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    content = "dsunlearn turn-end probe"
+    conversation = [{"role": "user", "content": "question"}, {"role": "assistant", "content": content}]
+    try:
+        rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template may refuse this exchange (e.g. it wants a system turn)
+        return None
+    at = rendered.rfind(content)
+    if at < 0:
+        return None
+    tail = rendered[at + len(content):]
+    ends = [(tail.find(text), -len(text), text) for text in _special_strings(tokenizer) if text in tail]
+    if not ends:
+        return None
+    _, _, text = min(ends)
+    token_id = tokenizer.convert_tokens_to_ids(text)
+    return token_id if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else None
+
+
 def _tokenize_joint(tokenizer: Any, prompt_text: str, answer_text: str) -> tuple[list[int], int]:
     """Token ids of ``prompt_text + answer_text`` and the index of the first answer token.
 

@@ -32,6 +32,13 @@ class EvalConfig:
     reference_path: str = ""
     """The original model, before unlearning, as a local folder or hub id (the "before" column, the KL
     reference and the fluency judge)."""
+    reference_revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of ``reference_path`` (None: its default branch); recorded in
+    ``eval.json``. ``--run_dir`` and the end-of-training evaluation take the run's (``model.reference_revision``, or
+    ``model.revision`` when the reference is the model itself)."""
+    trust_remote_code: bool = False
+    """Allow model code from the models' folders or hub repositories (``--run_dir``: the run's
+    ``model.trust_remote_code``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Forget and normal data, prompt format, max length and split seed: give the training run's values
     so that the train/held-out split is the one the trainer used."""
@@ -86,18 +93,28 @@ class EvalConfig:
     """The training run's ``metrics.jsonl``, to plot the objective terms over the steps (optional)."""
     mia_k: float = 0.4
     """Fraction of a sequence's least likely tokens that the Min-k% and Min-k%++ attacks average (MUSE: 0.4)."""
+    collective_timeout_s: float = 600.0
+    """Several ranks: the bound on every collective, and how long a silent rank is waited for before every rank ends
+    (as the trainer's ``train.collective_timeout_s``; ``--run_dir``: the run's)."""
     retrained_path: Optional[str] = None
     """A model trained without the forget data (local folder or hub id): the reference AUC of MUSE's PrivLeak
     (None: no PrivLeak). Membership inference runs when ``data.holdout`` is given and ``forget_train`` is evaluated."""
 
     @classmethod
     def from_run(cls, run: RunConfig, model_path: str) -> EvalConfig:
-        """The end-of-training evaluation of ``run``: its data, split, precision and ``output.eval_*`` settings,
-        the run's original model as reference, results in ``output.dir/eval``."""
+        """The end-of-training evaluation of ``run``: its data, split, precision, ``output.eval_*`` and classifier
+        settings, the run's original model as reference (its path, revision and trust_remote_code as the trainer loads
+        it), results in ``output.dir/eval``."""
+        from dsunlearn.runtime.engines import pretrained_source
+
         out_dir = Path(run.output.dir)
+        # The trainer's own source of its reference: the same path, revision and remote-code permission.
+        reference_path, reference_kwargs = pretrained_source(run, reference=True)
         return cls(
             model_path=model_path,
-            reference_path=run.model.reference_path or run.model.name_or_path,
+            reference_path=reference_path,
+            reference_revision=reference_kwargs.get("revision"),
+            trust_remote_code=run.model.trust_remote_code,
             data=run.data,
             max_samples=run.output.eval_max_samples,
             max_new_tokens=run.output.eval_max_new_tokens,
@@ -105,6 +122,13 @@ class EvalConfig:
             output_dir=str(out_dir / "eval"),
             name=out_dir.name or "unlearned",
             metrics_jsonl=str(out_dir / "metrics.jsonl"),
+            collective_timeout_s=run.train.collective_timeout_s,
+            harm_classifier=run.output.harm_classifier,
+            harmful_label=run.output.harmful_label,
+            harm_classifier_input=run.output.harm_classifier_input,
+            judge_classifier=run.output.judge_classifier,
+            judge_label=run.output.judge_label,
+            judge_classifier_input=run.output.judge_classifier_input,
         )
 
     @property
@@ -174,6 +198,8 @@ class EvalConfig:
             found.append(f"metrics_jsonl: file {self.metrics_jsonl!r} does not exist")
         if not self.name:
             found.append("name is empty")
+        if not self.collective_timeout_s > 0:
+            found.append(f"collective_timeout_s={self.collective_timeout_s} must be > 0")
         if not 0.0 < self.mia_k <= 1.0:
             found.append(f"mia_k={self.mia_k} must lie in (0, 1]")
         if self.retrained_path is not None and (

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from dsunlearn.data.tokenization import TokenizedSequence, pad_batch, tokenize_pair, tokenize_pairs, tokenize_prompt
-from dsunlearn.eval.applications import Classifiers
+from dsunlearn.eval.applications import Classifiers, load_classifiers
 from dsunlearn.eval.eval_config import EvalConfig, EvalContext
 from dsunlearn.eval.evaluation import build_eval_sets
 from dsunlearn.eval.generation import generate, generation_fields, similarity
@@ -49,8 +49,6 @@ LOG_NAME = "eval_during.jsonl"
 BEST_NAME = "best_step.json"
 BEST_EXPORT_NAME = "final_best"
 TENSORBOARD_NAME = "tensorboard"
-# A run's settings name no classifier (they are settings of `dsunlearn eval`), so neither does its in-loop evaluation.
-NO_CLASSIFIERS = Classifiers()
 _OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 
 
@@ -90,6 +88,8 @@ class DuringTraining:
         if cfg.output.eval_during_max_samples is not None:
             self.eval_cfg.max_samples = cfg.output.eval_during_max_samples
         self.sides: list[_OriginalSide] = []
+        # output.harm_classifier / judge_classifier, as the end-of-run evaluation loads them (when evaluating).
+        self.classifiers = load_classifiers(self.eval_cfg, device) if self.every else Classifiers()
         self.log = None
         self.writer = None
         self.best = KeepBest.of(cfg) if cfg.output.keep_best else None
@@ -118,10 +118,8 @@ class DuringTraining:
                 during._measure_original(policy_lm)
         else:  # no KL term, so no reference was built: load the original for this pass only
             dtype = engines.PRECISION_DTYPES[cfg.model.precision]
-            original = engines.load_inference_engine(
-                during.eval_cfg.reference_path, ds_config.inference_ds_config(dtype, cfg.model.reference_offload),
-                dtype,
-            )
+            inference_config = ds_config.inference_ds_config(dtype, cfg.model.reference_offload)
+            original = engines.load_original_engine(cfg, inference_config)
             during._measure_original(original.module)
             del original
         if start_step and during.is_due(start_step) and not during._logged(start_step):
@@ -226,7 +224,7 @@ class DuringTraining:
         judged = [TokenizedSequence(prompt + generated, [0] * len(prompt) + [1] * len(generated))
                   for prompt, generated in zip(side.prompts, generations)]
         fluency = _nll_sums(reference, judged, context)
-        fields = generation_fields(side.pairs, generations, fluency, context, NO_CLASSIFIERS)
+        fields = generation_fields(side.pairs, generations, fluency, context, self.classifiers)
         side.records = [{"nll_sum": nll_sum, **measured} for nll_sum, measured in zip(nll_sums, fields)]
 
     # ---- the model's side, at every evaluation ----
@@ -249,7 +247,7 @@ class DuringTraining:
                                 "unlearned": {"nll_sum": nll_sums[i]}})
         generations = generate(model, side.prompts, context)
         # The judge of fluency, the original model, is freed: zeros stand in and fluency_ppl is dropped below.
-        fields = generation_fields(side.pairs, generations, [0.0] * len(generations), context, NO_CLASSIFIERS)
+        fields = generation_fields(side.pairs, generations, [0.0] * len(generations), context, self.classifiers)
         for record, pair, measured, original in zip(records, side.pairs, fields, side.records):
             record["unlearned"].update(measured)
             record.update(original=original, prompt=pair.prompt, response=pair.response,

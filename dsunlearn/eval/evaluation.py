@@ -109,35 +109,66 @@ def build_eval_sets(
     return {name: sets[name][:max_samples] for name in set_names}, splits
 
 
-def run_evaluation(cfg: EvalConfig) -> dict:
+def run_evaluation(cfg: EvalConfig, watchdog=None) -> dict:
     """Load both models, evaluate every requested set, write the outputs on rank 0; return the summary.
 
     One process: plain ``from_pretrained`` on CUDA if there is one, else the CPU. Under a launcher
-    with ``WORLD_SIZE`` > 1: ZeRO-3 inference engines, prompts sharded over the ranks.
+    with ``WORLD_SIZE`` > 1: ZeRO-3 inference engines, prompts sharded over the ranks. ``watchdog`` (a
+    ``distributed.Watchdog``, as :func:`main` starts it on several ranks) ends every rank when one fails, with one
+    message; it then also tears the process group down (``watchdog.close``).
     """
     problems = cfg.problems()
     if problems:
         raise ConfigError(problems)
-    from transformers import AutoTokenizer
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world_size > 1:
         from dsunlearn.runtime import distributed
 
-        rank, world_size, _ = distributed.init_distributed()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    sets, splits = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
+        rank, world_size, _ = distributed.init_distributed(cfg.collective_timeout_s)
+        if watchdog is not None:
+            watchdog.connect(world_size, cfg.collective_timeout_s)
+    tokenizer, sets, splits = _read_inputs(cfg)
+    if watchdog is not None:
+        watchdog.agree_on_inputs()  # a rank whose inputs failed: every rank ends here, with one message
     # The engines own the ZeRO-3 hooks of the models: they stay referenced until the evaluation is done.
     model, reference, _engines = load_models(cfg, world_size)
     summary = evaluate_models(
         model, reference, tokenizer, sets, cfg, rank=rank, world_size=world_size, splits=splits
     )
-    if world_size > 1:
+    if world_size > 1 and watchdog is None:
         # Without the teardown, exit can abort in C++ now and then ("terminate called without an active exception").
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
+
+
+def _read_inputs(cfg: EvalConfig):
+    """The tokenizer, the sets and their splits, and a look at both models' configs (the original's at its revision):
+    what the user must fix is a ``UsageError`` naming the setting, found before any model loads."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dsunlearn.runtime.distributed import UsageError
+
+    model_kwargs, reference_kwargs = reference_load_kwargs(cfg)
+    for setting, path, kwargs in (("model_path", cfg.model_path, model_kwargs),
+                                  ("reference_path", cfg.reference_path, reference_kwargs)):
+        try:
+            AutoConfig.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as err:
+            revision = f" at revision {kwargs['revision']!r}" if kwargs.get("revision") else ""
+            raise UsageError(f"{setting}: cannot read the model config of {path!r}{revision}: "
+                             f"{' '.join(str(err).split())}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, **model_kwargs)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"model_path: cannot load the tokenizer of {cfg.model_path!r}: "
+                         f"{' '.join(str(err).split())}") from None
+    try:
+        sets, splits = build_eval_sets(cfg.data, cfg.sets, cfg.max_samples)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return tokenizer, sets, splits
 
 
 def load_models(cfg: EvalConfig, world_size: int):
@@ -149,18 +180,31 @@ def load_models(cfg: EvalConfig, world_size: int):
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[cfg.dtype]
+    model_kwargs, reference_kwargs = reference_load_kwargs(cfg)
     if world_size > 1:
         from dsunlearn.runtime import engines
         from dsunlearn.runtime.ds_config import inference_ds_config
 
         ds_config = inference_ds_config(dtype, offload=cfg.offload_param)
-        model_engine = engines.load_inference_engine(cfg.model_path, ds_config, dtype)
-        reference_engine = engines.load_inference_engine(cfg.reference_path, ds_config, dtype)
+        model_engine = engines.load_inference_engine(cfg.model_path, ds_config, dtype, **model_kwargs)
+        reference_engine = engines.load_inference_engine(cfg.reference_path, ds_config, dtype, **reference_kwargs)
         return model_engine.module, reference_engine.module, (model_engine, reference_engine)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(device).eval()
-    reference = AutoModelForCausalLM.from_pretrained(cfg.reference_path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype, **model_kwargs).to(device).eval()
+    reference = AutoModelForCausalLM.from_pretrained(
+        cfg.reference_path, dtype=dtype, **reference_kwargs
+    ).to(device).eval()
     return model, reference, ()
+
+
+def reference_load_kwargs(cfg: EvalConfig) -> tuple[dict, dict]:
+    """``from_pretrained`` keyword arguments of the unlearned model and of the original: the original at
+    ``reference_revision``, both with ``trust_remote_code``."""
+    model_kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    reference_kwargs = dict(model_kwargs)
+    if cfg.reference_revision:
+        reference_kwargs["revision"] = cfg.reference_revision
+    return model_kwargs, reference_kwargs
 
 
 def evaluate_models(
@@ -202,6 +246,7 @@ def evaluate_models(
         "name": cfg.name,
         "model": cfg.model_path,
         "reference": cfg.reference_path,
+        "reference_revision": cfg.reference_revision,
         "metrics_jsonl": cfg.metrics_jsonl,
         "world_size": world_size,
         "config": config_record(cfg),
@@ -281,11 +326,38 @@ def build_parser():
 
 def main(argv: Optional[list[str]] = None) -> dict:
     """``dsunlearn eval --model_path RUN/final --reference_path ORIGINAL [--data.forget.source …] …``, or
-    ``dsunlearn eval --run_dir RUN [...]``: the run's export, original model, data settings and precision."""
-    import argparse
+    ``dsunlearn eval --run_dir RUN [...]``: the run's export, original model, data settings and precision.
 
+    On several ranks (``WORLD_SIZE`` > 1) the trainer's watchdog runs beside the evaluation: a failure on one rank
+    ends every rank within seconds, with one message and the trainer's exit codes (distributed.py); a bad input on
+    any rank (a model or revision a node cannot read, unreadable data) ends them all with ``EXIT_USAGE``."""
     noise.silence_known_noise()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return run_evaluation(parse_eval_config(argv))
+    import contextlib
+    import io
+
+    from dsunlearn.runtime import distributed
+
+    watchdog = distributed.Watchdog()
+    try:
+        # Every rank parses the same flags: a wrong one is reported by rank 0 alone (jsonargparse prints, then exits).
+        with contextlib.redirect_stderr(io.StringIO()) if watchdog.rank else contextlib.nullcontext():
+            cfg = parse_eval_config(argv)
+        summary = run_evaluation(cfg, watchdog)
+    except SystemExit:  # --help, or jsonargparse's message about a wrong flag
+        raise
+    except BaseException as err:
+        watchdog.fail(err)
+    watchdog.close()
+    return summary
+
+
+def parse_eval_config(argv: Optional[list[str]] = None) -> EvalConfig:
+    """``dsunlearn eval``'s flags (``--run_dir RUN``: that run's settings as the defaults) as an ``EvalConfig``."""
+    import argparse
+
     argv = list(sys.argv[1:] if argv is None else argv)
     run_dir_parser = argparse.ArgumentParser(add_help=False)
     run_dir_parser.add_argument("--run_dir")
@@ -299,8 +371,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     namespace.pop("config", None)
     namespace.pop("local_rank", None)
     parsed = parser.instantiate(namespace)
-    cfg = EvalConfig(**{name: parsed[name] for name in EvalConfig.__dataclass_fields__})
-    return run_evaluation(cfg)
+    return EvalConfig(**{name: parsed[name] for name in EvalConfig.__dataclass_fields__})
 
 
 def _run_defaults(run_dir: Path) -> dict:

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from dsunlearn.data.tokenization import chat_turn_end_id
 from dsunlearn.eval import applications, metrics
 from dsunlearn.eval.eval_config import EvalConfig, EvalContext
 from dsunlearn.eval.sharding import chunks
@@ -49,10 +50,13 @@ def generate(model, prompts: list[list[int]], context: EvalContext) -> list[list
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
-    """The ids that end a generation: the tokenizer's EOS and the model's generation-config EOS ids."""
+    """The ids that end a generation: the tokenizer's EOS, the model's generation-config EOS ids and the chat
+    template's end of turn (``<end_of_turn>``, ``<|eot_id|>``, ...; a generation config may lack it, and the model
+    would then ramble on past its answer)."""
     configured = getattr(model.generation_config, "eos_token_id", None)
     configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
-    return {tokenizer.eos_token_id, *configured}
+    turn_end = chat_turn_end_id(tokenizer)
+    return {tokenizer.eos_token_id, *configured, *([] if turn_end is None else [turn_end])}
 
 
 # ----------------------------------------------------------------------------------------------------

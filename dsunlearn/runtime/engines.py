@@ -527,12 +527,21 @@ def release_all_but_head(engine) -> nn.Module:
     return head
 
 
-def load_inference_engine(model_path: str, ds_config: dict, dtype: torch.dtype):
-    """A causal LM from ``model_path`` as a ZeRO-3 inference engine; ``engine.module`` is the Hugging Face model."""
+def load_inference_engine(model_path: str, ds_config: dict, dtype: torch.dtype, **from_pretrained_kwargs):
+    """A causal LM from ``model_path`` as a ZeRO-3 inference engine; ``engine.module`` is the Hugging Face model.
+    ``from_pretrained_kwargs``: ``revision``, ``trust_remote_code``, ... as ``from_pretrained`` takes them."""
     import deepspeed
 
-    lm = from_pretrained_partitioned(model_path, ds_config, dtype=dtype)
+    lm = from_pretrained_partitioned(model_path, ds_config, dtype=dtype, **from_pretrained_kwargs)
     lm.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=lm, config=ds_config)
     engine.eval()
     return engine
+
+
+def load_original_engine(cfg: RunConfig, ds_config: dict):
+    """The run's original model (its reference) as a ZeRO-3 inference engine, for an evaluation after the reference
+    engine was freed (or never built): from the same source as the trainer's reference (``pretrained_source``: path,
+    revision, trust_remote_code, precision, attention), so every "original" number is the trained-against model's."""
+    path, kwargs = pretrained_source(cfg, reference=True)
+    return load_inference_engine(path, ds_config, **kwargs)

@@ -9,18 +9,25 @@ off) nothing is freed, but the adapters-off forward of every step goes.
 
 ``memory`` keeps the rows in one tensor per rank; ``disk`` in one file per node, written by the node's first local
 rank (temp file, fsync, rename) and read by every local rank through a read-only memory map. The file carries a key
-of everything the rows depend on and a checksum: one whose key, size or checksum does not match is rebuilt, never
-read. Checkpoints never hold the cache (it lives outside ``output.dir/checkpoints``): a resumed run reuses or
-rebuilds it.
+of everything the rows depend on (the reference identified by content, not by path or time, so nodes holding their
+own copies of one model agree; the normal sequences; dtype; the torch and transformers versions) and a checksum; the
+key is in the file's name too, so runs with other keys that share ``reference_cache_dir`` keep their own files. A file
+whose key, size or checksum does not match is rebuilt, never read; the checks and the memory map read one open file
+descriptor, so a file replaced meanwhile is never mapped unchecked. A killed build's temp file is removed by the next
+run (the writer holds a lock on it while it lives). Checkpoints never hold the cache (it lives outside
+``output.dir/checkpoints``): a resumed run reuses or rebuilds it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import gc
 import hashlib
 import json
 import logging
+import mmap
 import os
 import socket
 import zlib
@@ -38,11 +45,20 @@ from dsunlearn.settings.config import RunConfig, names_a_local_path, parse_size
 logger = logging.getLogger(__name__)
 
 # Bump when the file layout or the meaning of the rows changes: older files are then rebuilt.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 MAGIC = b"dsunlearn reference cache\n"
 # The rows start at this offset: page-aligned, so the memory-mapped rows are aligned for any dtype.
 HEADER_BYTES = 4096
-FILE_NAME = "rows.bin"
+# A cache file is rows-<the key's first KEY_CHARS hex digits>.bin; its writer's temp file is
+# .rows-<...>.bin.<host>.<pid>.tmp.
+FILE_PREFIX = "rows-"
+KEY_CHARS = 32
+TEMP_SUFFIX = ".tmp"
+# How the reference's files are identified: whole when at most this large (config, tokenizer), else by their
+# safetensors header and SAMPLE_BLOCKS blocks of SAMPLE_BYTES spread over the file.
+WHOLE_FILE_BYTES = 1 << 22
+SAMPLE_BLOCKS = 16
+SAMPLE_BYTES = 1 << 16
 # Normal examples per reference forward in the one-off pass: a step's worth of memory or less.
 BUILD_BATCH_SIZE = 8
 # Bytes checksummed per read when a file is verified.
@@ -94,13 +110,23 @@ def choose_mode(cfg: RunConfig, head_path: str, total_bytes: int) -> str:
     return "memory" if total_bytes <= limit else "disk"
 
 
+def cache_file_name(key: str) -> str:
+    """The cache file of the rows with this key: the key is in the name, so runs with other keys sharing a folder
+    never replace each other's file."""
+    return f"{FILE_PREFIX}{key[:KEY_CHARS]}.bin"
+
+
 def cache_key(cfg: RunConfig, sequences: Sequence, dtype: torch.dtype) -> str:
-    """Hash of what the rows depend on: the reference's weights, the dtype, the attention implementation and the
-    normal training sequences (token ids and response masks; batching and packing do not change the rows)."""
+    """Hash of what the rows depend on: the reference's weights (by content), the dtype, the attention
+    implementation, the torch and transformers versions (another implementation of the model may compute other rows)
+    and the normal training sequences (token ids and response masks; batching and packing do not change the rows)."""
+    import transformers
+
     digest = hashlib.sha256()
     identity = {
         "format": CACHE_FORMAT, "reference": reference_weights_identity(cfg), "dtype": str(dtype),
         "attn_implementation": cfg.model.attn_implementation,
+        "torch": torch.__version__, "transformers": transformers.__version__,
     }
     digest.update(json.dumps(identity, sort_keys=True).encode())
     for sequence in sequences:
@@ -111,21 +137,44 @@ def cache_key(cfg: RunConfig, sequences: Sequence, dtype: torch.dtype) -> str:
 
 
 def reference_weights_identity(cfg: RunConfig) -> dict:
-    """The reference's weights, identified cheaply: its folder (a local one, or the hub cache's snapshot, named by
-    its commit) and the name, size and modification time of each file in it."""
+    """The reference's weights, identified by what they hold, never by where or when they were staged: two nodes
+    with their own copies of one model (copied at other times, to other folders) agree. The hub commit when the
+    reference comes from the hub cache (its snapshot folder is named by it), and each file's name, size and digest
+    (``file_digest``)."""
     path, load_kwargs = engines.pretrained_source(cfg, reference=True)
+    commit = None
     if names_a_local_path(path):
         folder = Path(path).expanduser()
     else:
         from transformers.utils import cached_file
 
         folder = Path(cached_file(path, "config.json", revision=load_kwargs.get("revision"))).parent
+        commit = folder.name  # snapshots/<commit>
     files = []
     for entry in sorted(folder.iterdir()):
-        if entry.is_file():
-            stat = entry.stat()  # follows the hub cache's links to the blobs
-            files.append([entry.name, stat.st_size, stat.st_mtime_ns])
-    return {"path": path, "revision": load_kwargs.get("revision"), "folder": str(folder.resolve()), "files": files}
+        if entry.is_file():  # follows the hub cache's links to the blobs
+            size = entry.stat().st_size
+            files.append([entry.name, size, file_digest(entry, size)])
+    return {"commit": commit, "files": files}
+
+
+def file_digest(path: Path, size: int) -> str:
+    """A digest of a model file's content, cheap for a large one: a file of up to ``WHOLE_FILE_BYTES`` whole (config,
+    tokenizer, generation config); a larger one by its safetensors header (tensor names, dtypes, shapes, offsets)
+    and ``SAMPLE_BLOCKS`` blocks spread over it (the first and the last included), which tell other weights of one
+    architecture apart (a fine-tuned or unlearned copy differs throughout)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        if size <= WHOLE_FILE_BYTES:
+            digest.update(file.read())
+            return digest.hexdigest()
+        if path.suffix == ".safetensors":
+            header_bytes = int.from_bytes(file.read(8), "little")
+            digest.update(file.read(min(header_bytes, size - 8)))
+        for block in range(SAMPLE_BLOCKS):
+            file.seek((size - SAMPLE_BYTES) * block // (SAMPLE_BLOCKS - 1))
+            digest.update(file.read(SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -189,7 +238,9 @@ def share_rows(local_rows: torch.Tensor, rows_per_rank: list[int], hidden_size: 
 
 
 class CacheFileWriter:
-    """Writes a cache file: rows appended in order, then the header; ``close`` renames it into place (fsynced)."""
+    """Writes a cache file: rows appended in order, then the header; ``close`` renames it into place (fsynced),
+    ``abort`` removes the temp file. The writer holds an exclusive lock on its temp file while it lives, so that
+    ``remove_stale_temp_files`` knows a killed writer's file (the kernel drops the lock with the process)."""
 
     def __init__(self, path: Path, key: str, total_rows: int, hidden_size: int, dtype: torch.dtype):
         self.path = path
@@ -197,8 +248,14 @@ class CacheFileWriter:
                      "dtype": str(dtype)}
         path.parent.mkdir(parents=True, exist_ok=True)
         # A name of its own per writer: nodes sharing a filesystem may write the same file at once.
-        self.temp_path = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        self.file = open(self.temp_path, "wb")
+        self.temp_path = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}{TEMP_SUFFIX}")
+        while True:
+            self.file = open(self.temp_path, "wb")
+            _lock(self.file.fileno(), blocking=True)
+            # A cleaner may have taken this file for a dead writer's between its creation and the lock: start again.
+            if _same_file(self.temp_path, self.file.fileno()):
+                break
+            self.file.close()
         self.file.write(bytes(HEADER_BYTES))
         self.checksum = 0
 
@@ -213,13 +270,81 @@ class CacheFileWriter:
         self.file.write(header)
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.file.close()
         os.replace(self.temp_path, self.path)
+        self.file.close()  # and the lock, once the temp name is gone
         directory = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+    def abort(self) -> None:
+        """The build failed: remove the temp file."""
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+        self.file.close()
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """An exclusive ``flock`` on ``fd``: True when taken, False when another process holds it; raises ``OSError``
+    where the filesystem has no locks (the caller falls back). A writer that finds no locks writes unlocked."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if blocking and err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return True
+        raise
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (stat.st_dev, stat.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove the temp files of cache builds that were killed (their writer is gone) from ``folder``; returns them.
+    A writer holds a lock on its file while it lives; on a filesystem without locks, only this host's files whose
+    process is gone are removed (another host's cannot be told apart from a live one)."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname()
+    for temp in sorted(folder.glob(f".{FILE_PREFIX}*{TEMP_SUFFIX}")):
+        try:
+            fd = os.open(temp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # its writer finished meanwhile
+        try:
+            try:
+                stale = _lock(fd, blocking=False)
+            except OSError:  # no locks here: this host's writers are known by their pid
+                writer_host, _, pid = temp.name.removesuffix(TEMP_SUFFIX).rpartition(".")
+                stale = writer_host.endswith(f".{host}") and pid.isdigit() and not _pid_alive(int(pid))
+            if stale and _same_file(temp, fd):
+                os.unlink(temp)
+                removed.append(temp)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _header_bytes(meta: dict) -> bytes:
@@ -229,10 +354,9 @@ def _header_bytes(meta: dict) -> bytes:
     return header + bytes(HEADER_BYTES - len(header))
 
 
-def read_meta(path: Path) -> dict:
-    """The header of a cache file; ``ValueError`` naming what is wrong when it is not one."""
-    with open(path, "rb") as file:
-        header = file.read(HEADER_BYTES)
+def _read_meta(fd: int) -> dict:
+    """The header of the open cache file ``fd``; ``ValueError`` naming what is wrong when it is not one."""
+    header = os.pread(fd, HEADER_BYTES, 0)
     if len(header) < HEADER_BYTES or not header.startswith(MAGIC):
         raise ValueError("no cache header")
     try:
@@ -241,14 +365,20 @@ def read_meta(path: Path) -> dict:
         raise ValueError("unreadable cache header") from None
 
 
-def file_problem(path: Path, key: str, total_rows: int, hidden_size: int, dtype: torch.dtype,
-                 verify_checksum: bool) -> Optional[str]:
-    """Why the file at ``path`` must not be used for these rows (None: it may): missing, another key, torn
-    (its size is not the header's), or (``verify_checksum``) rows that do not match the header's checksum."""
-    if not path.is_file():
-        return "no cache file"
+def read_meta(path: Path) -> dict:
+    """The header of a cache file; ``ValueError`` naming what is wrong when it is not one."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        meta = read_meta(path)
+        return _read_meta(fd)
+    finally:
+        os.close(fd)
+
+
+def _fd_problem(fd: int, path: Path, key: str, total_rows: int, hidden_size: int, dtype: torch.dtype,
+                verify_checksum: bool) -> Optional[str]:
+    """Why the open file ``fd`` (at ``path``, for the messages) must not be used for these rows (None: it may)."""
+    try:
+        meta = _read_meta(fd)
     except (OSError, ValueError) as err:
         return f"{path} is not a complete cache file ({err})"
     expected = {"format": CACHE_FORMAT, "key": key, "rows": total_rows, "hidden_size": hidden_size, "dtype": str(dtype)}
@@ -256,26 +386,45 @@ def file_problem(path: Path, key: str, total_rows: int, hidden_size: int, dtype:
     if differing:
         return f"{path} holds other rows ({', '.join(differing)} differ)"
     data_bytes = total_rows * hidden_size * dtype.itemsize
-    size = path.stat().st_size
+    size = os.fstat(fd).st_size
     if size != HEADER_BYTES + data_bytes:
         return f"{path} is torn: {size} bytes, {HEADER_BYTES + data_bytes} expected"
     if verify_checksum:
-        checksum = 0
-        with open(path, "rb") as file:
-            file.seek(HEADER_BYTES)
-            while block := file.read(CHECKSUM_BLOCK):
-                checksum = zlib.crc32(block, checksum)
+        checksum, offset = 0, HEADER_BYTES
+        while block := os.pread(fd, CHECKSUM_BLOCK, offset):
+            checksum = zlib.crc32(block, checksum)
+            offset += len(block)
         if checksum != meta.get("crc32"):
             return f"{path} is corrupt: its rows do not match the header's checksum"
     return None
 
 
-def map_rows(path: Path, total_rows: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The file's rows as a read-only, private memory map: [total_rows, H]. The node's ranks share its pages through
-    the page cache."""
-    size = HEADER_BYTES + total_rows * hidden_size * dtype.itemsize
-    whole = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
-    return whole[HEADER_BYTES:].view(dtype).view(total_rows, hidden_size)
+def open_rows(path: Path, key: str, total_rows: int, hidden_size: int, dtype: torch.dtype,
+              verify_checksum: bool) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """(rows, None) when the file at ``path`` holds these rows: [total_rows, H], a read-only, private memory map of
+    the very file descriptor that was checked (the node's ranks share its pages through the page cache); else (None,
+    why not): missing, another key, torn (its size is not the header's), or (``verify_checksum``) rows that do not
+    match the header's checksum."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None, "no cache file"
+    except OSError as err:
+        return None, f"{path} cannot be opened ({err})"
+    try:
+        problem = _fd_problem(fd, path, key, total_rows, hidden_size, dtype, verify_checksum)
+        if problem:
+            return None, problem
+        whole = torch.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    finally:
+        os.close(fd)  # the map keeps the file
+    return whole[HEADER_BYTES:].view(dtype).view(total_rows, hidden_size), None
+
+
+def file_problem(path: Path, key: str, total_rows: int, hidden_size: int, dtype: torch.dtype,
+                 verify_checksum: bool) -> Optional[str]:
+    """Why the file at ``path`` must not be used for these rows (None: it may); see ``open_rows``."""
+    return open_rows(path, key, total_rows, hidden_size, dtype, verify_checksum)[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -305,12 +454,15 @@ def prepare(cfg: RunConfig, step_data, policy_engine, ref_engine, ref_hidden_siz
         "rank" if mode == "memory" else "node", mode, cfg.model.reference_cache,
     )
     key = cache_key(cfg, sequences, dtype)
-    path = Path(cfg.model.reference_cache_dir or Path(cfg.output.dir) / "reference_cache") / FILE_NAME
+    path = Path(cfg.model.reference_cache_dir or Path(cfg.output.dir) / "reference_cache") / cache_file_name(key)
     build = True
+    rows = None
     if mode == "disk":
         problem = None
         if local_rank == 0:
-            problem = file_problem(path, key, total_rows, ref_hidden_size, dtype, verify_checksum=True)
+            for removed in remove_stale_temp_files(path.parent):
+                logger.warning("reference cache: removed %s, left by a build that was killed", removed)
+            rows, problem = open_rows(path, key, total_rows, ref_hidden_size, dtype, verify_checksum=True)
         # Every rank forwards or none does: one node's missing or stale file rebuilds them all.
         needed = torch.tensor([float(problem is not None)], device=device)
         torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
@@ -320,16 +472,15 @@ def prepare(cfg: RunConfig, step_data, policy_engine, ref_engine, ref_hidden_siz
         else:
             _log_on_rank_zero("reference cache: reusing %s (its key matches)", path)
 
-    rows = None
     if build:
         rows = _build(cfg, step_data, policy_engine, ref_engine, row_counts, total_rows, ref_hidden_size, dtype,
                       device, mode, path, key, local_rank == 0)
     if mode == "disk":
         torch.distributed.barrier()  # the node's file is in place
-        problem = file_problem(path, key, total_rows, ref_hidden_size, dtype, verify_checksum=False)
-        if problem:
-            raise RuntimeError(f"reference cache: {problem}")
-        rows = map_rows(path, total_rows, ref_hidden_size, dtype)
+        if rows is None:  # local rank 0 keeps the map of the file it checked when it did not build
+            rows, problem = open_rows(path, key, total_rows, ref_hidden_size, dtype, verify_checksum=False)
+            if problem:
+                raise RuntimeError(f"reference cache: {problem}")
     head = release_reference(ref_engine) if ref_engine is not None else None
     return ReferenceCache(rows=rows, offsets=offsets, head=head)
 
@@ -364,8 +515,13 @@ def _build(cfg, step_data, policy_engine, ref_engine, row_counts, total_rows, hi
                    lambda first, chunk: rows[first:first + chunk.shape[0]].copy_(chunk))
         return rows
     writer = CacheFileWriter(path, key, total_rows, hidden_size, dtype) if writes_file else None
-    share_rows(local_rows, rows_per_rank, hidden_size, dtype, device,
-               lambda first, chunk: writer.write(chunk) if writer is not None else None)
+    try:
+        share_rows(local_rows, rows_per_rank, hidden_size, dtype, device,
+                   lambda first, chunk: writer.write(chunk) if writer is not None else None)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     if writer is not None:
         writer.close()
     return None

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+from dsunlearn.settings.classifiers import classifier_problems
 from dsunlearn.settings.dataset import DatasetSpec
 from dsunlearn.settings.paths import resolve_path
 from dsunlearn.settings.prompt_format import DEFAULT_TEMPLATE, PromptFormat
@@ -342,6 +343,22 @@ class OutputConfig:
     """Cap on prompts per evaluation set (None: all)."""
     eval_max_new_tokens: int = 48
     """Greedy generation length in the end-of-run evaluation."""
+    harm_classifier: Optional[str] = None
+    """Local folder of a Hugging Face sequence-classification model that judges the generations of the end-of-training
+    and the in-loop evaluations (``harmful_rate``; the ``harmful`` application's behaviour), as ``dsunlearn eval
+    --harm_classifier`` does. None: none. Never downloaded."""
+    harmful_label: str = "harmful"
+    """The harm classifier's label (from its config's ``id2label``, case-insensitive) that means harmful."""
+    harm_classifier_input: str = "{prompt}\n{response}"
+    """Text the harm classifier reads for one generation; ``{prompt}`` and ``{response}`` are filled in."""
+    judge_classifier: Optional[str] = None
+    """``data.application: hallucination``: local folder of a sequence-classification model that judges whether a
+    generation is hallucinated, in the end-of-training and the in-loop evaluations (``dsunlearn eval
+    --judge_classifier``). None: the ROUGE-L rule alone. Never downloaded."""
+    judge_label: str = "hallucinated"
+    """The judge's label (from its config's ``id2label``, case-insensitive) that means hallucinated."""
+    judge_classifier_input: str = "{knowledge}\n{prompt}\n{response}"
+    """Text the judge reads for one generation; ``{knowledge}``, ``{prompt}`` and ``{response}`` are filled in."""
     # ---- evaluation during training (dsunlearn/eval/eval_during.py) ----
     eval_every: Optional[int] = None
     """Evaluate the model every this many steps inside the training loop, on every rank (sharded as the end-of-run
@@ -388,6 +405,14 @@ class OutputConfig:
                     found += [f"output.keep_best_constraint: {p}" for p in eval_metric_problems(metric)]
             except ValueError as err:
                 found.append(f"output.keep_best_constraint: {err}")
+        found += [f"output.{p}" for p in classifier_problems(
+            "harm_classifier", self.harm_classifier, "harmful_label", self.harmful_label)]
+        if "{response}" not in self.harm_classifier_input:
+            found.append("output.harm_classifier_input must contain {response}")
+        found += [f"output.{p}" for p in classifier_problems(
+            "judge_classifier", self.judge_classifier, "judge_label", self.judge_label)]
+        if "{response}" not in self.judge_classifier_input:
+            found.append("output.judge_classifier_input must contain {response}")
         if self.tensorboard not in (False, True) and not str(self.tensorboard).strip():
             found.append("output.tensorboard is empty: give a folder, or true for output.dir/tensorboard")
         if self.tensorboard is not False and importlib.util.find_spec("tensorboard") is None:
@@ -462,6 +487,9 @@ class RunConfig:
         if self.output.eval_every and self.output.eval_every > self.train.max_steps:
             found.append(f"output.eval_every={self.output.eval_every} is larger than train.max_steps="
                          f"{self.train.max_steps}: no step would be evaluated")
+        if self.output.judge_classifier is not None and self.data.application != "hallucination":
+            found.append(f"output.judge_classifier judges hallucinations, but data.application is "
+                         f"{self.data.application!r}")
         if self.objective.normal_weight > 0 and self.train.normal_batch_size == 0:
             found.append("train.normal_batch_size is 0 but objective.normal_weight > 0: the KL term needs normal data")
         if found:

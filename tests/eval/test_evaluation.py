@@ -401,3 +401,47 @@ def test_run_dir_takes_the_runs_settings(tiny_model_dir, tmp_path):
     assert summary["config"]["data"]["holdout"]["source"] == "dsunlearn/assets/demo/holdout.jsonl"
     assert summary["unlearned"]["forget_held_out"]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert (run_dir / "eval" / "eval.json").is_file()
+
+
+@pytest.mark.distributed
+def test_a_rank_that_fails_ends_every_rank_with_one_message(tmp_path, tiny_model_dir):
+    """`dsunlearn eval` on 2 ranks where one node cannot read the original (its own hub cache lacks it): the trainer's
+    watchdog ends both ranks with the usage code and one message naming the rank, no traceback (issue 17 item 10)."""
+    import os
+    import subprocess
+    import sys
+
+    from launching import REPO, free_port
+    from local_hub import add_revision
+
+    caches = [tmp_path / "node0" / "hub", tmp_path / "node1" / "hub"]
+    add_revision(caches[0], "dsunlearn/tiny-eval", tiny_model_dir, branch="main")
+    caches[1].mkdir(parents=True)  # node 1's staging of the model failed
+    demo = demo_data_dir()
+    argv = ["--model_path", str(tiny_model_dir), "--reference_path", "dsunlearn/tiny-eval",
+            "--data.forget.source", str(demo / "forget.jsonl"), "--data.normal.source", str(demo / "normal.jsonl"),
+            "--data.normal.format", "truthfulqa", "--max_samples", "1", "--max_new_tokens", "2", "--dtype", "fp32",
+            "--output_dir", str(tmp_path / "eval")]
+    port = str(free_port())
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "dsunlearn", "eval", *argv], cwd=REPO,
+                         env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK=str(rank),
+                                  LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                  HF_HUB_CACHE=str(cache)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank, cache in enumerate(caches)
+    ]
+    try:
+        outputs = [process.communicate(timeout=240)[0] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    both = "\n".join(outputs)
+    assert [process.returncode for process in processes] == [2, 2], both[-4000:]
+    assert "Traceback" not in both, both[-4000:]
+    message = "reference_path: cannot read the model config of 'dsunlearn/tiny-eval'"
+    assert both.count(message) == 1 and message in outputs[0], both[-4000:]  # rank 0 says it once
+    assert "rank 1 (" in outputs[0]  # naming the rank that failed
+    assert not (tmp_path / "eval" / "eval.json").exists()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from launching import REPO, free_port, launch
 
+from dsunlearn.data.tiny import build_tiny_causal_lm, save_tiny_model
 from dsunlearn.data.tokenization import TokenizedSequence
 from dsunlearn.runtime import checkpoints, reference_cache
 from dsunlearn.settings.config import ConfigError, ModelConfig, RunConfig
@@ -38,12 +39,13 @@ def _write(path, rows, key="k"):
 
 
 def test_file_round_trip_and_every_bad_file_refused(tmp_path):
-    path = tmp_path / "cache" / reference_cache.FILE_NAME
+    path = tmp_path / "cache" / reference_cache.cache_file_name("k")
     rows = torch.randn(5, 3, dtype=torch.bfloat16)
     _write(path, rows)
-    assert os.listdir(path.parent) == [reference_cache.FILE_NAME]  # the temp file was renamed into place
+    assert os.listdir(path.parent) == [path.name]  # the temp file was renamed into place
     assert reference_cache.file_problem(path, "k", 5, 3, torch.bfloat16, verify_checksum=True) is None
-    assert torch.equal(reference_cache.map_rows(path, 5, 3, torch.bfloat16), rows)
+    mapped, problem = reference_cache.open_rows(path, "k", 5, 3, torch.bfloat16, verify_checksum=True)
+    assert problem is None and torch.equal(mapped, rows)
     assert "other rows (key differ)" in reference_cache.file_problem(path, "other", 5, 3, torch.bfloat16, True)
     assert "dtype" in reference_cache.file_problem(path, "k", 5, 3, torch.float32, True)
 
@@ -59,7 +61,7 @@ def test_file_round_trip_and_every_bad_file_refused(tmp_path):
     assert reference_cache.file_problem(tmp_path / "none", "k", 5, 3, torch.bfloat16, True) == "no cache file"
 
 
-def test_key_follows_the_normal_data_the_dtype_and_the_weights(tiny_model_dir, tmp_path):
+def test_key_follows_the_normal_data_the_dtype_and_the_weights(tiny_model_dir, tmp_path, bpe_tokenizer):
     cfg = RunConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)))
     key = reference_cache.cache_key(cfg, _sequences(), torch.bfloat16)
     assert reference_cache.cache_key(cfg, _sequences(), torch.bfloat16) == key
@@ -68,9 +70,96 @@ def test_key_follows_the_normal_data_the_dtype_and_the_weights(tiny_model_dir, t
     masked_otherwise[0].response_mask = [0, 1, 1, 1]
     assert reference_cache.cache_key(cfg, masked_otherwise, torch.bfloat16) != key
     assert reference_cache.cache_key(cfg, _sequences(), torch.float32) != key
-    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
-    other_weights = RunConfig(model=ModelConfig(name_or_path=str(copy)))
+    # Other weights of the same architecture (same files, sizes and safetensors header): another key.
+    other = save_tiny_model(build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=5),
+                            bpe_tokenizer, tmp_path / "other")
+    other_weights = RunConfig(model=ModelConfig(name_or_path=str(other)))
     assert reference_cache.cache_key(other_weights, _sequences(), torch.bfloat16) != key
+
+
+def test_key_names_the_model_by_content_not_by_place_or_time(tiny_model_dir, tmp_path):
+    """Issue 17 item 4(a): nodes that staged their own copies of one model at other times share one key (and so one
+    file); item 4(c): another torch or transformers version does not."""
+    import transformers
+
+    cfg = RunConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)))
+    key = reference_cache.cache_key(cfg, _sequences(), torch.bfloat16)
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "node1" / "model")  # copied now: other times, another folder
+    for path in copy.iterdir():
+        os.utime(path, (1e9, 1e9))
+    staged_elsewhere = RunConfig(model=ModelConfig(name_or_path=str(copy)))
+    assert reference_cache.cache_key(staged_elsewhere, _sequences(), torch.bfloat16) == key
+    for module in (torch, transformers):
+        version = module.__version__
+        module.__version__ = version + ".other"
+        try:
+            assert reference_cache.cache_key(cfg, _sequences(), torch.bfloat16) != key, module.__name__
+        finally:
+            module.__version__ = version
+
+
+def test_runs_with_other_keys_keep_their_own_files(tmp_path):
+    """Item 4(b): the key is in the file's name, so two runs sharing reference_cache_dir do not replace each other's
+    rows."""
+    rows_a, rows_b = torch.randn(5, 3), torch.randn(5, 3)
+    path_a = tmp_path / reference_cache.cache_file_name("a" * 64)
+    path_b = tmp_path / reference_cache.cache_file_name("b" * 64)
+    assert path_a != path_b and "a" * reference_cache.KEY_CHARS in path_a.name
+    _write(path_a, rows_a, key="a" * 64)
+    _write(path_b, rows_b, key="b" * 64)
+    assert torch.equal(reference_cache.open_rows(path_a, "a" * 64, 5, 3, torch.float32, True)[0], rows_a)
+    assert torch.equal(reference_cache.open_rows(path_b, "b" * 64, 5, 3, torch.float32, True)[0], rows_b)
+
+
+def test_the_checked_file_is_the_mapped_file(tmp_path, monkeypatch):
+    """Item 4(b): a file replaced between the check and the map must not be mapped unchecked: the map is of the
+    descriptor that was checked."""
+    path = tmp_path / reference_cache.cache_file_name("k")
+    checked, replacement = torch.randn(5, 3), torch.randn(5, 3)
+    _write(path, checked)
+    _write(tmp_path / "other.bin", replacement, key="another run")
+    real_check = reference_cache._fd_problem
+
+    def check_then_replace(*args, **kwargs):
+        problem = real_check(*args, **kwargs)
+        os.replace(tmp_path / "other.bin", path)  # another writer renames its file into place right after the check
+        return problem
+
+    monkeypatch.setattr(reference_cache, "_fd_problem", check_then_replace)
+    rows, problem = reference_cache.open_rows(path, "k", 5, 3, torch.float32, verify_checksum=True)
+    assert problem is None and torch.equal(rows, checked)
+
+
+def test_a_killed_builds_temp_file_is_removed_and_a_live_ones_kept(tmp_path):
+    """Item 4(d): a writer killed mid-build (SIGKILL, for real) leaves its temp file; the next run removes it, and
+    never the temp file of a build still running."""
+    path = tmp_path / reference_cache.cache_file_name("k")
+    script = ("import sys, time, torch\n"
+              "from pathlib import Path\n"
+              "from dsunlearn.runtime import reference_cache\n"
+              "writer = reference_cache.CacheFileWriter(Path(sys.argv[1]), 'k', 4, 3, torch.float32)\n"
+              "writer.write(torch.ones(2, 3))\n"
+              "writer.file.flush()\n"
+              "print('writing', flush=True)\n"
+              "time.sleep(600)\n")
+    victim = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline().strip() == "writing"
+        live = reference_cache.CacheFileWriter(path, "k", 4, 3, torch.float32)  # this process's build, running
+        dead_temp = path.with_name(f".{path.name}.{__import__('socket').gethostname()}.{victim.pid}.tmp")
+        assert dead_temp.is_file()
+        assert reference_cache.remove_stale_temp_files(tmp_path) == []  # both writers alive: nothing removed
+        victim.kill()
+        victim.wait()
+        assert reference_cache.remove_stale_temp_files(tmp_path) == [dead_temp]
+        assert not dead_temp.exists() and live.temp_path.is_file()
+        live.write(torch.zeros(4, 3))
+        live.close()
+        assert os.listdir(tmp_path) == [path.name]
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
 
 
 def test_rows_are_counted_as_the_loss_counts_them():
@@ -218,11 +307,11 @@ def test_memory_cache_run_logs_the_uncached_metrics(tiny_model_dir, uncached_run
 @pytest.mark.integration
 def test_disk_cache_reused_rebuilt_and_resumed(tiny_model_dir, uncached_run, tmp_path):
     run_dir = tmp_path / "run"
-    cache_file = run_dir / "reference_cache" / reference_cache.FILE_NAME
     disk = ("--model.reference_cache", "disk", "--train.checkpoint_every", "1", "--train.keep_checkpoints", "0")
     output = _launch(_args(tiny_model_dir, run_dir, *disk))
+    (cache_file,) = (run_dir / "reference_cache").iterdir()  # one file for the node's two ranks
+    assert cache_file.name.startswith(reference_cache.FILE_PREFIX)
     assert f"building {cache_file} (no cache file)" in output
-    assert os.listdir(cache_file.parent) == [reference_cache.FILE_NAME]  # one file for the node's two ranks
     expected = _metrics(uncached_run)
     _assert_same_metrics(_metrics(run_dir), expected)
     for path in (run_dir / "checkpoints").rglob("*"):  # the checkpoints do not hold the rows
@@ -246,5 +335,39 @@ def test_disk_cache_reused_rebuilt_and_resumed(tiny_model_dir, uncached_run, tmp
     output = _launch(_args(tiny_model_dir, other_dir, "--model.reference_cache", "disk", "--train.max_steps", "1",
                            "--model.reference_cache_dir", str(cache_file.parent), "--data.normal.held_out_fraction",
                            "0.3"))
-    assert f"building {cache_file} ({cache_file} holds other rows (key" in output
+    # Another key, so a file of its own beside the first, which stays for the runs it serves.
+    other_file = next(path for path in cache_file.parent.iterdir() if path != cache_file)
+    assert f"building {other_file} (no cache file)" in output
+    assert sorted(cache_file.parent.iterdir()) == sorted([cache_file, other_file]) and cache_file.stat().st_size == size
     assert not (other_dir / "reference_cache").exists()
+
+
+# ---- two nodes, each with its own copy of the model, sharing one cache folder ----
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_two_nodes_with_their_own_copies_share_one_cache_file(tiny_model_dir, tmp_path):
+    """Item 4: two "nodes" (one rank each, LOCAL_RANK 0, each with its own hub cache holding a copy of the model staged
+    at another time) and one shared reference_cache_dir: one key, one file, both ranks end right (before: the keys
+    differed by the copies' times and folders, both wrote rows.bin and the node whose file was replaced failed)."""
+    from local_hub import add_revision
+
+    caches = [tmp_path / f"node{rank}" / "hub" for rank in range(2)]
+    for rank, cache in enumerate(caches):
+        add_revision(cache, "dsunlearn/tiny", tiny_model_dir, branch="main", mtime=1e9 + rank * 86400)
+    shared = tmp_path / "shared_cache"
+    args = _args("dsunlearn/tiny", tmp_path / "run", "--model.reference_cache", "disk", "--train.max_steps", "1",
+                 "--model.reference_cache_dir", str(shared))
+    port = str(free_port())
+    processes = []
+    for rank, cache in enumerate(caches):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+        processes.append(subprocess.Popen([sys.executable, "dsunlearn/train.py", *args], cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=420)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    files = sorted(shared.iterdir())
+    assert len(files) == 1 and files[0].name.startswith(reference_cache.FILE_PREFIX), files
