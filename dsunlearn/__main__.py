@@ -12,17 +12,21 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Optional
 
-# The commands whose processes run the watchdog (runtime/distributed.py), which takes SIGTERM in a thread of its own.
-WATCHED_COMMANDS = frozenset({"train"})
+
+def runs_a_watchdog(command: str) -> bool:
+    """Whether ``command``'s process runs the watchdog (runtime/distributed.py), which takes SIGTERM in a thread of its
+    own: ``train`` always, ``eval`` on several ranks (WORLD_SIZE > 1; one process has none)."""
+    return command == "train" or (command == "eval" and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in WATCHED_COMMANDS:
+    if argv and runs_a_watchdog(argv[0]):
         # Before anything imports torch: numpy's OpenBLAS starts its threads at import, and a thread that leaves
         # SIGTERM unblocked takes it and dies with the whole process (-15) instead of the watchdog saving the step
         # (why at length: train.py). Only for commands with a watchdog: in others a blocked SIGTERM would be lost.

@@ -45,8 +45,15 @@ PNG plots) to ``output_dir``.
 
 from __future__ import annotations
 
-import logging
 import os
+import signal
+
+if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # `python -m dsunlearn.eval.evaluation` on several ranks runs the watchdog, which takes SIGTERM in its own thread:
+    # blocked before any import that starts threads (why: train.py). `python -m dsunlearn eval` blocks it in __main__.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+import logging
 import sys
 import typing
 from collections.abc import Sequence
