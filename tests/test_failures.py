@@ -215,6 +215,10 @@ def test_sigterm_in_training_saves_the_step_and_resume_is_bit_exact(straight_run
     ranks = wait_for(lambda: len(metric_rows(run_dir)) >= 2, ranks, resume=resumed)
     ranks.send(signal.SIGTERM)
     assert ranks.wait() == {0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}, ranks.output()[-4000:]
+    # Without OMP_NUM_THREADS each rank takes its share of the cores, not all of them (distributed.share_the_cores).
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    if share < torch.get_num_threads():  # torch's own default in a rank, as in this process
+        assert f"2 ranks share this host's cores: {share} torch thread(s) per rank" in ranks.output()
     saved = metric_rows(run_dir)[-1]["step"]
     assert 2 <= saved < 6
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{saved:08d}"

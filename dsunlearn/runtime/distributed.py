@@ -23,6 +23,7 @@ group down on every rank together.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -94,7 +95,27 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int, int]:
         deepspeed.init_distributed(
             dist_backend=accelerator.communication_backend_name(), timeout=timedelta(seconds=timeout_s)
         )
+    share_the_cores()
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def share_the_cores() -> None:
+    """Without OMP_NUM_THREADS, give each rank its share of this machine's cores (the cores it may run on, divided
+    by the ranks on this host, found by gathering host names: launch.sh, srun and the deepspeed launcher do not all
+    say how many ranks share a node). torch otherwise starts one thread per core in every rank, and N ranks on a node
+    then run N x cores threads that wait on each other; torchrun sets OMP_NUM_THREADS=1 for the same reason."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    hosts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    local_ranks = hosts.count(socket.gethostname())
+    threads = max(1, len(os.sched_getaffinity(0)) // local_ranks)
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+        if torch.distributed.get_rank() == 0:
+            logging.getLogger(__name__).info(
+                "%d ranks share this host's cores: %d torch thread(s) per rank (OMP_NUM_THREADS chooses)",
+                local_ranks, threads)
 
 
 def _reach_the_store(timeout_s: float) -> None:
