@@ -57,7 +57,7 @@ class DatasetSpec:
     ``paraphrased_answer``, ``perturbed_answer`` (a list; the truth ratio needs it with ``paraphrased_answer``) and
     ``paraphrased_question`` kept on the pair for the evaluation; ``muse_verbmem``: MUSE's (``prompt``, ``gt``), a
     text and its ground-truth continuation; ``muse_knowmem``: MUSE's (``question``, ``answer``). TOFU's and MUSE's
-    formats are scored with the benchmark's ROUGE-L (``rouge``: ``tofu`` or ``muse``; dsunlearn/eval/tofu.py)."""
+    formats are scored with the benchmark's ROUGE-L (``rouge``: ``tofu`` or ``muse``; dsunlearn/eval/benchmarks.py)."""
 
     prompt_field: str = "prompt"
     """Prompt field name (``pairs`` format only)."""
