@@ -237,9 +237,9 @@ def _benchmark_lines(runs: Sequence[Run]) -> list[str]:
         for key, label in (("forget_quality", "forget quality"), ("model_utility", "model utility")):
             lines.append(f"| {label} | " + " | ".join(_format(cell(section, key, role)) for _, role, section in columns)
                          + " |")
-        retain_models = sorted({section["retain_model"] for _, section in tofu if section.get("retain_model")})
+        retain_models = "; ".join(sorted({section["retain_model"] for _, section in tofu if section["retain_model"]}))
         lines += ["", "Forget quality: p-value of the KS test between the forget set's truth ratios under the model "
-                  f"and under the retain model ({'; '.join(retain_models) or 'none given: –'}); high = indistinguishable. "
+                  f"and under the retain model ({retain_models or 'none given: –'}); high = indistinguishable. "
                   "Model utility: harmonic mean of the normal set's answer_prob, rouge_l_recall and retain_truth_ratio "
                   "(those present).", ""]
     muse = [(name, summary["muse"]) for name, summary, _ in runs if summary.get("muse")]
