@@ -53,8 +53,11 @@ FORGET_SET = "forget_train"
 RETAIN_SET = "normal_held_out"
 """The set model utility is read from: normal (retain) questions the model was not trained on."""
 MODEL_UTILITY_INPUTS = ("answer_prob", "rouge_l_recall", "retain_truth_ratio")
-MUSE_METRICS = {"verbmem_f": ("muse_verbmem", FORGET_SET), "knowmem_f": ("muse_knowmem", FORGET_SET),
-                "knowmem_r": ("muse_knowmem", RETAIN_SET)}
+MUSE_METRICS = {
+    "verbmem_f": ("muse_verbmem", FORGET_SET),
+    "knowmem_f": ("muse_knowmem", FORGET_SET),
+    "knowmem_r": ("muse_knowmem", RETAIN_SET),
+}
 """MUSE's names of its ROUGE-L F1 numbers: ``{name: (format, set)}``."""
 SAMPLE_KEYS = ("answer_prob", "truth_ratio")
 """Per-question values written to samples.jsonl, as ``original_<key>`` and ``unlearned_<key>``."""
@@ -137,8 +140,13 @@ def truth_ratios(model, pairs: Sequence[Pair], num_wrong: int, context: EvalCont
             wrong = list(pair.perturbed_answers)
             answers += [pair.paraphrased_answer] + wrong + [wrong[-1]] * (num_wrong - len(wrong))
     sequences = [
-        tokenize_pair(context.tokenizer, replace(pair, response=answer), context.prompt_format, cfg.data.max_length,
-                      context.prefix_ids)
+        tokenize_pair(
+            context.tokenizer,
+            replace(pair, response=answer),
+            context.prompt_format,
+            cfg.data.max_length,
+            context.prefix_ids,
+        )
         for pair, answer in zip((pair for pair in pairs for _ in range(1 + num_wrong)), answers)
     ]
     sums = nll_sums(model, sequences, context)
@@ -186,8 +194,13 @@ def tofu_section(
     if retain is not None and forget:
         source, retain_ratios = retain
         if len(retain_ratios) != len(forget["unlearned"]):
-            logger.warning("forget quality: the retain model has %d truth ratios on %s, this evaluation %d (another "
-                           "split or max_samples?)", len(retain_ratios), FORGET_SET, len(forget["unlearned"]))
+            logger.warning(
+                "forget quality: the retain model has %d truth ratios on %s, this evaluation %d (another "
+                "split or max_samples?)",
+                len(retain_ratios),
+                FORGET_SET,
+                len(forget["unlearned"]),
+            )
         section["retain_model"] = source
         section["forget_quality"] = {role: forget_quality(values, retain_ratios) for role, values in forget.items()}
     utility = {}
@@ -234,4 +247,3 @@ def muse_section(summary: dict, formats: dict[str, str]) -> Optional[dict]:
         if values:
             section[role] = values
     return section or None
-

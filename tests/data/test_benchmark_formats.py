@@ -68,8 +68,11 @@ def test_bad_tofu_rows_name_file_row_and_field(tmp_path, change, message):
 
 @pytest.mark.parametrize(
     ("fmt", "row", "missing"),
-    [("tofu", {"question": "q"}, "'answer'"), ("muse_verbmem", {"prompt": "p", "text": "t"}, "'gt'"),
-     ("muse_knowmem", {"question": "q", "gt": "a"}, "'answer'")],
+    [
+        ("tofu", {"question": "q"}, "'answer'"),
+        ("muse_verbmem", {"prompt": "p", "text": "t"}, "'gt'"),
+        ("muse_knowmem", {"question": "q", "gt": "a"}, "'answer'"),
+    ],
 )
 def test_a_file_without_the_format_s_columns_is_named_once(tmp_path, fmt, row, missing):
     path = write_jsonl(tmp_path / "wrong.jsonl", [row, row])
@@ -78,10 +81,14 @@ def test_a_file_without_the_format_s_columns_is_named_once(tmp_path, fmt, row, m
 
 
 def test_muse_rows_are_prompt_and_ground_truth(tmp_path):
-    verbmem = load_pairs(DatasetSpec(write_jsonl(tmp_path / "v.jsonl", [{"prompt": "It was", "gt": "a dark night."}]),
-                                     format="muse_verbmem"))
-    knowmem = load_pairs(DatasetSpec(write_jsonl(tmp_path / "k.jsonl", [{"question": "Who?", "answer": "Pell."}]),
-                                     format="muse_knowmem"))
+    verbmem = load_pairs(
+        DatasetSpec(
+            write_jsonl(tmp_path / "v.jsonl", [{"prompt": "It was", "gt": "a dark night."}]), format="muse_verbmem"
+        )
+    )
+    knowmem = load_pairs(
+        DatasetSpec(write_jsonl(tmp_path / "k.jsonl", [{"question": "Who?", "answer": "Pell."}]), format="muse_knowmem")
+    )
     assert [(p.prompt, p.response) for p in verbmem + knowmem] == [("It was", "a dark night."), ("Who?", "Pell.")]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "It was", "gt": ["a list"]}])
     with pytest.raises(ValueError, match=r"bad\.jsonl, row 1, field 'gt': not text"):

@@ -3,6 +3,7 @@ against a float64 computation from its logits, and one evaluation of the tiny mo
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,10 +97,14 @@ def test_tofu_section_forget_quality_and_model_utility():
     assert section["forget_quality"] == {"original": pytest.approx(1.0), "unlearned": pytest.approx(0.1)}
     assert section["retain_model"] == "retain_eval: r.json"
     # 3 / (2 + 4 + 1) and 2 / (2 + 2).
-    assert section["model_utility"]["original"] == {"value": pytest.approx(3 / 7),
-                                                    "from": ["answer_prob", "retain_truth_ratio", "rouge_l_recall"]}
-    assert section["model_utility"]["unlearned"] == {"value": pytest.approx(0.5), "from": ["answer_prob",
-                                                                                          "rouge_l_recall"]}
+    assert section["model_utility"]["original"] == {
+        "value": pytest.approx(3 / 7),
+        "from": ["answer_prob", "retain_truth_ratio", "rouge_l_recall"],
+    }
+    assert section["model_utility"]["unlearned"] == {
+        "value": pytest.approx(0.5),
+        "from": ["answer_prob", "rouge_l_recall"],
+    }
     assert benchmarks.tofu_section(summary, ratios, None)["forget_quality"] is None
 
 
@@ -115,11 +120,15 @@ def test_retain_ratios_from_a_saved_evaluation(tmp_path):
 
 
 def test_muse_section_names_the_sets_rouge_l_f1():
-    summary = {role: {"forget_train": {"rouge_l_f1": value}, "normal_held_out": {"rouge_l_f1": value / 2}}
-               for role, value in (("original", 0.8), ("unlearned", 0.2))}
+    summary = {
+        role: {"forget_train": {"rouge_l_f1": value}, "normal_held_out": {"rouge_l_f1": value / 2}}
+        for role, value in (("original", 0.8), ("unlearned", 0.2))
+    }
     section = benchmarks.muse_section(summary, {"forget_train": "muse_verbmem", "normal_held_out": "muse_knowmem"})
-    assert section == {"original": {"verbmem_f": 0.8, "knowmem_r": 0.4},
-                       "unlearned": {"verbmem_f": 0.2, "knowmem_r": 0.1}}
+    assert section == {
+        "original": {"verbmem_f": 0.8, "knowmem_r": 0.4},
+        "unlearned": {"verbmem_f": 0.2, "knowmem_r": 0.1},
+    }
     assert benchmarks.muse_section(summary, {"forget_train": "tofu", "normal_held_out": "pairs"}) is None
 
 
@@ -130,29 +139,38 @@ def test_muse_section_names_the_sets_rouge_l_f1():
 
 def test_a_benchmark_s_data_needs_its_rouge_convention(tmp_path):
     folder = resolve_path("dsunlearn/assets/muse_shaped")
-    data = DataConfig(forget=DatasetSpec(source=str(folder / "verbmem.jsonl"), format="muse_verbmem"),
-                      normal=DatasetSpec(source=str(folder / "knowmem.jsonl"), format="muse_knowmem"))
+    data = DataConfig(
+        forget=DatasetSpec(source=str(folder / "verbmem.jsonl"), format="muse_verbmem"),
+        normal=DatasetSpec(source=str(folder / "knowmem.jsonl"), format="muse_knowmem"),
+    )
     problems = EvalConfig(data=data).evaluation_problems()
-    assert ("data.forget.format='muse_verbmem' is scored with ROUGE-L f1, stemmer off (rouge: 'muse'), but the ROUGE "
-            "settings give recall, stemmer on") in problems
+    assert (
+        "data.forget.format='muse_verbmem' is scored with ROUGE-L f1, stemmer off (rouge: 'muse'), but the ROUGE "
+        "settings give recall, stemmer on"
+    ) in problems
     assert not EvalConfig(data=data, rouge="muse").evaluation_problems()
     assert EvalConfig.from_run(RunConfig(data=data), "run/final").rouge == "muse"
     assert EvalConfig.from_run(RunConfig(data=_tofu_data()), "run/final").rouge == "tofu"
     mixed = DataConfig(forget=_tofu_data().forget, normal=data.normal)
-    assert ("data.forget.format='tofu' and data.normal.format='muse_knowmem' are scored with different ROUGE-L "
-            "conventions (TOFU's recall, MUSE's F1), and one evaluation reports one") in mixed.problems()
+    assert (
+        "data.forget.format='tofu' and data.normal.format='muse_knowmem' are scored with different ROUGE-L "
+        "conventions (TOFU's recall, MUSE's F1), and one evaluation reports one"
+    ) in mixed.problems()
 
 
 def test_retain_eval_settings(tmp_path):
-    problems = EvalConfig(data=_tofu_data(), retain_eval=str(tmp_path / "none.json"),
-                          retrained_path=str(tmp_path)).evaluation_problems()
+    problems = EvalConfig(
+        data=_tofu_data(), retain_eval=str(tmp_path / "none.json"), retrained_path=str(tmp_path)
+    ).evaluation_problems()
     assert "retain_eval and retrained_path both give the retain model of forget quality: give one" in problems
     assert f"retain_eval: file {str(tmp_path / 'none.json')!r} does not exist" in problems
     saved = tmp_path / "eval.json"
     saved.write_text("{}")
     other = DataConfig(forget=DatasetSpec(source=str(saved), format="pairs"))
-    assert ("retain_eval gives TOFU's forget quality, which needs data.forget.format=tofu (got 'pairs')"
-            in EvalConfig(data=other, retain_eval=str(saved)).evaluation_problems())
+    assert (
+        "retain_eval gives TOFU's forget quality, which needs data.forget.format=tofu (got 'pairs')"
+        in EvalConfig(data=other, retain_eval=str(saved)).evaluation_problems()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,11 +196,23 @@ def test_truth_ratios_of_a_model_match_a_float64_computation(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     context = EvalContext(tokenizer, EvalConfig(data=DataConfig(max_length=96), batch_size=3), 1)
     pairs = [
-        Pair("Where was Ada born?", "In Fenmouth.", "t", 1, paraphrased_answer="Fenmouth, it was.",
-             perturbed_answers=("In Harwick.", "In Lowdell.")),
+        Pair(
+            "Where was Ada born?",
+            "In Fenmouth.",
+            "t",
+            1,
+            paraphrased_answer="Fenmouth, it was.",
+            perturbed_answers=("In Harwick.", "In Lowdell."),
+        ),
         Pair("What does Bo write?", "Bo writes poems.", "t", 2),
-        Pair("Who taught Cy?", "A clockmaker did.", "t", 3, paraphrased_answer="Cy learnt from a clockmaker.",
-             perturbed_answers=("A baker did.", "A ferryman did.", "A cartographer did.")),
+        Pair(
+            "Who taught Cy?",
+            "A clockmaker did.",
+            "t",
+            3,
+            paraphrased_answer="Cy learnt from a clockmaker.",
+            perturbed_answers=("A baker did.", "A ferryman did.", "A cartographer did."),
+        ),
     ]
     with torch.no_grad():
         measured = benchmarks.truth_ratios(model, pairs, benchmarks.num_wrong_answers(pairs), context)
@@ -200,11 +230,22 @@ def tofu_evaluation(tiny_model_dir, tmp_path_factory, bpe_tokenizer):
     original and as retain model (retrained_path). Returns (settings, summary)."""
     from dsunlearn.data.tiny import build_tiny_causal_lm, save_tiny_model
 
-    other = save_tiny_model(build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1),
-                            bpe_tokenizer, tmp_path_factory.mktemp("other"))
-    cfg = EvalConfig(model_path=str(tiny_model_dir), reference_path=str(other), retrained_path=str(other),
-                     data=_tofu_data(), max_new_tokens=2, batch_size=8, dtype="fp32", bootstrap_resamples=20,
-                     output_dir=str(tmp_path_factory.mktemp("tofu_eval")))
+    other = save_tiny_model(
+        build_tiny_causal_lm(bpe_tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1),
+        bpe_tokenizer,
+        tmp_path_factory.mktemp("other"),
+    )
+    cfg = EvalConfig(
+        model_path=str(tiny_model_dir),
+        reference_path=str(other),
+        retrained_path=str(other),
+        data=_tofu_data(),
+        max_new_tokens=2,
+        batch_size=8,
+        dtype="fp32",
+        bootstrap_resamples=20,
+        output_dir=str(tmp_path_factory.mktemp("tofu_eval")),
+    )
     return cfg, run_evaluation(cfg)
 
 
@@ -220,26 +261,40 @@ def test_tofu_evaluation_end_to_end(tofu_evaluation, tmp_path):
     assert tofu["forget_quality"]["original"] == pytest.approx(1.0)
     retain = ratios["forget_train"]["original"]
     assert tofu["forget_quality"]["unlearned"] == pytest.approx(
-        benchmarks.forget_quality(ratios["forget_train"]["unlearned"], retain))
+        benchmarks.forget_quality(ratios["forget_train"]["unlearned"], retain)
+    )
     for role in ("original", "unlearned"):
         forget, normal = summary[role]["forget_train"], summary[role]["normal_held_out"]
         assert forget["forget_truth_ratio"] == pytest.approx(
-            sum(min(r, 1 / r) for r in ratios["forget_train"][role]) / len(ratios["forget_train"][role]))
+            sum(min(r, 1 / r) for r in ratios["forget_train"][role]) / len(ratios["forget_train"][role])
+        )
         assert normal["retain_truth_ratio"] == pytest.approx(
-            sum(max(0.0, 1 - r) for r in ratios["normal_held_out"][role]) / len(ratios["normal_held_out"][role]))
+            sum(max(0.0, 1 - r) for r in ratios["normal_held_out"][role]) / len(ratios["normal_held_out"][role])
+        )
         present = [normal["answer_prob"], normal["rouge_l_recall"], normal["retain_truth_ratio"]]
         expected = 0.0 if 0.0 in present else len(present) / sum(1 / value for value in present)
         assert tofu["model_utility"][role]["value"] == pytest.approx(expected)
-    samples = [json.loads(line) for line in (cfg.output_dir and open(f"{cfg.output_dir}/samples.jsonl"))]
+    out_dir = Path(cfg.output_dir)
+    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     forget_samples = [row for row in samples if row["set"] == "forget_train"]
     assert [row["unlearned_truth_ratio"] for row in forget_samples] == ratios["forget_train"]["unlearned"]
     assert [row["unlearned_answer_prob"] for row in forget_samples] == pytest.approx(
-        [math.exp(-row["unlearned_nll"]) for row in forget_samples])
-    assert "## TOFU" in open(f"{cfg.output_dir}/report.md").read()
+        [math.exp(-row["unlearned_nll"]) for row in forget_samples]
+    )
+    assert "## TOFU" in (out_dir / "report.md").read_text()
 
     # The retain model as a saved evaluation: an eval.json whose evaluated model has the retain model's ratios.
     saved = tmp_path / "retain_eval.json"
     saved.write_text(json.dumps({"tofu": {"truth_ratios": {"forget_train": {"unlearned": retain}}}}))
-    again = run_evaluation(EvalConfig(**{**cfg.__dict__, "retrained_path": None, "retain_eval": str(saved),
-                                         "sets": ["forget_train"], "output_dir": str(tmp_path / "again")}))
+    again = run_evaluation(
+        EvalConfig(
+            **{
+                **cfg.__dict__,
+                "retrained_path": None,
+                "retain_eval": str(saved),
+                "sets": ["forget_train"],
+                "output_dir": str(tmp_path / "again"),
+            }
+        )
+    )
     assert again["tofu"]["forget_quality"] == pytest.approx(tofu["forget_quality"])
