@@ -1,5 +1,6 @@
-"""The data-set formats (``pku_saferlhf``, ``truthfulqa``, ``halueval``, ``book``, ``pairs``): which columns each
-reads and how one record becomes (prompt, response) pairs; a bad row raises :class:`RowError` naming its field."""
+"""The data-set formats (``pku_saferlhf``, ``truthfulqa``, ``halueval``, ``book``, ``pairs``, ``tofu``,
+``muse_verbmem``, ``muse_knowmem``): which columns each reads and how one record becomes (prompt, response) pairs; a
+bad row raises :class:`RowError` naming its field."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from typing import Any
 
 from dsunlearn.settings.dataset import (
     HALUEVAL_FIELDS,
+    MUSE_KNOWMEM_FIELDS,
+    MUSE_VERBMEM_FIELDS,
+    TOFU_FIELDS,
+    TOFU_OPTIONAL_TEXT_FIELDS,
+    TOFU_PERTURBED_FIELD,
     TRUTHFULQA_CSV_FIELDS,
     TRUTHFULQA_HUB_FIELDS,
     TRUTHFULQA_INCORRECT_FIELDS,
@@ -47,6 +53,8 @@ def _flag(record: dict[str, Any], name: str) -> bool:
 
 
 PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe")
+# (prompt, response) columns of the benchmarks' formats.
+BENCHMARK_FIELDS = {"tofu": TOFU_FIELDS, "muse_verbmem": MUSE_VERBMEM_FIELDS, "muse_knowmem": MUSE_KNOWMEM_FIELDS}
 
 
 def required_columns(spec: DatasetSpec, columns: set[str], source_label: str) -> tuple[str, ...]:
@@ -58,6 +66,8 @@ def required_columns(spec: DatasetSpec, columns: set[str], source_label: str) ->
         required = HALUEVAL_FIELDS
     elif spec.format == "book":
         required = (spec.text_field,)
+    elif spec.format in BENCHMARK_FIELDS:
+        required = BENCHMARK_FIELDS[spec.format]
     elif spec.format == "truthfulqa":
         # The hub `generation` config uses snake_case fields, the original CSV title-case ones: read the spelling the
         # file has, and name the missing columns in the spelling it comes closest to (the CSV's for a .csv file).
@@ -119,7 +129,43 @@ def pairs_from_record(record: dict[str, Any], spec: DatasetSpec, columns: tuple[
     fields = {"prompt": _text(record, prompt_name), "response": _text(record, response_name)}
     if spec.format == "truthfulqa":
         fields.update(right_answer=fields["response"], hallucinated_answers=_incorrect_answers(record, columns))
+    if spec.format == "tofu":
+        fields.update(_tofu_answers(record))
     return [fields]
+
+
+def _tofu_answers(record: dict[str, Any]) -> dict[str, Any]:
+    """A TOFU record's optional fields as :class:`Pair` fields. An absent (or null) field is left out; one that is
+    there must be text (``perturbed_answer``: a non-empty list of texts), and the truth ratio's two inputs,
+    ``paraphrased_answer`` and ``perturbed_answer``, come together or not at all."""
+    fields: dict[str, Any] = {}
+    for name in TOFU_OPTIONAL_TEXT_FIELDS:
+        if record.get(name) is not None:
+            fields[name] = _text(record, name)
+    perturbed = record.get(TOFU_PERTURBED_FIELD)
+    if perturbed is not None:
+        fields["perturbed_answers"] = _text_list(perturbed, TOFU_PERTURBED_FIELD)
+    has_paraphrase, has_perturbed = "paraphrased_answer" in fields, "perturbed_answers" in fields
+    if has_paraphrase != has_perturbed:
+        missing, present = ("perturbed_answer", "paraphrased_answer") if has_paraphrase else (
+            "paraphrased_answer", "perturbed_answer")
+        raise RowError(missing, f"missing, but {present!r} is given: the truth ratio needs both")
+    return fields
+
+
+def _text_list(value: Any, name: str) -> tuple[str, ...]:
+    # Parquet gives a numpy array, JSON a list.
+    items = value.tolist() if hasattr(value, "tolist") else value
+    if not isinstance(items, (list, tuple)):
+        raise RowError(name, f"not a list of texts (got {type(value).__name__}: {value!r:.40})")
+    if not items:
+        raise RowError(name, "an empty list")
+    for position, item in enumerate(items, start=1):
+        if not isinstance(item, str):
+            raise RowError(name, f"item {position} is not text (got {type(item).__name__}: {item!r:.40})")
+        if not item.strip():
+            raise RowError(name, f"item {position} is empty")
+    return tuple(items)
 
 
 def _incorrect_answers(record: dict[str, Any], columns: tuple[str, ...]) -> tuple[str, ...]:

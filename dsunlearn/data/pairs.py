@@ -25,6 +25,13 @@ class Pair:
     the hallucination metric."""
     knowledge: Optional[str] = None
     """``halueval``: the passage the right answer comes from (kept for judges and reports; never trained on)."""
+    paraphrased_answer: Optional[str] = None
+    """``tofu``: the answer reworded; the truth ratio's right answer (never trained on)."""
+    perturbed_answers: tuple[str, ...] = ()
+    """``tofu``: wrong answers in the answer's style; the truth ratio's wrong answers (never trained on)."""
+    paraphrased_question: Optional[str] = None
+    """``tofu``: the question reworded, as TOFU's files give it (read and checked, never trained on; TOFU's metrics
+    in open-unlearning do not score it)."""
 
     @property
     def origin(self) -> str:

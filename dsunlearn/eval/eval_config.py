@@ -13,6 +13,7 @@ import torch
 from dsunlearn.data.tokenization import resolve_pad_id, special_prefix_ids
 from dsunlearn.eval import applications, metrics
 from dsunlearn.settings.config import DataConfig, RunConfig, names_a_local_path
+from dsunlearn.settings.dataset import BENCHMARK_ROUGE
 from dsunlearn.settings.prompt_format import PromptFormat
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class EvalConfig:
     least this."""
     rouge: Literal["tofu", "muse"] = "tofu"
     """ROUGE-L convention (``rouge-score``'s rougeL): ``tofu`` = recall with the Porter stemmer (the default, as TOFU
-    and open-unlearning report it), ``muse`` = F1 without the stemmer (as MUSE reports it)."""
+    and open-unlearning report it), ``muse`` = F1 without the stemmer (as MUSE reports it). Data of TOFU's or MUSE's
+    format needs its benchmark's (``--run_dir`` and the end-of-training evaluation pick it)."""
     rouge_measure: Optional[Literal["recall", "precision", "f1"]] = None
     """ROUGE-L measure reported and thresholded, overriding the preset's (None: the preset's)."""
     rouge_stemmer: Optional[bool] = None
@@ -98,7 +100,14 @@ class EvalConfig:
     (as the trainer's ``train.collective_timeout_s``; ``--run_dir``: the run's)."""
     retrained_path: Optional[str] = None
     """A model trained without the forget data (local folder or hub id): the reference AUC of MUSE's PrivLeak
-    (None: no PrivLeak). Membership inference runs when ``data.holdout`` is given and ``forget_train`` is evaluated."""
+    (None: no PrivLeak), and with ``data.forget.format: tofu`` the retain model of TOFU's forget quality (its truth
+    ratios on ``forget_train``). Membership inference runs when ``data.holdout`` is given and ``forget_train`` is
+    evaluated."""
+    retain_eval: Optional[str] = None
+    """``data.forget.format: tofu``: the saved ``eval.json`` of a retain model (``dsunlearn eval --model_path
+    RETAIN_MODEL`` on the same data settings), whose truth ratios on ``forget_train`` give TOFU's forget quality
+    without loading that model again (instead of ``retrained_path``; None: from ``retrained_path``, else no forget
+    quality)."""
 
     @classmethod
     def from_run(cls, run: RunConfig, model_path: str) -> EvalConfig:
@@ -118,6 +127,7 @@ class EvalConfig:
             data=run.data,
             max_samples=run.output.eval_max_samples,
             max_new_tokens=run.output.eval_max_new_tokens,
+            rouge=benchmark_rouge(run.data),
             dtype=run.model.precision,
             output_dir=str(out_dir / "eval"),
             name=out_dir.name or "unlearned",
@@ -202,12 +212,40 @@ class EvalConfig:
             found.append(f"collective_timeout_s={self.collective_timeout_s} must be > 0")
         if not 0.0 < self.mia_k <= 1.0:
             found.append(f"mia_k={self.mia_k} must lie in (0, 1]")
+        formats = {"data.forget": self.data.forget.format, "data.normal": self.data.normal.format}
+        for setting, fmt in formats.items():
+            preset = BENCHMARK_ROUGE.get(fmt)
+            if preset is not None and self.rouge_settings != metrics.ROUGE_PRESETS[preset]:
+                found.append(
+                    f"{setting}.format={fmt!r} is scored with ROUGE-L {_rouge_words(metrics.ROUGE_PRESETS[preset])} "
+                    f"(rouge: {preset!r}), but the ROUGE settings give {_rouge_words(self.rouge_settings)}"
+                )
+        if self.retain_eval is not None:
+            if self.data.forget.format != "tofu":
+                found.append(f"retain_eval gives TOFU's forget quality, which needs data.forget.format=tofu "
+                             f"(got {self.data.forget.format!r})")
+            if self.retrained_path is not None:
+                found.append("retain_eval and retrained_path both give the retain model of forget quality: give one")
+            if not Path(self.retain_eval).expanduser().is_file():
+                found.append(f"retain_eval: file {self.retain_eval!r} does not exist")
         if self.retrained_path is not None and (
             not self.retrained_path
             or names_a_local_path(self.retrained_path) and not Path(self.retrained_path).expanduser().is_dir()
         ):
             found.append(f"retrained_path: local folder {self.retrained_path!r} does not exist")
         return found
+
+
+def benchmark_rouge(data: DataConfig) -> str:
+    """The ROUGE preset of the data's benchmark (TOFU's or MUSE's format, the forget data's first), else ``tofu``."""
+    for spec in (data.forget, data.normal):
+        if spec.format in BENCHMARK_ROUGE:
+            return BENCHMARK_ROUGE[spec.format]
+    return "tofu"
+
+
+def _rouge_words(settings: tuple[str, bool]) -> str:
+    return f"{settings[0]}, stemmer {'on' if settings[1] else 'off'}"
 
 
 class EvalContext:

@@ -20,7 +20,11 @@ before and an after:
   the original model's generation for the same prompt;
 * the behaviour of ``data.application`` (:mod:`dsunlearn.eval.applications`): ``behaviour_rate`` on every
   set, and the application's own means (copyright ``bleu`` and ``rouge_l``, hallucination
-  ``hallucination_rate``).
+  ``hallucination_rate``);
+* on data of TOFU's shape (:mod:`dsunlearn.eval.benchmarks`): ``answer_prob`` and the truth ratio
+  (``forget_truth_ratio`` on the forget sets, ``retain_truth_ratio`` on the normal set) of every set, and in
+  ``eval.json``'s ``tofu`` the per-question truth ratios, forget quality against a retain model (``retrained_path``
+  or ``retain_eval``) and model utility; on MUSE's shape, ``muse``: VerbMem and KnowMem (the sets' ROUGE-L F1).
 
 With ``data.holdout`` (never-seen samples of the forget data's kind), membership inference
 (:mod:`dsunlearn.eval.mia`) between ``forget_train`` and the holdout gives ``mia`` in ``eval.json``.
@@ -66,7 +70,7 @@ import torch
 from dsunlearn.data.load import load_pairs
 from dsunlearn.data.split import overlap_warning, split_pairs, split_record
 from dsunlearn.data.tokenization import TokenizedSequence, tokenize_pair, tokenize_pairs, tokenize_prompt
-from dsunlearn.eval import applications, mia
+from dsunlearn.eval import applications, benchmarks, mia
 from dsunlearn.eval.eval_config import DTYPES, MODEL_ROLES, EvalConfig, EvalContext
 from dsunlearn.eval.generation import generate, generation_fields, similarity
 from dsunlearn.eval.likelihood import nll_sums, teacher_forced
@@ -243,8 +247,12 @@ def evaluate_models(
             f"the models' vocabularies differ ({model.config.vocab_size} vs {reference.config.vocab_size}): "
             "KL and fluency need the original model's tokenizer"
         )
+    # A saved retain evaluation that cannot give forget quality stops here, before any model runs.
+    retain = (f"retain_eval: {cfg.retain_eval}", benchmarks.retain_ratios_from_eval(cfg.retain_eval)) \
+        if cfg.retain_eval else None
     context = EvalContext(tokenizer, cfg, world_size)
     classifiers = applications.load_classifiers(cfg, context.device(model))
+    formats = {name: (cfg.data.forget if name.startswith("forget") else cfg.data.normal).format for name in sets}
 
     modes = (model.training, reference.training)
     model.eval()
@@ -263,6 +271,8 @@ def evaluate_models(
         "unlearned": {},
     }
     samples = []
+    tofu_ratios: dict[str, dict[str, list[float]]] = {}  # {set: {role: [truth ratio, ...]}}
+    measured_pairs: dict[str, list] = {}  # the pairs each set was measured on
     try:
         with torch.no_grad():
             for set_name, pairs in sets.items():
@@ -280,23 +290,47 @@ def evaluate_models(
                     continue
                 if rank == 0:
                     logger.info("evaluating %s: %d prompts on %d rank(s)", set_name, len(pairs), world_size)
+                measured_pairs[set_name] = pairs
+                num_wrong = benchmarks.num_wrong_answers(pairs) if formats[set_name] == "tofu" else None
                 shard, num_real = shard_indices(len(pairs), rank, world_size)
-                records = _evaluate_shard(model, reference, [pairs[i] for i in shard], context, classifiers)
+                records = _evaluate_shard(
+                    model, reference, [pairs[i] for i in shard], context, classifiers, num_wrong
+                )
                 for index, record in zip(shard[:num_real], records[:num_real]):
                     record["index"] = index
                 records = gather_records(records[:num_real], world_size)
                 summary["num_samples"][set_name] = len(records)
                 for role in MODEL_ROLES:
-                    summary[role][set_name] = summarize(records, role, cfg)
+                    summary[role][set_name] = summarize(records, role, cfg, set_name)
+                if num_wrong:
+                    tofu_ratios[set_name] = {
+                        role: [r[role]["truth_ratio"] for r in records if r[role]["truth_ratio"] is not None]
+                        for role in MODEL_ROLES
+                    }
                 samples += [sample_row(set_name, record, cfg.rouge_key) for record in records]
-            if mia.MEMBER_SET in sets and mia.NONMEMBER_SET in sets:
+            has_mia = mia.MEMBER_SET in sets and mia.NONMEMBER_SET in sets
+            # TOFU's forget quality from a retrained model: its truth ratios on the forget set, as the others'.
+            retrain_ratios = bool(cfg.retrained_path) and benchmarks.FORGET_SET in tofu_ratios
+            # The engine owns the ZeRO-3 hooks of the retrained model: it stays referenced until it has been used.
+            needs_retrained = cfg.retrained_path and (has_mia or retrain_ratios)
+            retrained, _retrained_engines = mia.load_retrained(cfg, world_size) if needs_retrained else (None, ())
+            if retrain_ratios:
+                retain = (f"retrained_path: {cfg.retrained_path}", _sharded_truth_ratios(
+                    retrained, measured_pairs[benchmarks.FORGET_SET], context, rank, world_size
+                ))
+            if has_mia:
                 members, nonmembers = sets[mia.MEMBER_SET], sets[mia.NONMEMBER_SET]
                 summary["mia"] = mia.evaluate_mia(
-                    model, reference, tokenizer, members, nonmembers, context, rank, world_size
+                    model, reference, tokenizer, members, nonmembers, context, rank, world_size, retrained
                 )
     finally:
         model.train(modes[0])
         reference.train(modes[1])
+    if "tofu" in formats.values():
+        summary["tofu"] = benchmarks.tofu_section(summary, tofu_ratios, retain)
+    muse = benchmarks.muse_section(summary, formats)
+    if muse is not None:
+        summary["muse"] = muse
 
     if rank == 0:
         write_outputs(cfg, summary, samples)
@@ -412,9 +446,12 @@ def _run_defaults(run_dir: Path) -> dict:
 
 
 def _evaluate_shard(
-    model, reference, pairs: list, context: EvalContext, classifiers: applications.Classifiers
+    model, reference, pairs: list, context: EvalContext, classifiers: applications.Classifiers,
+    num_wrong: Optional[int] = None,
 ) -> list[dict]:
-    """Per-pair measurements for one rank's shard (including its padding)."""
+    """Per-pair measurements for one rank's shard (including its padding). ``num_wrong``: a TOFU-shaped set's most
+    perturbed answers of a pair (:func:`benchmarks.num_wrong_answers`), which adds each model's ``answer_prob`` and
+    ``truth_ratio`` (None without a paraphrased answer); None: not a TOFU-shaped set."""
     cfg, tokenizer = context.cfg, context.tokenizer
     sequences = [
         tokenize_pair(tokenizer, pair, context.prompt_format, cfg.data.max_length, context.prefix_ids)
@@ -438,7 +475,25 @@ def _evaluate_shard(
     for record, pair in zip(records, pairs):
         record.update(prompt=pair.prompt, response=pair.response)
         record["similarity_to_original"] = similarity(record["unlearned"]["output"], record["original"]["output"], cfg)
+    if num_wrong is not None:
+        for role, scored in (("unlearned", model), ("original", reference)):
+            ratios = benchmarks.truth_ratios(scored, pairs, num_wrong, context) if num_wrong else [None] * len(pairs)
+            for record, ratio in zip(records, ratios):
+                nll_sum = record[role]["nll_sum"]
+                record[role].update(
+                    answer_prob=benchmarks.answer_probability(nll_sum, record["response_tokens"]), truth_ratio=ratio
+                )
     return records
+
+
+def _sharded_truth_ratios(model, pairs: list, context: EvalContext, rank: int, world_size: int) -> list[float]:
+    """The truth ratios of ``pairs`` under ``model``, each rank measuring its shard (a collective with several
+    ranks), in sample order; pairs without one left out."""
+    shard, num_real = shard_indices(len(pairs), rank, world_size)
+    ratios = benchmarks.truth_ratios(model, [pairs[i] for i in shard], benchmarks.num_wrong_answers(pairs), context)
+    mine = [{"index": index, "ratio": ratio} for index, ratio in zip(shard[:num_real], ratios[:num_real])]
+    records = gather_records(mine, world_size)
+    return [record["ratio"] for record in records if record["ratio"] is not None]
 
 
 if __name__ == "__main__":

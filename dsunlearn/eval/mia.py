@@ -126,18 +126,19 @@ def summarize(scores: dict[str, dict[str, list[dict[str, float]]]], k: float) ->
 
 
 def evaluate_mia(
-    model, reference, tokenizer, member_pairs, nonmember_pairs, context, rank: int = 0, world_size: int = 1
+    model, reference, tokenizer, member_pairs, nonmember_pairs, context, rank: int = 0, world_size: int = 1,
+    retrained=None,
 ) -> dict:
-    """``summary["mia"]``: every attack's AUC for the original (``reference``), the unlearned (``model``) and, with
-    ``retrained_path``, the retrained model, and PrivLeak against the latter. Sharded over the ranks as the
-    evaluation's sets are (a collective with several ranks); the numbers do not depend on the rank count."""
+    """``summary["mia"]``: every attack's AUC for the original (``reference``), the unlearned (``model``) and the
+    ``retrained`` model (:func:`load_retrained` of ``retrained_path``; None: none), and PrivLeak against the latter.
+    Sharded over the ranks as the evaluation's sets are (a collective with several ranks); the numbers do not depend
+    on the rank count."""
     from dsunlearn.eval.sharding import gather_records, shard_indices
 
     cfg = context.cfg
     models = {"original": reference, "unlearned": model}
-    if cfg.retrained_path:
-        # The engine owns the ZeRO-3 hooks of the retrained model: it stays referenced until the scores are made.
-        models["retrained"], _retrained_engines = _load_retrained(cfg, world_size)
+    if retrained is not None:
+        models["retrained"] = retrained
     scores: dict[str, dict[str, list]] = {role: {} for role in models}
     for set_name, pairs in ((MEMBER_SET, member_pairs), (NONMEMBER_SET, nonmember_pairs)):
         # Pairs whose prompt leaves no room for a response are left out, as training and the other sets leave them.
@@ -152,8 +153,9 @@ def evaluate_mia(
     return summarize(scores, cfg.mia_k)
 
 
-def _load_retrained(cfg, world_size: int):
-    """(the retrained model, the engines to keep alive): a ZeRO-3 inference engine with several ranks."""
+def load_retrained(cfg, world_size: int):
+    """(the model of ``retrained_path``, the engines to keep alive while it is used): a ZeRO-3 inference engine
+    with several ranks (PrivLeak's reference AUC; TOFU's retain model)."""
     from dsunlearn.eval.eval_config import DTYPES
 
     dtype = DTYPES[cfg.dtype]

@@ -94,6 +94,7 @@ def write_report(out_dir: str | Path, runs: Sequence[Run], relearning: dict[str,
         lines += [f"![{set_name}]({png.name})", ""]
 
     lines += _mia_lines(runs)
+    lines += _benchmark_lines(runs)
 
     histories = {name: _read_metrics_jsonl(path) for name, _, path in runs if path is not None}
     if histories:
@@ -217,6 +218,44 @@ def _mia_lines(runs: Sequence[Run]) -> list[str]:
     lines += ["", "Attacks (a higher score says \"not a member\"):", ""]
     lines += [f"- `{attack}`: {ATTACK_DESCRIPTIONS[attack]}" for attack in ATTACKS]
     return lines + [""]
+
+
+def _benchmark_lines(runs: Sequence[Run]) -> list[str]:
+    """The "TOFU" section (forget quality and model utility of the original model and each run) and the "MUSE"
+    section (VerbMem and KnowMem) of the runs that have them (dsunlearn/eval/benchmarks.py); nothing without."""
+    lines = []
+    tofu = [(name, summary["tofu"]) for name, summary, _ in runs if summary.get("tofu")]
+    if tofu:
+        columns = [("original", "original", tofu[0][1])] + [(name, "unlearned", section) for name, section in tofu]
+
+        def cell(section: dict, key: str, role: str):
+            value = (section.get(key) or {}).get(role)
+            return value["value"] if isinstance(value, dict) else value
+
+        lines += ["## TOFU", "", "| metric | " + " | ".join(label for label, _, _ in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        for key, label in (("forget_quality", "forget quality"), ("model_utility", "model utility")):
+            lines.append(f"| {label} | " + " | ".join(_format(cell(section, key, role)) for _, role, section in columns)
+                         + " |")
+        retain_models = "; ".join(sorted({section["retain_model"] for _, section in tofu if section["retain_model"]}))
+        lines += ["", "Forget quality: p-value of the KS test between the forget set's truth ratios under the model "
+                  f"and under the retain model ({retain_models or 'none given: –'}); high = indistinguishable. "
+                  "Model utility: harmonic mean of the normal set's answer_prob, rouge_l_recall and retain_truth_ratio "
+                  "(those present).", ""]
+    muse = [(name, summary["muse"]) for name, summary, _ in runs if summary.get("muse")]
+    if muse:
+        from dsunlearn.eval.benchmarks import MUSE_METRICS
+
+        columns = [("original", muse[0][1].get("original", {}))]
+        columns += [(name, section.get("unlearned", {})) for name, section in muse]
+        present = [name for name in MUSE_METRICS if any(name in values for _, values in columns)]
+        lines += ["## MUSE", "", "| metric | " + " | ".join(label for label, _ in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        lines += [f"| {name} | " + " | ".join(_format(values.get(name)) for _, values in columns) + " |"
+                  for name in present]
+        lines += ["", "ROUGE-L F1 (no stemmer, as MUSE) of the greedy continuation (verbmem) or answer (knowmem) on "
+                  "the forget set (_f) and the normal set (_r); PrivLeak is in the MIA section.", ""]
+    return lines
 
 
 def _settings_notes(runs: Sequence[Run]) -> list[str]:

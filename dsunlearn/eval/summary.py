@@ -8,15 +8,16 @@ import logging
 import math
 from dataclasses import asdict
 
-from dsunlearn.eval import applications, metrics
+from dsunlearn.eval import applications, benchmarks, metrics
 from dsunlearn.eval.eval_config import MODEL_ROLES, EvalConfig
 
 logger = logging.getLogger(__name__)
 
 
-def summarize(records: list[dict], role: str, cfg: EvalConfig) -> dict:
-    """The metrics of one model (``role``) on one set, from per-sample records in sample order, with the
-    bootstrap confidence interval of every rate and mean under ``"ci"``."""
+def summarize(records: list[dict], role: str, cfg: EvalConfig, set_name: str = "") -> dict:
+    """The metrics of one model (``role``) on one set (``set_name``: which truth-ratio aggregate a TOFU-shaped set
+    gets), from per-sample records in sample order, with the bootstrap confidence interval of every rate and mean
+    under ``"ci"``."""
     tokens = [r["response_tokens"] for r in records]
     nll_sums = [r[role]["nll_sum"] for r in records]
     outputs = [r[role]["output"] for r in records]
@@ -33,6 +34,8 @@ def summarize(records: list[dict], role: str, cfg: EvalConfig) -> dict:
         means["harmful_rate"] = [float(r[role]["harmful"]) for r in records]
     # The application's rates and means (dsunlearn/eval/applications.py): behaviour_rate, bleu, hallucination_rate.
     means.update(applications.sample_means([r[role] for r in records]))
+    # TOFU's answer probability and truth ratio (dsunlearn/eval/benchmarks.py) on a set of its shape.
+    means.update(benchmarks.tofu_set_means(records, role, set_name))
     if role == "unlearned":
         means["similarity_to_original"] = [r["similarity_to_original"] for r in records]
     means["generation_tokens"] = generated
@@ -88,9 +91,10 @@ def sample_row(set_name: str, record: dict, rouge_key: str) -> dict:
     }
     if record["unlearned"]["harmful"] is not None:
         row.update(original_harmful=record["original"]["harmful"], unlearned_harmful=record["unlearned"]["harmful"])
-    # ---- the application's per-sample scores (dsunlearn/eval/applications.py) ----
+    # ---- the application's per-sample scores (dsunlearn/eval/applications.py), TOFU's (benchmarks.py) ----
     for role in MODEL_ROLES:
-        row.update({f"{role}_{key}": value for key, value in record[role].items() if key in applications.SAMPLE_KEYS})
+        row.update({f"{role}_{key}": value for key, value in record[role].items()
+                    if key in applications.SAMPLE_KEYS or key in benchmarks.SAMPLE_KEYS})
     return row
 
 

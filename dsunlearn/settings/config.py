@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from dsunlearn.settings.classifiers import classifier_problems
-from dsunlearn.settings.dataset import DatasetSpec
+from dsunlearn.settings.dataset import BENCHMARK_ROUGE, DatasetSpec
 from dsunlearn.settings.paths import resolve_path
 from dsunlearn.settings.prompt_format import DEFAULT_TEMPLATE, PromptFormat
 
@@ -181,6 +181,13 @@ class DataConfig:
             found.append(
                 f"data.application=hallucination compares answers with right and wrong ones, which "
                 f"data.normal.format truthfulqa (or halueval) provides (got {self.normal.format!r})"
+            )
+        # The evaluation scores a benchmark's data with its ROUGE-L convention (eval_config.py): one for both sets.
+        conventions = {BENCHMARK_ROUGE.get(spec.format) for spec in (self.forget, self.normal)} - {None}
+        if len(conventions) > 1:
+            found.append(
+                f"data.forget.format={self.forget.format!r} and data.normal.format={self.normal.format!r} are scored "
+                "with different ROUGE-L conventions (TOFU's recall, MUSE's F1), and one evaluation reports one"
             )
         try:
             PromptFormat(self.template, self.use_chat_template)

@@ -20,7 +20,18 @@ TRUTHFULQA_CSV_FIELDS = ("Question", "Best Answer")
 TRUTHFULQA_INCORRECT_FIELDS = {TRUTHFULQA_HUB_FIELDS: "incorrect_answers", TRUTHFULQA_CSV_FIELDS: "Incorrect Answers"}
 # HaluEval's QA schema (hub `pminervini/HaluEval`, config `qa`): every field is read.
 HALUEVAL_FIELDS = ("question", "right_answer", "hallucinated_answer", "knowledge")
-FORMATS = ("pku_saferlhf", "truthfulqa", "halueval", "book", "pairs")
+# TOFU's QA schema (hub `locuslab/TOFU`): the (question, answer) pair; the truth ratio's answers are optional.
+TOFU_FIELDS = ("question", "answer")
+TOFU_OPTIONAL_TEXT_FIELDS = ("paraphrased_answer", "paraphrased_question")
+TOFU_PERTURBED_FIELD = "perturbed_answer"
+"""A list of wrong answers (TOFU's perturbed answers): with ``paraphrased_answer``, the truth ratio's inputs."""
+# MUSE's schemas (hub `muse-bench/MUSE-News`, `MUSE-Books`): verbmem (prefix -> ground-truth continuation), knowmem.
+MUSE_VERBMEM_FIELDS = ("prompt", "gt")
+MUSE_KNOWMEM_FIELDS = ("question", "answer")
+FORMATS = ("pku_saferlhf", "truthfulqa", "halueval", "book", "pairs", "tofu", "muse_verbmem", "muse_knowmem")
+BENCHMARK_ROUGE = {"tofu": "tofu", "muse_verbmem": "muse", "muse_knowmem": "muse"}
+"""The ROUGE-L preset (dsunlearn/eval/metrics.py) each benchmark's format is scored with: TOFU's recall with the
+stemmer, MUSE's F1 without it."""
 
 # ---------------------------------------------------------------------------------------------------
 # Dataset settings
@@ -34,13 +45,19 @@ class DatasetSpec:
     source: str = ""
     """Hub dataset id (e.g. ``PKU-Alignment/PKU-SafeRLHF``) or a local .json/.jsonl/.parquet/.csv file."""
 
-    format: Literal["pku_saferlhf", "truthfulqa", "halueval", "book", "pairs"] = "pairs"
+    format: Literal[
+        "pku_saferlhf", "truthfulqa", "halueval", "book", "pairs", "tofu", "muse_verbmem", "muse_knowmem"
+    ] = "pairs"
     """``pku_saferlhf``: one pair per *unsafe* response; ``truthfulqa``: (question, best answer), hub
     ``generation`` config or the original CSV; ``halueval``: HaluEval's QA schema, (question, hallucinated answer)
     with the right answer and the knowledge kept on the pair for the hallucination metric; ``book``: a plain-text
     book (a local .txt file, or each record's ``text_field``) cut into (prefix -> continuation) windows of
     ``prefix_words`` + ``continuation_words`` words every ``stride_words`` words; ``pairs``: any data set, fields
-    named by ``prompt_field``/``response_field``."""
+    named by ``prompt_field``/``response_field``; ``tofu``: TOFU's (``question``, ``answer``), with the optional
+    ``paraphrased_answer``, ``perturbed_answer`` (a list; the truth ratio needs it with ``paraphrased_answer``) and
+    ``paraphrased_question`` kept on the pair for the evaluation; ``muse_verbmem``: MUSE's (``prompt``, ``gt``), a
+    text and its ground-truth continuation; ``muse_knowmem``: MUSE's (``question``, ``answer``). TOFU's and MUSE's
+    formats are scored with the benchmark's ROUGE-L (``rouge``: ``tofu`` or ``muse``; dsunlearn/eval/benchmarks.py)."""
 
     prompt_field: str = "prompt"
     """Prompt field name (``pairs`` format only)."""

@@ -21,5 +21,9 @@ METRIC_DESCRIPTIONS = {
     "distinct_2": "distinct bigrams / all bigrams over the generations",
     "fluency_ppl": "perplexity of the generated tokens under the original model",
     "generation_tokens": "mean number of generated tokens",
+    "answer_prob": "TOFU: mean of exp(−mean NLL per token) of the dataset answer",
+    "forget_truth_ratio": "TOFU: mean of min(R, 1/R), R = P(perturbed answers, geometric mean) / P(paraphrased "
+                          "answer) per token; 1 = the right answer no likelier than wrong ones",
+    "retain_truth_ratio": "TOFU: mean of max(0, 1 − R), R as for forget_truth_ratio; 1 = the right answer far likelier",
 }
 """Every metric an evaluation may report, in table order, with what it measures (one line each)."""
