@@ -68,19 +68,6 @@ def test_train_checkpoint_resume_export(tiny_model_dir, tmp_path):
     assert not torch.allclose(logits, original_logits)  # it was trained
 
 
-def test_more_ranks_than_forget_samples_exits_on_every_rank(tiny_model_dir, tmp_path):
-    forget = tmp_path / "one.jsonl"
-    forget.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
-    code, output = launch(
-        demo_args(tiny_model_dir, tmp_path / "run", "--data.forget.source", str(forget), "--data.forget.format", "pairs",
-                  "--data.forget.prompt_field", "prompt", "--data.forget.response_field", "response",
-                  "--data.forget.held_out_fraction", "0"),
-        timeout=240,
-    )
-    assert code != 0
-    assert "every rank needs at least one" in output
-
-
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path):
     """A preempted job (SIGTERM, as SLURM sends) stops after the current step with a checkpoint of that step."""
     import signal

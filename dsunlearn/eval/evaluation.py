@@ -74,7 +74,6 @@ from dsunlearn.eval import applications, benchmarks, mia
 from dsunlearn.eval.eval_config import DTYPES, MODEL_ROLES, EvalConfig, EvalContext
 from dsunlearn.eval.generation import generate, generation_fields, similarity
 from dsunlearn.eval.likelihood import nll_sums, teacher_forced
-from dsunlearn.eval.report import write_report
 from dsunlearn.eval.sharding import gather_records, shard_indices
 from dsunlearn.eval.summary import config_record, sample_row, summarize
 from dsunlearn.settings import noise
@@ -347,6 +346,9 @@ def write_outputs(cfg: EvalConfig, summary: dict, samples: list[dict]) -> Path:
     with open(out_dir / "samples.jsonl", "w") as handle:
         for row in samples:
             handle.write(to_json(row, ensure_ascii=False) + "\n")
+    # Imported here: matplotlib costs every rank of every run about a second at start-up, and only rank 0 plots.
+    from dsunlearn.eval.report import write_report
+
     report = write_report(out_dir, [(cfg.name, summary, cfg.metrics_jsonl)])
     logger.info("evaluation written to %s (eval.json, samples.jsonl, %s)", out_dir, report.name)
     return out_dir

@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -445,3 +447,10 @@ def test_a_rank_that_fails_ends_every_rank_with_one_message(tmp_path, tiny_model
     assert both.count(message) == 1 and message in outputs[0], both[-4000:]  # rank 0 says it once
     assert "rank 1 (" in outputs[0]  # naming the rank that failed
     assert not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_a_rank_imports_no_plotting_library_until_it_writes_the_report():
+    """matplotlib costs every rank about a second at start-up; only rank 0 plots, at the end (evaluation.write_outputs)."""
+    code = "import sys, dsunlearn.train, dsunlearn.eval.evaluation; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr
