@@ -8,14 +8,18 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "chunked", "triton")
+BACKENDS = ("auto", "torch", "chunked", "compiled", "triton")
 
 
-def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
-    """The backend that runs: ``auto`` is triton for CUDA tensors when Triton is installed, else chunked; triton on
+def resolve_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """The backend that runs: ``auto`` is triton for CUDA tensors when Triton is installed; else compiled for an fp32
+    head (which falls back to chunked, saying so once, where torch.compile fails) and chunked for a low-precision
+    one (the compiled graph reads an fp32 copy of the head weight, chunked casts it a block at a time); triton on
     CPU tensors is refused unless Triton's interpreter is on (tests)."""
     if backend == "auto":
-        return "triton" if hidden.is_cuda and importlib.util.find_spec("triton") is not None else "chunked"
+        if hidden.is_cuda and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "compiled" if weight.dtype == torch.float32 else "chunked"
     if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests); "
