@@ -185,6 +185,12 @@ def make_loss_fn(name: str, problem: Problem):
         if name == "triton" and problem.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
         return lambda inputs: fused_linear_ce_kl(**inputs, backend=name)
+    if name.startswith("compiled@"):
+        # The compiled backend with a given chunk height (rows per chunk), to tune its default.
+        from dsunlearn.kernels.compiled import compiled_fused_linear_ce_kl
+
+        chunk_rows = int(name.split("@", 1)[1])
+        return lambda inputs: compiled_fused_linear_ce_kl(**inputs, chunk_rows=chunk_rows)
     if name.startswith("triton@"):
         # The triton backend with a given chunk height (rows per chunk), to tune its default.
         from dsunlearn.kernels.triton_ce_kl import triton_fused_linear_ce_kl
@@ -573,7 +579,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--impls",
         default=",".join(IMPLEMENTATIONS),
-        help=f"comma-separated, from: {', '.join(IMPLEMENTATIONS)}; triton@ROWS: triton with ROWS rows per chunk",
+        help=f"comma-separated, from: {', '.join(IMPLEMENTATIONS)}; triton@ROWS, compiled@ROWS: ROWS rows per chunk",
     )
     parser.add_argument("--repeats", type=int, help="timed repeats (default: 5 on CUDA, 3 on the CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
@@ -592,7 +598,9 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.repeats = args.repeats or (5 if args.device == "cuda" else 3)
     args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = [name for name in args.impls if name not in IMPLEMENTATIONS and not re.fullmatch(r"triton@\d+", name)]
+    unknown = [
+        name for name in args.impls if name not in IMPLEMENTATIONS and not re.fullmatch(r"(triton|compiled)@\d+", name)
+    ]
     if unknown:
         parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLEMENTATIONS)}")
     return args
