@@ -1,19 +1,23 @@
 """The ``compiled`` backend: the chunked backend's per-chunk work as one ``torch.compile``'d function.
 
 As in ``chunked.py`` the tokens go through in chunks of rows, the gradients of ``hidden`` and ``weight`` are made in
-the forward and the backward only scales them. What changes is the chunk's body: its two logits products, the
-log-softmaxes, CE, KL and dL/dz are one compiled graph (``torch.compile(fullgraph=True)``, so a graph break is an
-error, not a silent slow path). Inductor fuses the elementwise work into a few passes over the [C, V] logits and
-writes dL/dz into the logits' own buffer (the in-place gradient of Liger-Kernel's fused linear CE, for free).
+the forward and the backward only scales them. What changes is the chunk's body: its log-softmaxes, CE, KL and
+dL/dz are one compiled graph (``torch.compile(fullgraph=True)``, so a graph break is an error, not a silent slow
+path), which Inductor makes a single loop nest over the chunk's rows: each row's logits are read from cache by the
+several passes over them (max, sum, KL, dL/dz), where eager PyTorch makes a dozen sweeps over the [C, V] tensors.
 
-The two gradient products stay outside the graph, as in-place BLAS calls into the final buffers: inside it,
-``grad_weight.addmm_`` on a graph input becomes a product into a new [V, H] buffer and a copy back (seen in
-Inductor's output code), one more [V, H] fp32 buffer and one more pass over it per chunk.
+The four products stay outside the graph, as BLAS calls into buffers this function owns for the whole call: the
+logits and the reference logits of a chunk go into two [C, V] buffers, the graph writes dL/dz into a third, and the
+two gradient products add into the final gradients in place. Inside the graph each product would get a fresh [C, V]
+buffer per chunk (page-faulted anew: PyTorch keeps no cache of freed CPU memory) and ``grad_weight.addmm_`` on a
+graph input would become a product into a new [V, H] buffer and a copy back (both seen in Inductor's output code).
+Liger-Kernel's in-place trick (dL/dz written over the logits) does not pay here: Inductor then allocates a [C, V]
+temporary per chunk to avoid reading what it overwrites.
 
 One graph per model: the chunk's row count is marked dynamic, so the last, shorter chunk of a call and calls with
-other token counts reuse it; V and H stay static (a model's head does not change), which keeps the vocabulary
-loops vectorised. Rows with and without a KL term are chunked apart, so a chunk either has all its reference
-logits or none (two graphs, each compiled once).
+other token counts reuse it; V stays static (a model's head does not change), which keeps the vocabulary loops
+vectorised. Rows with and without a KL term are chunked apart, so a chunk either has all its reference logits or
+none (two graphs, each compiled once).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from .chunked import chunked_fused_linear_ce_kl, compact_rows, expand_token_term
 
 logger = logging.getLogger(__name__)
 
-# Rows per chunk: at most this many, and fewer when one [C, V] fp32 tensor would pass CHUNK_LOGITS_BYTES. Two such
-# tensors are alive at once (the logits, which become dL/dz in place, and the reference's). 512 rows keep the
-# weight-gradient product (K = C) near the BLAS rate; measured in kernels/BENCHMARKS.md.
+# Rows per chunk: at most this many, and fewer when one [C, V] fp32 tensor would pass CHUNK_LOGITS_BYTES. A call holds
+# three such buffers (logits, reference logits, dL/dz): 750 MiB at V = 128256, half of what Liger's 1024-row chunks
+# need. Chunk heights compared in kernels/BENCHMARKS.md.
 MAX_CHUNK_ROWS = 512
 CHUNK_LOGITS_BYTES = 256 * 2**20
 
@@ -49,11 +53,11 @@ def _capped(logits: torch.Tensor, softcap: float | None):
     return tanh_logits * softcap, tanh_logits
 
 
-def _policy_terms(hidden, weight, targets, ce_weight, softcap):
-    """hidden [C, H] fp32, weight [V, H] fp32 → log p_θ [C, V], CE [C], dL/dz of the CE term [C, V], tanh(z/c)."""
-    logits, tanh_logits = _capped(hidden @ weight.T, softcap)  # [C, V]
+def _policy_terms(logits, targets, ce_weight, softcap):
+    """logits [C, V] fp32 → log p_θ [C, V], CE [C], dL/dz of the CE term [C, V], tanh(z/c) (softcap) or None."""
+    logits, tanh_logits = _capped(logits, softcap)  # [C, V]
     log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # [C, V]
-    vocab_size = weight.shape[0]
+    vocab_size = logits.shape[1]
     # A token without CE may hold any target: it matches no column and reports CE 0.
     is_target = torch.arange(vocab_size, device=targets.device) == targets.unsqueeze(1)  # [C, V]
     valid_target = (targets >= 0) & (targets < vocab_size)
@@ -68,24 +72,26 @@ def _softcap_derivative(grad_logits, tanh_logits):
     return grad_logits if tanh_logits is None else grad_logits * (1.0 - tanh_logits.square())
 
 
-def _ce_chunk(hidden, targets, ce_weight, weight, softcap: float | None):
-    """A chunk of rows without KL: CE [C] and dL/dz [C, V] (fp32)."""
-    _, token_ce, grad_logits, tanh_logits = _policy_terms(hidden, weight, targets, ce_weight, softcap)
-    return token_ce, _softcap_derivative(grad_logits, tanh_logits)
+def _ce_chunk(logits, targets, ce_weight, grad_logits_out, softcap: float | None):
+    """A chunk of rows without KL: CE [C]; dL/dz [C, V] written into ``grad_logits_out``."""
+    _, token_ce, grad_logits, tanh_logits = _policy_terms(logits, targets, ce_weight, softcap)
+    grad_logits_out.copy_(_softcap_derivative(grad_logits, tanh_logits))
+    return token_ce
 
 
-def _ce_kl_chunk(hidden, targets, ce_weight, ref_hidden, kl_weight, weight, ref_weight, softcap: float | None):
-    """A chunk of rows with KL: CE [C], KL [C] and dL/dz [C, V] (fp32).
+def _ce_kl_chunk(logits, targets, ce_weight, ref_logits, kl_weight, grad_logits_out, softcap: float | None):
+    """A chunk of rows with KL: CE [C], KL [C]; dL/dz [C, V] written into ``grad_logits_out``.
 
     dL/dz = (ce_w + kl_w)·softmax(z) − ce_w·onehot(target) − kl_w·softmax(ref_z): one softmax serves both terms.
     """
-    log_probs, token_ce, grad_logits, tanh_logits = _policy_terms(hidden, weight, targets, ce_weight, softcap)
-    ref_logits, _ = _capped(ref_hidden @ ref_weight.T, softcap)  # [C, V]
+    log_probs, token_ce, grad_logits, tanh_logits = _policy_terms(logits, targets, ce_weight, softcap)
+    ref_logits, _ = _capped(ref_logits, softcap)  # [C, V]
     ref_log_probs = ref_logits - torch.logsumexp(ref_logits, dim=-1, keepdim=True)
     ref_probs = ref_log_probs.exp()
     token_kl = (ref_probs * (ref_log_probs - log_probs)).sum(dim=-1)  # [C]
     grad_logits = grad_logits + kl_weight.unsqueeze(1) * (log_probs.exp() - ref_probs)
-    return token_ce, token_kl, _softcap_derivative(grad_logits, tanh_logits)
+    grad_logits_out.copy_(_softcap_derivative(grad_logits, tanh_logits))
+    return token_ce, token_kl
 
 
 # Compiled lazily, once per process (torch.compile only wraps here; the graphs are made at the first call).
@@ -99,9 +105,13 @@ def _chunk_rows_dynamic(*tensors):
     chunk of one row goes in as two copies of it; the caller keeps the first row of each result."""
     repeats = 2 if tensors[0].shape[0] == 1 else 1
     tensors = tuple(tensor.repeat(repeats, *[1] * (tensor.dim() - 1)) for tensor in tensors)
+    _rows_dynamic(*tensors)
+    return tensors
+
+
+def _rows_dynamic(*tensors):
     for tensor in tensors:
         torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    return tensors
 
 
 class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
@@ -136,34 +146,53 @@ class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
         if kl_weight is not None:
             ref_hidden32, ref_weight32 = ref_hidden.float(), ref_weight.float()
 
+        # The chunk's [C, V] buffers, page-faulted once per call (at least 2 rows: see _chunk_rows_dynamic).
+        buffer_rows = max(2, min(chunk_rows, num_rows))
+        logits = torch.empty(buffer_rows, weight.shape[0], **fp32)
+        grad_logits = torch.empty(buffer_rows, weight.shape[0], **fp32)
+        if num_rows > num_without_kl:
+            ref_logits = torch.empty(buffer_rows, weight.shape[0], **fp32)
+
         start = 0
         while start < num_rows:
             # Chunks never straddle the [without KL | with KL] boundary.
             end = min(start + chunk_rows, num_without_kl if start < num_without_kl else num_rows)
             rows = slice(start, end)
+            height = max(2, end - start)
             chunk_hidden = hidden32[rows]  # [C, H]
+            chunk_logits, chunk_grad_logits = logits[:height], grad_logits[:height]  # [C, V]
             if start < num_without_kl:
-                chunk_ce, grad_logits = _compiled_ce_chunk(
-                    *_chunk_rows_dynamic(chunk_hidden, targets[rows], ce_weight[rows]), weight32, softcap
+                row_hidden, row_targets, row_ce_weight = _chunk_rows_dynamic(
+                    chunk_hidden, targets[rows], ce_weight[rows]
                 )
+                torch.mm(row_hidden, weight32.T, out=chunk_logits)
+                _rows_dynamic(chunk_logits, chunk_grad_logits)
+                chunk_ce = _compiled_ce_chunk(chunk_logits, row_targets, row_ce_weight, chunk_grad_logits, softcap)
             else:
                 ref_rows = slice(start - num_without_kl, end - num_without_kl)
-                chunk_ce, chunk_kl, grad_logits = _compiled_ce_kl_chunk(
-                    *_chunk_rows_dynamic(
-                        chunk_hidden, targets[rows], ce_weight[rows], ref_hidden32[ref_rows], kl_weight[ref_rows]
-                    ),
-                    weight32,
-                    ref_weight32,
+                row_hidden, row_targets, row_ce_weight, row_ref_hidden, row_kl_weight = _chunk_rows_dynamic(
+                    chunk_hidden, targets[rows], ce_weight[rows], ref_hidden32[ref_rows], kl_weight[ref_rows]
+                )
+                chunk_ref_logits = ref_logits[:height]  # [C, V]
+                torch.mm(row_hidden, weight32.T, out=chunk_logits)
+                torch.mm(row_ref_hidden, ref_weight32.T, out=chunk_ref_logits)
+                _rows_dynamic(chunk_logits, chunk_ref_logits, chunk_grad_logits)
+                chunk_ce, chunk_kl = _compiled_ce_kl_chunk(
+                    chunk_logits,
+                    row_targets,
+                    row_ce_weight,
+                    chunk_ref_logits,
+                    row_kl_weight,
+                    chunk_grad_logits,
                     softcap,
                 )
                 token_kl[ref_rows] = chunk_kl[: end - start]
             token_ce[rows] = chunk_ce[: end - start]
-            grad_logits = grad_logits[: end - start]  # [C, V]
+            chunk_grad_logits = chunk_grad_logits[: end - start]
             if needs_grad_hidden:
-                torch.mm(grad_logits, weight32, out=grad_hidden[rows])
+                torch.mm(chunk_grad_logits, weight32, out=grad_hidden[rows])
             if needs_grad_weight:
-                grad_weight.addmm_(grad_logits.T, chunk_hidden)
-            del grad_logits  # before the next chunk's logits: two [C, V] buffers at most
+                grad_weight.addmm_(chunk_grad_logits.T, chunk_hidden)
             start = end
 
         loss = (ce_weight * token_ce).sum()
