@@ -31,9 +31,10 @@ from .chunked import chunked_fused_linear_ce_kl, compact_rows, expand_token_term
 logger = logging.getLogger(__name__)
 
 # Rows per chunk: at most this many, and fewer when one [C, V] fp32 tensor would pass CHUNK_LOGITS_BYTES. A call holds
-# three such buffers (logits, reference logits, dL/dz): 750 MiB at V = 128256, half of what Liger's 1024-row chunks
-# need. Chunk heights compared in kernels/BENCHMARKS.md.
-MAX_CHUNK_ROWS = 512
+# three such buffers (logits, reference logits, dL/dz): 376 MiB at V = 128256. Measured at N = 2048, V = 128256 on 2
+# CPU cores (kernels/BENCHMARKS.md): 256 rows 4970 ms and 507 MiB, 512 rows 5882 ms and 884 MiB, 1024 rows 4709 ms
+# and 1637 MiB.
+MAX_CHUNK_ROWS = 256
 CHUNK_LOGITS_BYTES = 256 * 2**20
 
 

@@ -37,10 +37,10 @@ def test_one_graph_for_every_token_count_and_chunk_height():
 
 
 def test_chunk_height_from_the_vocabulary():
-    # 512 rows, or fewer when one [rows, V] fp32 tensor would pass 256 MiB.
-    assert default_chunk_rows(32_000) == 512
-    assert default_chunk_rows(128_256) == 512  # 512 x 128256 x 4 B = 250.5 MiB
-    assert default_chunk_rows(256_000) == 256  # Gemma's vocabulary: 512 rows would be 500 MiB
+    # 256 rows, or fewer when one [rows, V] fp32 tensor would pass 256 MiB.
+    assert default_chunk_rows(32_000) == 256
+    assert default_chunk_rows(256_000) == 256  # 256 x 256000 x 4 B = 250 MiB
+    assert default_chunk_rows(300_000) == 128  # 256 rows would be 293 MiB
     assert default_chunk_rows(2**40) == 1
 
 
