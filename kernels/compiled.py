@@ -1,4 +1,4 @@
-"""The ``compiled`` backend: the chunked backend's per-chunk work as one ``torch.compile``'d function.
+"""The ``compiled`` backend: the chunked backend with each chunk's softmax work one ``torch.compile``'d graph.
 
 As in ``chunked.py`` the tokens go through in chunks of rows, the gradients of ``hidden`` and ``weight`` are made in
 the forward and the backward only scales them. What changes is the chunk's body: its log-softmaxes, CE, KL and
@@ -8,11 +8,12 @@ several passes over them (max, sum, KL, dL/dz), where eager PyTorch makes a doze
 
 The four products stay outside the graph, as BLAS calls into buffers this function owns for the whole call: the
 logits and the reference logits of a chunk go into two [C, V] buffers, the graph writes dL/dz into a third, and the
-two gradient products add into the final gradients in place. Inside the graph each product would get a fresh [C, V]
-buffer per chunk (page-faulted anew: PyTorch keeps no cache of freed CPU memory) and ``grad_weight.addmm_`` on a
-graph input would become a product into a new [V, H] buffer and a copy back (both seen in Inductor's output code).
-Liger-Kernel's in-place trick (dL/dz written over the logits) does not pay here: Inductor then allocates a [C, V]
-temporary per chunk to avoid reading what it overwrites.
+two gradient products add into the final gradients in place. Inside the graph each product got a fresh [C, V]
+buffer per chunk (mapped and page-faulted anew: PyTorch keeps no cache of freed CPU memory), and
+``grad_weight.addmm_`` on a graph input became a product into a new [V, H] buffer and a copy back (both seen in
+Inductor's output code); moving the products out halved the time (kernels/BENCHMARKS.md). Liger-Kernel's in-place
+trick (dL/dz written over the logits) is not used: with ``logits.copy_(dL/dz)`` in the graph Inductor allocates a
+[C, V] temporary per chunk, as it reads what it overwrites (seen in its output code, not timed).
 
 One graph per model: the chunk's row count is marked dynamic, so the last, shorter chunk of a call and calls with
 other token counts reuse it; V stays static (a model's head does not change), which keeps the vocabulary loops
