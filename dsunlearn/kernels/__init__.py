@@ -5,11 +5,12 @@ tokens and returns Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i (DESIGN.md §4).
 
 * ``torch``: materialises the logits, plain autograd (``reference.py``); the reference for tests and benchmarks.
 * ``chunked``: pure PyTorch over token chunks, never allocates [N, V] (``chunked.py``); eager, the fallback.
-* ``compiled``: the same chunks with each chunk's work one ``torch.compile``'d graph (``compiled.py``); the CPU
-  default for an fp32 head.
+* ``compiled``: the same chunks with each chunk's softmax work one ``torch.compile``'d graph (``compiled.py``);
+  the CPU default for an fp32 head of at least 2^22 weights.
 * ``triton``: CUDA kernels (``triton_ce_kl.py``), imported only when asked for.
-* ``auto``: ``triton`` for CUDA tensors when Triton is installed, else ``compiled`` for an fp32 head (``chunked``
-  where torch.compile fails, said once in the log) and ``chunked`` for a low-precision one.
+* ``auto``: ``triton`` for CUDA tensors when Triton is installed, else ``compiled`` for an fp32 head of at least
+  ``COMPILE_MIN_HEAD_WEIGHTS`` (2^22) weights (``chunked`` where torch.compile fails, said once in the log) and
+  ``chunked`` for a smaller or low-precision one.
 
 ``token_log_prob_stats`` (``token_log_prob_stats.py``) gives, per token, log p(target) and the mean and variance of
 log p under the model's own next-token distribution (Min-K%++ membership inference), with the same backends.

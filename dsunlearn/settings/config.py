@@ -70,8 +70,8 @@ class ModelConfig:
     one by one, and says why when not (``packed`` then is an error; OPT, whose attention mask ignores position ids,
     is padded). May change on resume (the same numbers within float tolerance)."""
     loss_backend: Literal["auto", "torch", "chunked", "compiled", "triton"] = "auto"
-    """Backend of the fused loss: ``auto`` is triton on CUDA, elsewhere compiled for an fp32 head and chunked for a
-    low-precision one (may change on resume)."""
+    """Backend of the fused loss: ``auto`` is triton on CUDA, elsewhere compiled for an fp32 head of at least 2^22
+    weights and chunked for a smaller or low-precision one (may change on resume)."""
     reference_offload: bool = False
     """Keep the reference engine's parameter shards in CPU memory (ZeRO-3 ``offload_param``; may change on
     resume)."""

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import dsunlearn.kernels.backends as backends
 import dsunlearn.kernels.ce_kl as ce_kl
 import dsunlearn.kernels.chunked as chunked
 from dsunlearn.kernels import fused_linear_ce_kl
@@ -331,20 +332,25 @@ def test_backward_twice_with_retain_graph():
     torch.testing.assert_close(hidden.grad, 2 * first)
 
 
-@pytest.mark.parametrize("dtype, expected", [(torch.float32, "compiled"), (torch.bfloat16, "chunked")])
-def test_auto_backend_on_cpu_is_compiled_for_an_fp32_head_else_chunked(monkeypatch, dtype, expected):
+@pytest.mark.parametrize(
+    "vocab_size, dtype, expected",
+    [(2**16, torch.float32, "compiled"), (2**16, torch.bfloat16, "chunked"), (2**16 - 1, torch.float32, "chunked")],
+)
+def test_auto_backend_on_cpu_is_compiled_for_a_large_fp32_head_else_chunked(monkeypatch, vocab_size, dtype, expected):
+    # H = 64: 2^16 x 64 = 2^22 weights, COMPILE_MIN_HEAD_WEIGHTS; one vocabulary row fewer stays on chunked.
+    assert backends.COMPILE_MIN_HEAD_WEIGHTS == 2**16 * 64
     calls = []
 
-    def recording(name, implementation):
-        def record(*args, **kwargs):
+    def recording(name):
+        def record(hidden, *args, **kwargs):
             calls.append((name, kwargs))
-            return implementation(*args, **kwargs)
+            return hidden.sum()  # only the choice matters here
 
         return record
 
-    monkeypatch.setattr(ce_kl, "chunked_fused_linear_ce_kl", recording("chunked", chunked_fused_linear_ce_kl))
-    monkeypatch.setattr(ce_kl, "compiled_fused_linear_ce_kl", recording("compiled", compiled_fused_linear_ce_kl))
-    inputs = make_inputs(*SHAPES["small"], "both", dtype=dtype)
+    monkeypatch.setattr(ce_kl, "chunked_fused_linear_ce_kl", recording("chunked"))
+    monkeypatch.setattr(ce_kl, "compiled_fused_linear_ce_kl", recording("compiled"))
+    inputs = make_inputs(4, vocab_size, 64, "ce", dtype=dtype)
     fused_linear_ce_kl(*inputs, softcap=3.0, backend="auto")
     assert calls == [(expected, {"softcap": 3.0, "return_token_terms": False})]
 
