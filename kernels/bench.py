@@ -1,15 +1,24 @@
 """Benchmark of the fused linear CE + KL loss against eager PyTorch, torch.compile, Liger-Kernel and CCE.
 
     python -m dsunlearn.kernels.bench [--n N --h H --v V --dtype bf16 --device cuda --terms both
-                                       --impls torch,torch.compile,chunked,triton,liger,liger.1pass,cce
+                                       --impls torch,torch.compile,chunked,compiled,triton,liger,liger.chunked,
+                                               liger.chunked.eager,cce
                                        --json out.json]
 
-Liger-Kernel appears twice: ``liger`` is its fused linear CE (fp32 accumulation where the release has
-``accum_dtype``) followed by its fused linear JSD at β = 0, two passes over the head; ``liger.1pass`` is its
-single-pass ``LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=1, beta=0)``, which does the same
-work as ``fused_linear_ce_kl`` in one pass. At β = 0 both compute the forward KL(p_ref ‖ p_θ), as this package.
+Problems (``--terms``): ``ce``, ``kl`` or ``both`` put that term on every token; ``mix`` is Yao et al.'s step in
+thirds, CE with weight −1 on the forget tokens, CE on the random-answer tokens, KL on the normal tokens.
 
-For each implementation: forward, backward and forward+backward time (median of ``--repeats``; CUDA events on a
+Liger-Kernel appears three times. ``liger`` (CUDA only: Triton kernels) is its fused linear CE (fp32 accumulation
+where the release has ``accum_dtype``) followed by its fused linear JSD at β = 0, two passes over the head.
+``liger.chunked`` is ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` at β = 0 with its default
+``compiled=True`` (each chunk's work through torch.compile), ``liger.chunked.eager`` the same with
+``compiled=False``; both are plain PyTorch and run on the CPU too. For ``both`` they make one pass
+(``weight_hard_loss=1, weight_soft_loss=1``), the same work as ``fused_linear_ce_kl``; for ``mix`` three calls,
+one per term, since one target mask and two scalar weights cannot express it. At β = 0 Liger computes the forward
+KL(p_ref ‖ p_θ), as this package.
+
+For each implementation: the first call's time (compilation included, a fresh Inductor cache per implementation
+on the CPU), then forward, backward and forward+backward time (median of ``--repeats``; CUDA events on a
 GPU), peak extra memory (on a GPU ``torch.cuda.max_memory_allocated`` over the inputs; on the CPU the peak
 resident memory of a fresh subprocess per implementation over its resident memory before the measured call),
 the achieved TFLOP/s counting 2·N·H·V per matrix product (6·N·H·V for the trained head, forward and backward,
@@ -17,9 +26,12 @@ plus 2·N·H·V for the reference logits), the same as a share of the rate ``tor
 the logits' shape and dtype, and speed and memory ratios to ``torch`` (materialised logits, eager).
 The peak extra memory includes the gradients of ``hidden`` and ``weight``, which every implementation returns.
 
+Before any timing each loss is compared with a float64 computation of the same sum (row by row blocks, no
+[N, V] float64 tensor; column ``loss err``); problems with N·V <= 2^22 also check both gradients (``err f64``).
+
 On the CPU ``triton`` runs in Triton's interpreter, at ``--interpreter-size`` (small): its row checks
-correctness against float64, its times mean nothing. Liger-Kernel and cut-cross-entropy run on CUDA only and
-are skipped with a note when missing. Works without deepspeed: it imports only torch, triton and this package.
+correctness against float64, its times mean nothing. Liger's Triton ops (``liger``) and cut-cross-entropy run
+on CUDA only; Liger-Kernel (``pip install dsunlearn[bench]``) is skipped with a note when missing. Works without deepspeed: it imports only torch, triton and this package.
 """
 
 from __future__ import annotations
@@ -34,18 +46,26 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("torch", "torch.compile", "chunked", "triton", "liger", "liger.1pass", "cce")
+IMPLEMENTATIONS = (
+    "torch", "torch.compile", "chunked", "compiled", "triton", "liger", "liger.chunked", "liger.chunked.eager", "cce",
+)  # fmt: skip
+TERMS = ("ce", "kl", "both", "mix")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_DEFAULT_SIZE = (16384, 4096, 128256)  # Llama-3 8B head over 16k tokens
 CPU_DEFAULT_SIZE = (2048, 256, 16384)
-# Problems up to this many logits are also checked against a float64 materialised reference.
+# Problems up to this many logits are also checked against a float64 materialised reference, gradients included.
 REFERENCE_CHECK_MAX_LOGITS = 2**22
+# Largest relative error of the loss against float64 before an implementation is timed, per input dtype.
+LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
+# Rows per block of the float64 loss check.
+FLOAT64_BLOCK_ROWS = 256
 
 
 class Skipped(Exception):
@@ -59,21 +79,32 @@ class Problem:
     vocab_size: int
     dtype: str
     device: str
-    terms: str  # "ce", "kl" or "both"
+    terms: str  # one of TERMS
     seed: int = 0
 
     @property
     def has_ce(self) -> bool:
-        return self.terms in ("ce", "both")
+        return self.terms in ("ce", "both", "mix")
 
     @property
     def has_kl(self) -> bool:
-        return self.terms in ("kl", "both")
+        return self.terms in ("kl", "both", "mix")
+
+    def mix_rows(self) -> tuple[slice, slice, slice]:
+        """The forget, random-answer and normal rows of the ``mix`` problem: thirds of the tokens."""
+        third = self.num_tokens // 3
+        return slice(0, third), slice(third, 2 * third), slice(2 * third, self.num_tokens)
+
+    def kl_tokens(self) -> int:
+        if self.terms == "mix":
+            normal = self.mix_rows()[2]
+            return normal.stop - normal.start
+        return self.num_tokens if self.has_kl else 0
 
     def flops(self) -> int:
-        """Forward+backward flops counted: 6·N·H·V for the trained head, 2·N·H·V for the reference logits."""
+        """Forward+backward flops counted: 6·N·H·V for the trained head, 2·H·V per token for the reference logits."""
         one_product = 2 * self.num_tokens * self.hidden_size * self.vocab_size
-        return one_product * (3 + self.has_kl)
+        return 3 * one_product + 2 * self.kl_tokens() * self.hidden_size * self.vocab_size
 
     def make_inputs(self) -> dict:
         """Deterministic inputs; every token carries the weights of the chosen terms."""
@@ -95,6 +126,11 @@ class Problem:
             inputs["ref_hidden"] = randn(n, h)
             inputs["ref_weight"] = (weight.detach() + randn(v, h, scale=h**-0.5 * 0.2)).to(dtype)
             inputs["kl_weight"] = torch.ones(n, device=device)
+        if self.terms == "mix":
+            forget, _, normal = self.mix_rows()
+            inputs["ce_weight"][forget] = -1.0  # gradient ascent
+            inputs["ce_weight"][normal] = 0.0
+            inputs["kl_weight"][: normal.start] = 0.0
         return inputs
 
 
@@ -113,8 +149,12 @@ class Row:
     speedup_vs_torch: float | None = None
     memory_vs_torch: float | None = None
     loss: float | None = None
+    # Relative error of the loss against float64, checked before timing.
+    loss_rel_error_vs_float64: float | None = None
     # Largest relative error of loss, grad of hidden, grad of weight against float64 (small problems only).
     max_rel_error_vs_float64: float | None = None
+    # The first forward+backward, compilation and lazy initialisation included.
+    first_call_ms: float | None = None
 
 
 def eager_loss(hidden, weight, targets, ce_weight, ref_hidden=None, ref_weight=None, kl_weight=None, *, with_ce=True):
@@ -139,12 +179,18 @@ def make_loss_fn(name: str, problem: Problem):
     if name == "torch.compile":
         compiled = torch.compile(eager_loss, dynamic=False)
         return lambda inputs: compiled(**inputs, with_ce=problem.has_ce)
-    if name in ("chunked", "triton"):
+    if name in ("chunked", "compiled", "triton"):
         from dsunlearn.kernels import fused_linear_ce_kl
 
         if name == "triton" and problem.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
         return lambda inputs: fused_linear_ce_kl(**inputs, backend=name)
+    if name.startswith("compiled@"):
+        # The compiled backend with a given chunk height (rows per chunk), to tune its default.
+        from dsunlearn.kernels.compiled import compiled_fused_linear_ce_kl
+
+        chunk_rows = int(name.split("@", 1)[1])
+        return lambda inputs: compiled_fused_linear_ce_kl(**inputs, chunk_rows=chunk_rows)
     if name.startswith("triton@"):
         # The triton backend with a given chunk height (rows per chunk), to tune its default.
         from dsunlearn.kernels.triton_ce_kl import triton_fused_linear_ce_kl
@@ -153,7 +199,7 @@ def make_loss_fn(name: str, problem: Problem):
             raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
         chunk_rows = int(name.split("@", 1)[1])
         return lambda inputs: triton_fused_linear_ce_kl(**inputs, chunk_rows=chunk_rows)
-    if name in ("liger", "liger.1pass"):
+    if name in ("liger", "liger.chunked", "liger.chunked.eager"):
         return _liger_loss_fn(problem, name)
     if name == "cce":
         return _cce_loss_fn(problem)
@@ -161,7 +207,7 @@ def make_loss_fn(name: str, problem: Problem):
 
 
 # Implementations that run on CUDA only, with how the skip note names them.
-CUDA_ONLY = {"liger": "Liger-Kernel", "liger.1pass": "Liger-Kernel", "cce": "cut-cross-entropy"}
+CUDA_ONLY = {"liger": "Liger-Kernel's Triton ops", "cce": "cut-cross-entropy"}
 
 
 def _require_cuda(name: str, problem: Problem) -> None:
@@ -171,17 +217,22 @@ def _require_cuda(name: str, problem: Problem) -> None:
 
 def _liger_loss_fn(problem: Problem, name: str):
     _require_cuda(name, problem)
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
-    except ImportError:
-        raise Skipped("liger_kernel is not installed") from None
     if name == "liger":
+        if problem.terms == "mix":
+            raise Skipped("mix: see liger.chunked (three calls)")
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+        except ImportError:
+            raise Skipped("liger_kernel is not installed") from None
         return liger_two_pass_loss_fn(problem, LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD)
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except ImportError:
-        raise Skipped("this Liger-Kernel has no LigerFusedLinearJSDLoss (liger_kernel.chunked_loss)") from None
-    return liger_single_pass_loss_fn(problem, LigerFusedLinearJSDLoss)
+        raise Skipped("liger_kernel.chunked_loss is not installed (pip install dsunlearn[bench])") from None
+    compiled = name == "liger.chunked"
+    if problem.terms == "mix":
+        return liger_mix_loss_fn(problem, LigerFusedLinearJSDLoss, compiled)
+    return liger_single_pass_loss_fn(problem, LigerFusedLinearJSDLoss, compiled)
 
 
 def _with_fp32_accumulation(module_class) -> dict:
@@ -221,9 +272,9 @@ def liger_two_pass_loss_fn(problem: Problem, fused_ce_class, fused_jsd_class):
     return loss_fn
 
 
-def liger_single_pass_loss_fn(problem: Problem, fused_jsd_loss_class):
+def liger_single_pass_loss_fn(problem: Problem, fused_jsd_loss_class, compiled: bool = True):
     """Liger's single-pass distillation loss ``LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=1,
-    beta=0)``: one pass over the head for CE and KL, the same work as ``fused_linear_ce_kl``.
+    beta=0, compiled=compiled)``: one pass over the head for CE and KL, the same work as ``fused_linear_ce_kl``.
 
     Per Liger's ``chunked_loss/fused_linear_distillation.py`` it returns (w_hard·Σ CE + w_soft·Σ KL) / (number of
     targets other than ignore_index); at β = 0 its soft loss is ``F.kl_div(log p_student, log p_teacher,
@@ -232,7 +283,9 @@ def liger_single_pass_loss_fn(problem: Problem, fused_jsd_loss_class):
     """
     if not problem.has_kl:
         raise Skipped("single-pass distillation loss: needs the KL term (the liger row covers CE only)")
-    fused_loss = fused_jsd_loss_class(weight_hard_loss=1.0 if problem.has_ce else 0.0, weight_soft_loss=1.0, beta=0.0)
+    fused_loss = fused_jsd_loss_class(
+        weight_hard_loss=1.0 if problem.has_ce else 0.0, weight_soft_loss=1.0, beta=0.0, compiled=compiled
+    )
 
     def loss_fn(inputs):
         loss = fused_loss(
@@ -240,7 +293,36 @@ def liger_single_pass_loss_fn(problem: Problem, fused_jsd_loss_class):
         )
         return loss.float() * problem.num_tokens
 
-    loss_fn.note = "LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=1, beta=0): one pass"
+    loss_fn.note = (
+        f"LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=1, beta=0, compiled={compiled}): one pass"
+    )
+    return loss_fn
+
+
+def liger_mix_loss_fn(problem: Problem, fused_jsd_loss_class, compiled: bool = True):
+    """Yao's mix with ``LigerFusedLinearJSDLoss``: three calls, since its one target mask and two scalar weights
+    cannot give each token its own term. CE on the forget rows (weight −1) and on the random-answer rows:
+    ``weight_hard_loss=1, weight_soft_loss=0``, with a one-column zero teacher (Liger always computes the teacher's
+    logits; one column makes that product nearly free). KL on the normal rows: ``weight_hard_loss=0,
+    weight_soft_loss=1`` (Liger then skips the CE). Each call returns its sum over the number of its rows, scaled
+    back here to the sum this benchmark compares.
+    """
+    cross_entropy = fused_jsd_loss_class(weight_hard_loss=1.0, weight_soft_loss=0.0, beta=0.0, compiled=compiled)
+    forward_kl = fused_jsd_loss_class(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=compiled)
+    forget, random_answers, normal = problem.mix_rows()
+
+    def loss_fn(inputs):
+        hidden, weight, targets = inputs["hidden"], inputs["weight"], inputs["targets"]
+        no_teacher = hidden.new_zeros(problem.num_tokens, 1, requires_grad=False)  # [N, 1]
+        no_teacher_weight = weight.new_zeros(problem.vocab_size, 1, requires_grad=False)  # [V, 1]
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for rows, sign in ((forget, -1.0), (random_answers, 1.0)):
+            term = cross_entropy(hidden[rows], weight, no_teacher[rows], no_teacher_weight, targets[rows])
+            loss = loss + sign * (rows.stop - rows.start) * term.float()
+        kl = forward_kl(hidden[normal], weight, inputs["ref_hidden"][normal], inputs["ref_weight"], targets[normal])
+        return loss + (normal.stop - normal.start) * kl.float()
+
+    loss_fn.note = f"LigerFusedLinearJSDLoss(beta=0, compiled={compiled}): three calls (CE, CE, KL)"
     return loss_fn
 
 
@@ -346,8 +428,28 @@ def float64_errors(inputs: dict, loss: torch.Tensor) -> float:
     return max(errors)
 
 
-def run_implementation(name: str, problem: Problem, warmup: int, repeats: int) -> Row:
-    """Times and measures one implementation in this process."""
+def float64_loss(inputs: dict) -> float:
+    """The loss of ``eager_loss`` in float64, ``FLOAT64_BLOCK_ROWS`` rows at a time (no [N, V] float64 tensor)."""
+    heads = {name: inputs[name].detach().double() for name in ("weight", "ref_weight") if name in inputs}
+    with_ce = bool(inputs["ce_weight"].any())
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, inputs["hidden"].shape[0], FLOAT64_BLOCK_ROWS):
+            rows = slice(start, start + FLOAT64_BLOCK_ROWS)
+            block = {
+                name: tensor.detach()[rows].double() if tensor.is_floating_point() else tensor[rows]
+                for name, tensor in inputs.items()
+                if name not in heads
+            }
+            total += eager_loss(**block, **heads, with_ce=with_ce).item()
+    return total
+
+
+def run_implementation(
+    name: str, problem: Problem, warmup: int, repeats: int, expected_loss: float | None = None
+) -> Row:
+    """Times and measures one implementation in this process; with ``expected_loss`` (float64) its loss is checked
+    first, and an implementation that misses ``LOSS_TOLERANCE`` is reported as an error, untimed."""
     row = Row(name, size=[problem.num_tokens, problem.hidden_size, problem.vocab_size])
     try:
         loss_fn = make_loss_fn(name, problem)
@@ -355,8 +457,17 @@ def run_implementation(name: str, problem: Problem, warmup: int, repeats: int) -
         inputs = problem.make_inputs()
         # Warm-up outside the measurements: compilation, autotuning, lazy initialisation.
         _clear_grads(inputs)
+        timer = _Timer(problem.device)
+        start = timer.mark()
         loss = loss_fn(inputs)
         loss.backward()
+        row.first_call_ms = timer.elapsed_ms(start, timer.mark())
+        if expected_loss is not None:
+            row.loss_rel_error_vs_float64 = abs(loss.item() - expected_loss) / max(abs(expected_loss), 1e-30)
+            if not row.loss_rel_error_vs_float64 <= LOSS_TOLERANCE[problem.dtype]:
+                row.status = "error"
+                row.note = f"loss {loss.item():.6g} differs from float64 {expected_loss:.6g}: not timed"
+                return row
         if problem.num_tokens * problem.vocab_size <= REFERENCE_CHECK_MAX_LOGITS:
             row.max_rel_error_vs_float64 = float64_errors(inputs, loss)
         if problem.device == "cuda":
@@ -391,13 +502,15 @@ def matmul_tflops(problem: Problem, repeats: int) -> float:
     return 2 * problem.num_tokens * problem.hidden_size * problem.vocab_size / (statistics.median(times) * 1e-3) / 1e12
 
 
-def run_in_subprocess(name: str, problem: Problem, warmup: int, repeats: int) -> Row:
-    """One implementation in a fresh Python process (CPU memory is measured per process)."""
+def run_in_subprocess(name: str, problem: Problem, warmup: int, repeats: int, expected_loss: float | None) -> Row:
+    """One implementation in a fresh Python process (CPU memory is measured per process), with an empty Inductor
+    cache, so that the first call's time includes the whole compilation for every implementation that compiles."""
     try:
         _require_cuda(name, problem)
     except Skipped as reason:
         return Row(name, status="skipped", note=str(reason))
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    inductor_cache = tempfile.TemporaryDirectory(prefix="bench_inductor_")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TORCHINDUCTOR_CACHE_DIR=inductor_cache.name)
     if name.startswith("triton"):
         env["TRITON_INTERPRET"] = "1"
     command = [
@@ -406,7 +519,10 @@ def run_in_subprocess(name: str, problem: Problem, warmup: int, repeats: int) ->
         "--dtype", problem.dtype, "--device", problem.device, "--terms", problem.terms, "--seed", str(problem.seed),
         "--warmup", str(warmup), "--repeats", str(repeats),
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if expected_loss is not None:
+        command += ["--expected-loss", repr(expected_loss)]
+    with inductor_cache:
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return Row(name, status="error", note=f"subprocess exit {done.returncode}: {done.stderr.strip()[-300:]}")
     return Row(**json.loads(done.stdout.strip().splitlines()[-1]))
@@ -422,6 +538,7 @@ def format_table(rows: list[Row]) -> str:
     columns = [
         ("implementation", "implementation", "{}"),
         ("size", "N,H,V", "{}"),
+        ("first_call_ms", "1st call ms", "{:.0f}"),
         ("forward_ms", "fwd ms", "{:.2f}"),
         ("backward_ms", "bwd ms", "{:.2f}"),
         ("forward_backward_ms", "fwd+bwd ms", "{:.2f}"),
@@ -430,6 +547,7 @@ def format_table(rows: list[Row]) -> str:
         ("percent_of_matmul", "% mm", "{:.0f}"),
         ("speedup_vs_torch", "x torch", "{:.2f}"),
         ("memory_vs_torch", "mem/torch", "{:.3f}"),
+        ("loss_rel_error_vs_float64", "loss err", "{:.1e}"),
         ("max_rel_error_vs_float64", "err f64", "{:.1e}"),
     ]
     cells = [[header for _, header, _ in columns]]
@@ -457,11 +575,11 @@ def parse_args(argv=None):
     parser.add_argument("--v", type=int, help="vocabulary size (default: 128256 on CUDA, 16384 on the CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--terms", choices=("ce", "kl", "both"), default="both")
+    parser.add_argument("--terms", choices=TERMS, default="both", help="mix: Yao's forget/random/normal thirds")
     parser.add_argument(
         "--impls",
         default=",".join(IMPLEMENTATIONS),
-        help=f"comma-separated, from: {', '.join(IMPLEMENTATIONS)}; triton@ROWS: triton with ROWS rows per chunk",
+        help=f"comma-separated, from: {', '.join(IMPLEMENTATIONS)}; triton@ROWS, compiled@ROWS: ROWS rows per chunk",
     )
     parser.add_argument("--repeats", type=int, help="timed repeats (default: 5 on CUDA, 3 on the CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
@@ -469,6 +587,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="bench_fused_linear_ce_kl.json", help="where to write the results")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one implementation, print its row
+    parser.add_argument("--expected-loss", type=float, help=argparse.SUPPRESS)  # internal: the float64 loss
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -479,7 +598,9 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.repeats = args.repeats or (5 if args.device == "cuda" else 3)
     args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
-    unknown = [name for name in args.impls if name not in IMPLEMENTATIONS and not re.fullmatch(r"triton@\d+", name)]
+    unknown = [
+        name for name in args.impls if name not in IMPLEMENTATIONS and not re.fullmatch(r"(triton|compiled)@\d+", name)
+    ]
     if unknown:
         parser.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLEMENTATIONS)}")
     return args
@@ -489,7 +610,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     problem = Problem(args.n, args.h, args.v, args.dtype, args.device, args.terms, args.seed)
     if args.child:
-        print(json.dumps(asdict(run_implementation(args.child, problem, args.warmup, args.repeats))))
+        row = run_implementation(args.child, problem, args.warmup, args.repeats, args.expected_loss)
+        print(json.dumps(asdict(row)))
         return {}
 
     interpreter_problem = Problem(*map(int, args.interpreter_size.split(",")), args.dtype, "cpu", args.terms, args.seed)
@@ -499,6 +621,7 @@ def main(argv=None) -> dict:
         f"{problem.dtype} terms={problem.terms}; torch.mm at [N,H]@[H,V]: {matmul_rate:.3g} TFLOP/s",
         flush=True,
     )
+    expected_loss = float64_loss(problem.make_inputs())
     report = {
         "command": "python -m dsunlearn.kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -507,16 +630,19 @@ def main(argv=None) -> dict:
         "problem": asdict(problem),
         "flops_counted": problem.flops(),
         "matmul_tflops": matmul_rate,
+        "float64_loss": expected_loss,
         "results": [],
     }
     rows = []
     for name in args.impls:
         if args.device == "cuda":
-            rows.append(run_implementation(name, problem, args.warmup, args.repeats))
+            rows.append(run_implementation(name, problem, args.warmup, args.repeats, expected_loss))
             torch.cuda.empty_cache()
         else:
-            run_problem = interpreter_problem if name.startswith("triton") else problem
-            row = run_in_subprocess(name, run_problem, args.warmup, args.repeats)
+            if name.startswith("triton"):  # checked against float64 in full at its own small size
+                row = run_in_subprocess(name, interpreter_problem, args.warmup, args.repeats, None)
+            else:
+                row = run_in_subprocess(name, problem, args.warmup, args.repeats, expected_loss)
             if name.startswith("triton") and row.status == "ok":
                 row.note = "Triton interpreter on the CPU: correctness only, times are not meaningful"
             rows.append(row)

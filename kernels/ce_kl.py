@@ -1,5 +1,5 @@
 """``fused_linear_ce_kl``: the public entry of the fused CE + forward-KL head (DESIGN.md §4) and its input checks;
-the backends it dispatches to live beside it (``reference.py``, ``chunked.py``, ``triton_ce_kl.py``)."""
+the backends it dispatches to live beside it (``reference.py``, ``chunked.py``, ``compiled.py``, ``triton_ce_kl.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from .backends import BACKENDS, resolve_backend, without_autocast
 from .chunked import chunked_fused_linear_ce_kl
+from .compiled import compiled_fused_linear_ce_kl
 from .reference import torch_fused_linear_ce_kl
 
 _FLOAT_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,9 +58,11 @@ def fused_linear_ce_kl(
     constants. Tokens whose two weights are 0 are dropped before any matmul.
     """
     _check_inputs(hidden, weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight, softcap, backend)
-    backend = resolve_backend(backend, hidden)
+    backend = resolve_backend(backend, hidden, weight)
     if backend == "triton":
         from .triton_ce_kl import triton_fused_linear_ce_kl as implementation
+    elif backend == "compiled":
+        implementation = compiled_fused_linear_ce_kl
     elif backend == "chunked":
         implementation = chunked_fused_linear_ce_kl
     else:

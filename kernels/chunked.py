@@ -8,6 +8,8 @@ gradient. The loss is linear in its upstream gradient, so this is exact.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # Bytes of one [chunk, V] fp32 tensor; a chunk holds a handful of these at once.
@@ -219,27 +221,17 @@ def chunked_fused_linear_ce_kl(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
-    ce_weight = ce_weight.detach().float()
-    if kl_weight is None:
-        rows_without_kl = (ce_weight != 0).nonzero().squeeze(1)  # [M]
-        rows_with_kl = rows_without_kl[:0]
-    else:
-        kl_weight = kl_weight.detach().float()
-        with_kl = kl_weight != 0
-        rows_without_kl = ((ce_weight != 0) & ~with_kl).nonzero().squeeze(1)
-        rows_with_kl = with_kl.nonzero().squeeze(1)  # [K]
-    active_rows = torch.cat([rows_without_kl, rows_with_kl])  # [M]
-
+    compact = compact_rows(ce_weight, kl_weight)
     grad_enabled = torch.is_grad_enabled()
     loss, active_ce, active_kl = ChunkedFusedLinearCEKLFunction.apply(
-        hidden[active_rows],  # [M, H]; indexing routes the gradient back to the original rows
+        hidden[compact.active_rows],  # [M, H]; indexing routes the gradient back to the original rows
         weight,
-        targets[active_rows],
-        ce_weight[active_rows],
-        None if kl_weight is None else ref_hidden.detach()[rows_with_kl],
+        targets[compact.active_rows],
+        compact.ce_weight[compact.active_rows],
+        None if kl_weight is None else ref_hidden.detach()[compact.rows_with_kl],
         None if kl_weight is None else ref_weight.detach(),
-        None if kl_weight is None else kl_weight[rows_with_kl],
-        rows_without_kl.numel(),
+        None if kl_weight is None else compact.kl_weight[compact.rows_with_kl],
+        compact.num_without_kl,
         softcap,
         chunk_size,
         grad_enabled and hidden.requires_grad,
@@ -247,5 +239,35 @@ def chunked_fused_linear_ce_kl(
     )
     if not return_token_terms:
         return loss
-    zeros = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
-    return loss, zeros.index_copy(0, active_rows, active_ce), zeros.index_copy(0, rows_with_kl, active_kl)
+    return loss, *expand_token_terms(compact, num_tokens, active_ce, active_kl)
+
+
+class CompactRows(NamedTuple):
+    """The tokens that cost something, ordered [without KL; with KL] (the layout of the chunked Functions)."""
+
+    ce_weight: torch.Tensor  # [N] fp32, detached
+    kl_weight: torch.Tensor | None  # [N] fp32, detached
+    active_rows: torch.Tensor  # [M] indices into the N tokens: rows_without_kl then rows_with_kl
+    rows_with_kl: torch.Tensor  # [K]
+    num_without_kl: int
+
+
+def compact_rows(ce_weight: torch.Tensor, kl_weight: torch.Tensor | None) -> CompactRows:
+    """Drop the tokens whose weights are both 0; put those with a KL term last."""
+    ce_weight = ce_weight.detach().float()
+    if kl_weight is None:
+        rows_without_kl = (ce_weight != 0).nonzero().squeeze(1)
+        rows_with_kl = rows_without_kl[:0]
+    else:
+        kl_weight = kl_weight.detach().float()
+        with_kl = kl_weight != 0
+        rows_without_kl = ((ce_weight != 0) & ~with_kl).nonzero().squeeze(1)
+        rows_with_kl = with_kl.nonzero().squeeze(1)
+    active_rows = torch.cat([rows_without_kl, rows_with_kl])
+    return CompactRows(ce_weight, kl_weight, active_rows, rows_with_kl, rows_without_kl.numel())
+
+
+def expand_token_terms(compact: CompactRows, num_tokens: int, active_ce: torch.Tensor, active_kl: torch.Tensor):
+    """[N] token CE and KL from the compacted rows' [M] and [K], 0 for the dropped tokens."""
+    zeros = torch.zeros(num_tokens, dtype=torch.float32, device=active_ce.device)
+    return zeros.index_copy(0, compact.active_rows, active_ce), zeros.index_copy(0, compact.rows_with_kl, active_kl)

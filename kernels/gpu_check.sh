@@ -80,7 +80,7 @@ step "gpu tests" 90 "$out_dir/pytest_gpu.txt" \
 # bf16 weight to fp32 block by block) is left out: hundreds of small products per call, minutes at this size.
 step "bench ce+kl" 170 "$out_dir/bench.txt" \
     "$python" -m dsunlearn.kernels.bench --device cuda --dtype bf16 --n 16384 --h 4096 --v 128256 --terms both \
-    --impls torch,triton,triton@512,triton@2048,liger,liger.1pass,cce,torch.compile --repeats 5 \
+    --impls torch,triton,triton@512,triton@2048,liger,liger.chunked,cce,torch.compile --repeats 5 \
     --json "$out_dir/bench_both.json"
 
 step "bench ce" 50 "$out_dir/bench.txt" \

@@ -48,10 +48,11 @@ def token_log_prob_stats(
         backend: one of ``BACKENDS``.
     """
     _check_inputs(hidden, weight, targets, softcap, backend)
-    backend = resolve_backend(backend, hidden)
+    backend = resolve_backend(backend, hidden, weight)
     if backend == "triton":
         from .triton_token_log_prob_stats import triton_token_log_prob_stats as implementation
-    elif backend == "chunked":
+    elif backend in ("chunked", "compiled"):
+        # No graph of its own: a forward-only pass of a few reductions, already one online pass over tiles.
         implementation = chunked_token_log_prob_stats
     else:
         implementation = torch_token_log_prob_stats

@@ -4,9 +4,13 @@
 tokens and returns Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i (DESIGN.md §4). Backends:
 
 * ``torch``: materialises the logits, plain autograd (``reference.py``); the reference for tests and benchmarks.
-* ``chunked``: pure PyTorch over token chunks, never allocates [N, V] (``chunked.py``); the CPU default.
+* ``chunked``: pure PyTorch over token chunks, never allocates [N, V] (``chunked.py``); eager, the fallback.
+* ``compiled``: the same chunks with each chunk's softmax work one ``torch.compile``'d graph (``compiled.py``);
+  the CPU default for an fp32 head of at least 2^22 weights.
 * ``triton``: CUDA kernels (``triton_ce_kl.py``), imported only when asked for.
-* ``auto``: ``triton`` for CUDA tensors when Triton is installed, else ``chunked``.
+* ``auto``: ``triton`` for CUDA tensors when Triton is installed, else ``compiled`` for an fp32 head of at least
+  ``COMPILE_MIN_HEAD_WEIGHTS`` (2^22) weights (``chunked`` where torch.compile fails, said once in the log) and
+  ``chunked`` for a smaller or low-precision one.
 
 ``token_log_prob_stats`` (``token_log_prob_stats.py``) gives, per token, log p(target) and the mean and variance of
 log p under the model's own next-token distribution (Min-K%++ membership inference), with the same backends.
@@ -35,10 +39,11 @@ if not (_PACKAGE_DIR / "ce_kl.py").is_file():
 from .backends import BACKENDS  # noqa: E402
 from .ce_kl import fused_linear_ce_kl  # noqa: E402
 from .chunked import chunked_fused_linear_ce_kl  # noqa: E402
+from .compiled import compiled_fused_linear_ce_kl  # noqa: E402
 from .reference import torch_ce_kl_from_logits, torch_fused_linear_ce_kl  # noqa: E402
 from .token_log_prob_stats import token_log_prob_stats  # noqa: E402
 
 __all__ = [
     "BACKENDS", "fused_linear_ce_kl", "torch_fused_linear_ce_kl", "chunked_fused_linear_ce_kl",
-    "torch_ce_kl_from_logits", "token_log_prob_stats",
+    "compiled_fused_linear_ce_kl", "torch_ce_kl_from_logits", "token_log_prob_stats",
 ]

@@ -69,8 +69,9 @@ class ModelConfig:
     packs when a model's hidden states for packed sequences, checked at start-up, equal those of the sequences run
     one by one, and says why when not (``packed`` then is an error; OPT, whose attention mask ignores position ids,
     is padded). May change on resume (the same numbers within float tolerance)."""
-    loss_backend: Literal["auto", "torch", "chunked", "triton"] = "auto"
-    """Backend of the fused loss: ``auto`` is triton on CUDA and chunked elsewhere (may change on resume)."""
+    loss_backend: Literal["auto", "torch", "chunked", "compiled", "triton"] = "auto"
+    """Backend of the fused loss: ``auto`` is triton on CUDA, elsewhere compiled for an fp32 head of at least 2^22
+    weights and chunked for a smaller or low-precision one (may change on resume)."""
     reference_offload: bool = False
     """Keep the reference engine's parameter shards in CPU memory (ZeRO-3 ``offload_param``; may change on
     resume)."""

@@ -18,6 +18,8 @@ from dsunlearn.kernels.bench import (
     Skipped,
     eager_loss,
     format_table,
+    float64_loss,
+    liger_mix_loss_fn,
     liger_single_pass_loss_fn,
     liger_two_pass_loss_fn,
     parse_args,
@@ -29,6 +31,8 @@ def test_flops_count_six_nhv_for_the_head_and_two_for_the_reference():
     assert Problem(8, 4, 16, "fp32", "cpu", "ce").flops() == 3 * one_product
     assert Problem(8, 4, 16, "fp32", "cpu", "kl").flops() == 4 * one_product
     assert Problem(8, 4, 16, "fp32", "cpu", "both").flops() == 4 * one_product
+    # mix: the reference logits only for the normal rows (the last third and the remainder: rows 4..7 of 8).
+    assert Problem(8, 4, 16, "fp32", "cpu", "mix").flops() == 3 * one_product + 2 * 4 * 4 * 16
 
 
 def test_cpu_defaults_and_implementation_list():
@@ -61,7 +65,7 @@ def test_bench_runs_on_cpu_and_writes_a_row_per_implementation(tmp_path):
     rows = {row["implementation"]: row for row in report["results"]}
     assert list(rows) == list(IMPLEMENTATIONS)
 
-    for name in ("torch", "torch.compile", "chunked", "triton"):
+    for name in ("torch", "torch.compile", "chunked", "compiled", "triton"):
         row = rows[name]
         assert row["status"] == "ok", (name, row["note"])
         assert row["forward_ms"] > 0 and row["backward_ms"] > 0
@@ -72,12 +76,18 @@ def test_bench_runs_on_cpu_and_writes_a_row_per_implementation(tmp_path):
     assert rows["triton"]["size"] == [16, 8, 257] and "interpreter" in rows["triton"]["note"]
 
     # Same inputs, same loss; ratios are relative to the torch row.
-    for name in ("torch.compile", "chunked"):
+    for name in ("torch.compile", "chunked", "compiled"):
         assert math.isclose(rows[name]["loss"], rows["torch"]["loss"], rel_tol=1e-5)
         assert rows[name]["speedup_vs_torch"] > 0
+        assert rows[name]["loss_rel_error_vs_float64"] < 1e-5
+        assert rows[name]["first_call_ms"] > 0
+    assert math.isclose(report["float64_loss"], rows["torch"]["loss"], rel_tol=1e-5)
     assert rows["torch"]["speedup_vs_torch"] == 1.0
-    for name in ("liger", "liger.1pass", "cce"):
+    for name in ("liger", "cce"):
         assert rows[name]["status"] == "skipped" and "CUDA" in rows[name]["note"]
+    # Liger's chunked loss is plain PyTorch: it runs on the CPU where it is installed (the bench extra).
+    for name in ("liger.chunked", "liger.chunked.eager"):
+        assert rows[name]["status"] == "ok" or "not installed" in rows[name]["note"], rows[name]
 
 
 # Stand-ins for Liger-Kernel's modules (not installed here), written from its source (v0.8,
@@ -103,7 +113,9 @@ class FusedLinearJSD:  # a release without accum_dtype
 
 
 class FusedLinearJSDLoss:
-    def __init__(self, weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5, ignore_index=-100, temperature=1.0):
+    def __init__(
+        self, weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5, ignore_index=-100, temperature=1.0, compiled=True
+    ):
         assert beta == 0.0, "this stand-in implements only beta = 0 (forward KL)"
         self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
         self.ignore_index = ignore_index
@@ -134,6 +146,26 @@ def test_liger_rows_compute_the_same_sum_as_the_eager_loss(terms):
         single_pass = liger_single_pass_loss_fn(problem, FusedLinearJSDLoss)
         assert single_pass(inputs).item() == pytest.approx(expected, rel=1e-5)
         assert "beta=0" in single_pass.note
+
+
+def test_mix_problem_and_its_three_liger_calls():
+    # Thirds of 24 tokens: rows 0-7 forget (CE weight -1), 8-15 random answers (CE), 16-23 normal (KL only).
+    problem = Problem(24, 8, 97, "fp32", "cpu", "mix")
+    inputs = problem.make_inputs()
+    assert inputs["ce_weight"].tolist() == [-1.0] * 8 + [1.0] * 8 + [0.0] * 8
+    assert inputs["kl_weight"].tolist() == [0.0] * 16 + [1.0] * 8
+    logits = inputs["hidden"].detach() @ inputs["weight"].detach().T
+    log_probs = torch.log_softmax(logits, -1)
+    ref_log_probs = torch.log_softmax(inputs["ref_hidden"] @ inputs["ref_weight"].T, -1)
+    token_ce = -log_probs.gather(1, inputs["targets"][:, None])[:, 0]
+    token_kl = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1)
+    by_hand = -token_ce[:8].sum() + token_ce[8:16].sum() + token_kl[16:].sum()
+    assert eager_loss(**inputs).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert float64_loss(inputs) == pytest.approx(by_hand.item(), rel=1e-5)
+
+    three_calls = liger_mix_loss_fn(problem, FusedLinearJSDLoss, compiled=False)
+    assert three_calls(inputs).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert "three calls" in three_calls.note and "compiled=False" in three_calls.note
 
 
 def test_liger_release_without_accum_dtype_is_named_in_the_note():

@@ -1,4 +1,6 @@
-"""The ``torch`` and ``chunked`` backends of ``fused_linear_ce_kl`` against a float64 formula written here."""
+"""The ``torch``, ``chunked`` and ``compiled`` backends of ``fused_linear_ce_kl`` against a float64 formula written
+here. The compiled graphs are module globals of ``dsunlearn.kernels.compiled``: every test here shares them (one
+compilation per graph for the whole file, the chunk's row count being dynamic)."""
 
 import functools
 import math
@@ -6,19 +8,24 @@ import math
 import pytest
 import torch
 
+import dsunlearn.kernels.backends as backends
 import dsunlearn.kernels.ce_kl as ce_kl
 import dsunlearn.kernels.chunked as chunked
 from dsunlearn.kernels import fused_linear_ce_kl
 from dsunlearn.kernels.chunked import chunked_fused_linear_ce_kl
+from dsunlearn.kernels.compiled import compiled_fused_linear_ce_kl
 
 IGNORE_INDEX = -100
 
 # Each entry is called like the public function minus ``backend``. "chunked-5" forces several chunks
 # (with a partial last one and chunks mixing KL and non-KL rows); the default budget fits these shapes in one.
+# "compiled-5" likewise (its chunks stop at the boundary between rows without and with KL).
 IMPLEMENTATIONS = {
     "torch": functools.partial(fused_linear_ce_kl, backend="torch"),
     "chunked": functools.partial(fused_linear_ce_kl, backend="chunked"),
     "chunked-5": functools.partial(chunked_fused_linear_ce_kl, chunk_size=5),
+    "compiled": functools.partial(fused_linear_ce_kl, backend="compiled"),
+    "compiled-5": functools.partial(compiled_fused_linear_ce_kl, chunk_rows=5),
 }
 SHAPES = {"odd": (37, 1013, 19), "small": (6, 8, 4)}  # (N, V, H)
 
@@ -325,17 +332,27 @@ def test_backward_twice_with_retain_graph():
     torch.testing.assert_close(hidden.grad, 2 * first)
 
 
-def test_auto_backend_uses_chunked_on_cpu(monkeypatch):
+@pytest.mark.parametrize(
+    "vocab_size, dtype, expected",
+    [(2**16, torch.float32, "compiled"), (2**16, torch.bfloat16, "chunked"), (2**16 - 1, torch.float32, "chunked")],
+)
+def test_auto_backend_on_cpu_is_compiled_for_a_large_fp32_head_else_chunked(monkeypatch, vocab_size, dtype, expected):
+    # H = 64: 2^16 x 64 = 2^22 weights, COMPILE_MIN_HEAD_WEIGHTS; one vocabulary row fewer stays on chunked.
+    assert backends.COMPILE_MIN_HEAD_WEIGHTS == 2**16 * 64
     calls = []
 
-    def recording_chunked(*args, **kwargs):
-        calls.append(kwargs)
-        return chunked_fused_linear_ce_kl(*args, **kwargs)
+    def recording(name):
+        def record(hidden, *args, **kwargs):
+            calls.append((name, kwargs))
+            return hidden.sum()  # only the choice matters here
 
-    monkeypatch.setattr(ce_kl, "chunked_fused_linear_ce_kl", recording_chunked)
-    inputs = make_inputs(*SHAPES["small"], "both")
+        return record
+
+    monkeypatch.setattr(ce_kl, "chunked_fused_linear_ce_kl", recording("chunked"))
+    monkeypatch.setattr(ce_kl, "compiled_fused_linear_ce_kl", recording("compiled"))
+    inputs = make_inputs(4, vocab_size, 64, "ce", dtype=dtype)
     fused_linear_ce_kl(*inputs, softcap=3.0, backend="auto")
-    assert calls == [{"softcap": 3.0, "return_token_terms": False}]
+    assert calls == [(expected, {"softcap": 3.0, "return_token_terms": False})]
 
 
 def test_autocast_does_not_lower_precision():
