@@ -44,7 +44,7 @@ fused loss cannot carry it with weights fixed before the forward. Its gradient i
 CE gradients, dL/dtheta = sum_t (-dL/ds) grad CE_t, with one scalar per sequence evaluated at the current weights.
 So the head first computes every forget token's CE without a gradient (one extra head forward over the forget tokens
 only; never tokens x vocabulary), hence s_theta per sequence, then gives each forget token the weight
-    ce_weight = -c_s * dL/ds(s_theta)        npo: dL/ds = 2 sigmoid(b (s - s_ref));  simnpo: (2/n) sigmoid(b (s/n + delta))
+    ce_weight = -c_s * dL/ds(s_theta)    npo: dL/ds = 2 sigmoid(b (s - s_ref)),  simnpo: (2/n) sigmoid(b (s/n + delta))
 (c_s = e1 / B_f for "sequence_mean"; e1 * n_s * D / T for "token_mean", D and T as above: each sequence weighs by its
 tokens) and runs the one fused forward and backward with it: the gradient is exact. The value reported is the exact
 loss, sum_s c_s L(s), put in place of the fused loss's linear forget part with no gradient of its own
@@ -368,6 +368,14 @@ def _sequence_forget(objective: ObjectiveConfig, token_sequence: torch.Tensor, f
         token_sequence=token_sequence[:num_tokens], sequence_weight=sequence_weight, sequence_length=length,
         reference_sums=reference_sums,
     )
+
+
+def reference_reads(objective: ObjectiveConfig) -> tuple[bool, bool]:
+    """Which terms read the reference model: (the retain term's KL, on normal data every step or from the reference
+    cache; npo's s_ref, once before the loop). Neither: no reference engine is built (ga, graddiff, simnpo)."""
+    kl = objective.normal_weight > 0 and objective.retain_loss == "kl"
+    npo = objective.forget_weight > 0 and objective.forget_loss == "npo"
+    return kl, npo
 
 
 def term_token_counts(forget: Sequence, random: Sequence, normal: Sequence) -> torch.Tensor:

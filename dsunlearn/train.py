@@ -142,8 +142,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     # that reads it: the KL retain term, npo's s_ref (one pass, below) ----
     policy_engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     ref_engine = None
-    kl_term = step_data.use_normal and cfg.objective.retain_loss == "kl"
-    npo_term = step_data.use_forget and cfg.objective.forget_loss == "npo"
+    kl_term, npo_term = objective.reference_reads(cfg.objective)
     if (kl_term or npo_term) and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
         ref_ds_config = ds_config.build_reference_ds_config(policy_ds_config, cfg.model.reference_offload)
         ref_lm = engines.load_causal_lm(ref_ds_config, cfg, reference=True)

@@ -20,7 +20,14 @@ if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not N
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernel is decorated (test_triton_ce_kl)
 
 from dsunlearn.data.tokenization import TokenizedSequence  # noqa: E402
-from dsunlearn.objective import FORGET, NORMAL, RANDOM, SequenceForget, build_step_batch  # noqa: E402
+from dsunlearn.objective import (  # noqa: E402
+    FORGET,
+    NORMAL,
+    RANDOM,
+    SequenceForget,
+    build_step_batch,
+    reference_reads,
+)
 from dsunlearn.runtime.engines import _attach_fused_loss  # noqa: E402
 from dsunlearn.settings.config import ObjectiveConfig  # noqa: E402
 
@@ -31,7 +38,8 @@ VOCAB, HIDDEN = 61, 19
 
 
 def seq(prompt, response):
-    return TokenizedSequence(input_ids=list(prompt) + list(response), response_mask=[0] * len(prompt) + [1] * len(response))
+    return TokenizedSequence(input_ids=list(prompt) + list(response),
+                             response_mask=[0] * len(prompt) + [1] * len(response))
 
 
 def step_sequences(generator):
@@ -147,7 +155,8 @@ def test_loss_and_gradients_match_float64(forget_loss, retain_loss, reduction, l
     tolerance = TOLERANCE[dtype]
     assert loss.item() == pytest.approx(expected.item(), rel=tolerance, abs=tolerance * 1e-2)
     # every response token's CE comes back (the forget ones from the first pass), for the logged terms
-    expected_ce = -torch.log_softmax(hidden64.detach() @ weight64.detach().T, -1).gather(1, batch.targets[:, None])[:, 0]
+    log_probs = torch.log_softmax(hidden64.detach() @ weight64.detach().T, -1)  # [M, V]
+    expected_ce = -log_probs.gather(1, batch.targets[:, None])[:, 0]
     torch.testing.assert_close(token_ce.double(), expected_ce, rtol=tolerance, atol=tolerance)
     for name, got, want in (("hidden", hidden.grad, hidden64.grad), ("weight", head.weight.grad, weight64.grad)):
         scale = want.abs().max().item()
@@ -162,8 +171,8 @@ def test_token_weights_are_the_derivative_of_the_sequence_loss(loss_name):
     lengths = torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)
     term = SequenceForget(
         loss=loss_name, beta=0.1 if loss_name == "npo" else 4.5, delta=0.0 if loss_name == "npo" else 0.3,
-        num_tokens=6, token_sequence=token_sequence, sequence_weight=torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64),
-        sequence_length=lengths,
+        num_tokens=6, token_sequence=token_sequence, sequence_length=lengths,
+        sequence_weight=torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64),
         reference_sums=torch.tensor([-4.0, -1.0, -9.0], dtype=torch.float64) if loss_name == "npo" else None,
     )
     token_ce = torch.tensor([1.0, 2.5, 0.5, 3.0, 7.0, 0.25], dtype=torch.float64, requires_grad=True)
@@ -204,3 +213,23 @@ def test_settings_reject_bad_slot_values():
     assert any("npo_beta=0.0" in p for p in problems)
     assert any("simnpo_beta=-1.0" in p for p in problems)
     assert any("simnpo_delta=nan" in p for p in problems)
+
+
+@pytest.mark.parametrize("preset, reads", [("yao", (True, False)), ("ga", (False, False)),
+                                           ("graddiff", (False, False)), ("npo", (False, True)),
+                                           ("simnpo", (False, False))])
+def test_presets_set_the_slots_and_only_kl_and_npo_read_the_reference(preset, reads):
+    """Each bundled preset through the CLI's own parser (one --config flag), and which of them builds a reference."""
+    from dsunlearn.settings.config import parse_run_config
+
+    cfg, _ = parse_run_config(["--config", "configs/demo.yaml", "--config", f"configs/presets/{preset}.yaml",
+                               "--model.name_or_path", "unused/model"])
+    expected = {
+        "yao": ("ga", "kl", 0.5, 1.0, 1.0), "ga": ("ga", "nll", 1.0, 0.0, 0.0),
+        "graddiff": ("ga", "nll", 1.0, 0.0, 1.0), "npo": ("npo", "nll", 1.0, 0.0, 1.0),
+        "simnpo": ("simnpo", "nll", 0.125, 0.0, 1.0),
+    }[preset]
+    o = cfg.objective
+    assert (o.forget_loss, o.retain_loss, o.forget_weight, o.random_weight, o.normal_weight) == expected
+    assert (o.npo_beta, o.simnpo_beta, o.simnpo_delta) == (0.1, 4.5, 0.0)  # open-unlearning's NPO.yaml, SimNPO.yaml
+    assert reference_reads(o) == reads
