@@ -389,15 +389,18 @@ def term_sums(batch: StepBatch, token_ce: torch.Tensor, token_kl: torch.Tensor) 
     (forget CE, #forget, random CE, #random, normal KL, #normal, normal CE, #normal).
 
     These are the true, unweighted terms: the CE of forget and random responses, KL(p_ref || p_theta) and the CE of
-    normal responses, each averaged over a sequence's response tokens and then over sequences.
+    normal responses, each averaged over a sequence's response tokens and then over sequences. A batch without a KL
+    term (retain nll) counts no sequence for the KL: its mean is None, not 0.
     """
     num_sequences = batch.sequence_term.numel()
     length = batch.sequence_length.to(token_ce.device, torch.float32)
     sequence_ce = torch.zeros(num_sequences, device=token_ce.device).index_add_(0, batch.token_sequence, token_ce) / length
     sequence_kl = torch.zeros(num_sequences, device=token_kl.device).index_add_(0, batch.token_sequence, token_kl) / length
     sums = []
-    for term, values in ((FORGET, sequence_ce), (RANDOM, sequence_ce), (NORMAL, sequence_kl), (NORMAL, sequence_ce)):
-        of_term = batch.sequence_term.to(values.device) == term
+    has_kl = batch.kl_weight is not None
+    for term, values, measured in ((FORGET, sequence_ce, True), (RANDOM, sequence_ce, True),
+                                   (NORMAL, sequence_kl, has_kl), (NORMAL, sequence_ce, True)):
+        of_term = (batch.sequence_term.to(values.device) == term) & measured
         sums += [values[of_term].sum(), of_term.sum().to(values.dtype)]
     return torch.stack(sums)
 

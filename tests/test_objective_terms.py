@@ -233,3 +233,17 @@ def test_presets_set_the_slots_and_only_kl_and_npo_read_the_reference(preset, re
     assert (o.forget_loss, o.retain_loss, o.forget_weight, o.random_weight, o.normal_weight) == expected
     assert (o.npo_beta, o.simnpo_beta, o.simnpo_delta) == (0.1, 4.5, 0.0)  # open-unlearning's NPO.yaml, SimNPO.yaml
     assert reference_reads(o) == reads
+
+
+def test_a_run_without_the_kl_term_logs_no_normal_kl():
+    from dsunlearn.objective import term_means, term_sums
+
+    generator = torch.Generator().manual_seed(1)
+    forget, _, normal = step_sequences(generator)
+    batch = build_step_batch(forget, [], normal, pad_id=0,
+                             objective=ObjectiveConfig(retain_loss="nll", random_weight=0.0))
+    token_ce = torch.rand(batch.targets.numel(), generator=generator)
+    means = term_means(term_sums(batch, token_ce, torch.zeros_like(token_ce)))
+    assert means["normal_kl"] is None and means["random_ce"] is None
+    normal_sequence_ce = [float(token_ce[batch.token_sequence == i].mean()) for i in (3, 4)]
+    assert means["normal_ce"] == pytest.approx(sum(normal_sequence_ce) / 2)
