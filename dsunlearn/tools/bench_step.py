@@ -216,9 +216,13 @@ def summarise(name: str, processes: int, steps: list[dict], warmup: int, flops_p
 
 
 def run_case(case: Case, work_dir: Path, preset: Preset, warmup: int, ranks: int, rate: float,
-             methods: tuple = ()) -> dict:
-    """The three runs of one case, checked for the same work, with ratios to the paper loop; then the method rows."""
+             methods: tuple = (), methods_only: bool = False) -> dict:
+    """The three runs of one case, checked for the same work, with ratios to the paper loop; then the method rows
+    (``methods_only``: those alone)."""
     case_dir = work_dir / case.name.replace(" ", "_").replace("=", "")
+    if methods_only:
+        return {"case": case.name, "vocab_size": case.vocab_size, "lengths": case.profile,
+                "rows": method_rows(case, case_dir, methods, warmup, rate)}
     paper_steps = run_paper(case, case_dir / "paper")
     flops = [s["flops"] for s in paper_steps]
     rows = [summarise("paper", 1, paper_steps, warmup, flops, rate)]
@@ -353,6 +357,11 @@ def parse_args(argv=None):
     parser.add_argument("--ranks", type=int, help="ranks of the multi-rank run (default: the preset's)")
     parser.add_argument("--methods", nargs="*", choices=("ga", "graddiff", "npo", "simnpo"),
                         help="presets run on 1 process against graddiff (default: the preset's; none: no such rows)")
+    parser.add_argument("--methods-only", action="store_true",
+                        help="only the method rows (graddiff and --methods), no paper loop or yao runs")
+    parser.add_argument("--vocab-sizes", type=int, nargs="+", help="these of the preset's vocabularies (default: all)")
+    parser.add_argument("--profiles", nargs="+", choices=("equal", "realistic"),
+                        help="these length profiles (default: the preset's)")
     parser.add_argument("--paper-worker", help=argparse.SUPPRESS)  # internal: the paper loop's subprocess
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -370,6 +379,8 @@ def main(argv=None) -> dict:
     methods = preset.methods if args.methods is None else tuple(args.methods)
     if not 0 <= warmup < steps:
         raise SystemExit(f"--warmup {warmup} must leave at least one of the {steps} steps")
+    if args.methods_only and not methods:
+        raise SystemExit("--methods-only needs methods (--methods npo simnpo)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from dsunlearn.runtime.engines import PRECISION_DTYPES
 
@@ -388,12 +399,12 @@ def main(argv=None) -> dict:
     }
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.out / "runs" if args.out else Path(scratch)
-        for vocab_size in preset.vocab_sizes:
+        for vocab_size in args.vocab_sizes or preset.vocab_sizes:
             model_dir = build_model(work_dir / f"model_V{vocab_size}", preset, vocab_size)
-            for profile in preset.length_profiles:
+            for profile in args.profiles or preset.length_profiles:
                 forget, normal = write_data(work_dir / f"data_{profile}", preset, profile)
                 case = Case(args.preset, vocab_size, profile, str(model_dir), str(forget), str(normal), steps)
-                cases.append(run_case(case, work_dir, preset, warmup, ranks, rate, methods))
+                cases.append(run_case(case, work_dir, preset, warmup, ranks, rate, methods, args.methods_only))
                 print(f"done: {case.name}", file=sys.stderr, flush=True)
                 if args.out:  # after every case, so a later failure keeps the cases done
                     write_result(args.out, result)
