@@ -172,8 +172,6 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     # original's side measured once, while the reference is alive (eval_during.py) ----
     during = eval_during.DuringTraining.start(cfg, tokenizer, policy_engine, ref_engine, rank, world_size, start_step,
                                               device)
-    # ---- the reference cache: the reference's rows of every normal example, computed once (or reused from disk);
-    # the reference model is then freed but its head (reference_cache.py) ----
     # ---- npo: s_ref(y) of every forget training sequence, one pass of the reference (recomputed on resume: never in
     # a checkpoint); the reference is then freed whole unless the KL term reads it ----
     forget_reference = None
@@ -186,6 +184,8 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
         if ref_engine is not None and not kl_term:
             reference_cache.free_reference(ref_engine)
             ref_engine = None
+    # ---- the reference cache: the reference's rows of every normal example, computed once (or reused from disk);
+    # the reference model is then freed but its head (reference_cache.py) ----
     ref_cache = None
     if kl_term:
         # The rows are what the reference's head reads: its input width, not config.hidden_size (OPT projects first).
