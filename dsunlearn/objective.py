@@ -12,10 +12,25 @@ their response tokens, in that order:
     padded  one forward per term (forget, random, normal), each padded to its own longest sequence, as in the authors'
             loop: for models where packing is not exact. The number of forwards is the number of terms in use, fixed
             by the settings, so every rank runs the same modules the same number of times (ZeRO-3).
-The reference reads the normal sequences in its own model's layout. Each response token gets
+The reference reads the normal sequences in its own model's layout.
+
+The objective has three slots (settings ObjectiveConfig; presets in configs/presets/):
+    forget  objective.forget_loss   ga      -CE                                                   (Yao et al.)
+                                    npo     -(2/b) log sigmoid(-b (s_theta(y) - s_ref(y))), b = npo_beta
+                                    simnpo  -(2/b) log sigmoid(b (-s_theta(y)/n(y) - delta)), b = simnpo_beta
+    random  Yao et al.'s CE on random answers to forget prompts (random_weight 0: off)
+    normal  objective.retain_loss   kl      forward KL(reference || model) per token                (Yao et al.)
+                                    nll     CE                                                  (GradDiff, NPO)
+with s(y) the summed log-likelihood of a forget answer's tokens (s = -sum_t CE_t) and n(y) their count: open-
+unlearning's formulas (src/trainer/utils.py compute_dpo_loss, src/trainer/unlearn/simnpo.py): sums, 2/b scaling.
+presets  yao (ga + random + kl), ga (ga alone), graddiff (ga + nll), npo (npo + nll), simnpo (simnpo + nll; forget
+weight 0.125 against 1, open-unlearning's configs/trainer/SimNPO.yaml).
+
+Each response token gets
     forget  ce_weight = -e1 / (n_s * B_f)          (gradient ascent)
     random  ce_weight = +e2 / (n_s * B_f * K)
-    normal  kl_weight = +e3 / (n_s * B_n)          (forward KL to the reference)
+    normal  kl_weight = +e3 / (n_s * B_n)          (retain kl: forward KL to the reference)
+            ce_weight = +e3 / (n_s * B_n)          (retain nll: no reference)
 with n_s the response tokens of its sequence and B the sequences of its term in this micro-batch ("sequence_mean":
 mean over a sequence's response tokens, then over sequences, as in the authors' code). DeepSpeed averages gradients
 over ranks and micro-steps, and every micro-batch holds the same number of sequences, so that mean of means is the
@@ -23,6 +38,18 @@ mean over the whole accumulated step.
 "token_mean" instead gives each response token e / T, T the term's response tokens of the whole accumulated step
 (summed over ranks and micro-steps), times the number of micro-batches DeepSpeed averages over (ranks x micro-steps),
 to undo that average. Prompt and padding positions get no weight at all.
+
+npo and simnpo are not linear in the token CEs: a forget sequence's loss L(s) is a function of its sum s, so the
+fused loss cannot carry it with weights fixed before the forward. Its gradient is still a weighted sum of the tokens'
+CE gradients, dL/dtheta = sum_t (-dL/ds) grad CE_t, with one scalar per sequence evaluated at the current weights.
+So the head first computes every forget token's CE without a gradient (one extra head forward over the forget tokens
+only; never tokens x vocabulary), hence s_theta per sequence, then gives each forget token the weight
+    ce_weight = -c_s * dL/ds(s_theta)    npo: dL/ds = 2 sigmoid(b (s - s_ref)),  simnpo: (2/n) sigmoid(b (s/n + delta))
+(c_s = e1 / B_f for "sequence_mean"; e1 * n_s * D / T for "token_mean", D and T as above: each sequence weighs by its
+tokens) and runs the one fused forward and backward with it: the gradient is exact. The value reported is the exact
+loss, sum_s c_s L(s), put in place of the fused loss's linear forget part with no gradient of its own
+(``SequenceForget.exact_loss``). s_ref(y) is a constant of the run: computed once for every forget training sequence
+in the reference cache pass (runtime/reference_cache.forget_reference_sums), after which no reference model is held.
 """
 
 from __future__ import annotations
@@ -70,11 +97,70 @@ class StepBatch:
     num_tokens: int  # real tokens the policy processes
     num_positions: int  # positions the policy processes: real tokens and padding
     normal_indices: tuple[int, ...] = ()  # [B_n] each normal sequence's index in the normal set (the reference cache)
+    sequence_forget: Optional["SequenceForget"] = None  # the npo/simnpo forget term; None for ga (linear weights)
 
     def to(self, device: torch.device) -> "StepBatch":
         moved = {k: v.to(device) if isinstance(v, (torch.Tensor, Segment)) else v for k, v in vars(self).items()}
         moved["segments"] = [segment.to(device) for segment in self.segments]
+        if self.sequence_forget is not None:
+            moved["sequence_forget"] = self.sequence_forget.to(device)
         return StepBatch(**moved)
+
+
+@dataclass
+class SequenceForget:
+    """A forget term that is a function of each forget sequence's summed log-likelihood s(y) (npo, simnpo) for one
+    micro-batch: its forget tokens are the batch's first ``num_tokens`` (forget sequences come first).
+
+    ``token_weights`` turns the first pass's per-token CE into the fused loss's ce_weight of those tokens (the
+    derivative of the term at the current weights, module docstring), and ``exact_loss`` makes the reported value the
+    term's own while the gradient stays the fused loss's.
+    """
+
+    loss: str  # "npo" or "simnpo"
+    beta: float
+    delta: float  # simnpo's margin (0 for npo)
+    num_tokens: int  # M_f: the forget tokens, the first M_f of the batch's M
+    token_sequence: torch.Tensor  # [M_f] int64: the forget sequence (0 .. B_f-1) of each forget token
+    sequence_weight: torch.Tensor  # [B_f] float64 c_s >= 0: the reduction's weight of each sequence's loss
+    sequence_length: torch.Tensor  # [B_f] float64 n(y): response tokens of each forget sequence
+    reference_sums: Optional[torch.Tensor]  # [B_f] float64 s_ref(y), npo only
+
+    def to(self, device: torch.device) -> "SequenceForget":
+        return SequenceForget(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+
+    def sums(self, token_ce: torch.Tensor) -> torch.Tensor:
+        """s(y) = -sum_t CE_t per forget sequence, [B_f] float64, from the forget tokens' CE [M_f]."""
+        summed = torch.zeros(self.sequence_weight.shape[0], dtype=torch.float64, device=token_ce.device)
+        return -summed.index_add_(0, self.token_sequence, token_ce.to(torch.float64))
+
+    def _argument(self, sums: torch.Tensor) -> torch.Tensor:
+        """x with L = -(2/b) log sigmoid(x): npo x = -b (s - s_ref), simnpo x = b (-s/n - delta); [B_f]."""
+        if self.loss == "npo":
+            return -self.beta * (sums - self.reference_sums)
+        return self.beta * (-sums / self.sequence_length - self.delta)
+
+    def sequence_losses(self, token_ce: torch.Tensor) -> torch.Tensor:
+        """L(y) per forget sequence, [B_f] float64."""
+        return -2.0 / self.beta * torch.nn.functional.logsigmoid(self._argument(self.sums(token_ce)))
+
+    def token_weights(self, token_ce: torch.Tensor) -> torch.Tensor:
+        """The forget tokens' ce_weight, [M_f] fp32: -c_s dL/ds at s = s_theta (dL/dCE_t = -dL/ds, as s = -sum CE).
+        L = -(2/b) log sigmoid(x) gives dL/ds = (2/b) sigmoid(-x) (-dx/ds), with -dx/ds = b (npo) or b/n (simnpo)."""
+        slope = torch.sigmoid(-self._argument(self.sums(token_ce)))
+        derivative = 2.0 * slope if self.loss == "npo" else 2.0 * slope / self.sequence_length
+        return (-self.sequence_weight * derivative)[self.token_sequence].to(torch.float32)
+
+    def exact_loss(self, fused_loss: torch.Tensor, forget_ce: torch.Tensor, token_ce: torch.Tensor,
+                   ce_weight: torch.Tensor) -> torch.Tensor:
+        """``fused_loss``, whose forget part is the linear sum_t ce_weight_t CE_t over the first pass's weights, with
+        that part replaced, in value only, by the term's own sum_s c_s L(s): the gradient stays ``fused_loss``'s,
+        exact by construction of the weights. ``forget_ce`` [M_f]: the first pass's CE; ``token_ce`` and
+        ``ce_weight`` [M]: the fused pass's (a token whose weight underflowed to 0 has no CE there)."""
+        fused_forget = token_ce[:self.num_tokens].detach().to(torch.float64)
+        linear = (ce_weight[:self.num_tokens].detach().to(torch.float64) * fused_forget).sum()
+        exact = (self.sequence_weight * self.sequence_losses(forget_ce.detach())).sum()
+        return fused_loss + (exact - linear).to(fused_loss.dtype)
 
 
 def response_positions(response_mask: torch.Tensor, input_ids: torch.Tensor):
@@ -196,6 +282,7 @@ def build_step_batch(
     micro_batches_per_step: int = 1,
     layout: str = PACKED,
     ref_layout: str = PACKED,
+    forget_reference_sums: Optional[torch.Tensor] = None,
 ) -> StepBatch:
     """The [forget; random; normal] tokenised sequences (objects with ``input_ids`` and ``response_mask`` lists) in the
     policy's ``layout`` (and the normal ones in the reference's ``ref_layout``), with the objective's per-token weights.
@@ -203,6 +290,7 @@ def build_step_batch(
     ``token_mean`` only: ``step_term_tokens`` [3] holds each term's response tokens in the whole optimizer step
     (every rank's and micro-step's, see :func:`term_token_counts`), and ``micro_batches_per_step`` the number of
     micro-batches DeepSpeed averages the gradient over (world size x gradient accumulation steps).
+    ``forget_reference_sums`` [B_f]: s_ref(y) of each forget sequence, for ``forget_loss: npo``.
     """
     sequences = list(forget) + list(random) + list(normal)
     terms = [FORGET] * len(forget) + [RANDOM] * len(random) + [NORMAL] * len(normal)
@@ -223,15 +311,21 @@ def build_step_batch(
             raise ValueError("token_mean needs each term's response-token count of the whole step")
         step_tokens = step_term_tokens.clamp(min=1).to(torch.float32)[token_term]
         weight = epsilon[token_term] * micro_batches_per_step / step_tokens
+    sequence_forget = None
+    if forget and objective.forget_loss != "ga":
+        sequence_forget = _sequence_forget(objective, token_sequence, sequence_length[:len(forget)],
+                                           forget_reference_sums, step_term_tokens, micro_batches_per_step)
     weight = weight.to(torch.float32)
     is_normal = token_term == NORMAL
-    ce_weight = torch.where(is_normal, torch.zeros_like(weight), weight)
-
     kl_weight = ref_segment = None
-    if normal:
-        kl_weight = torch.where(is_normal, weight, torch.zeros_like(weight))
-        # The reference sees only the normal sequences: one segment in either layout.
-        (ref_segment,), _, _ = lay_out([normal], ref_layout, pad_id)
+    if objective.retain_loss == "kl":
+        ce_weight = torch.where(is_normal, torch.zeros_like(weight), weight)
+        if normal:
+            kl_weight = torch.where(is_normal, weight, torch.zeros_like(weight))
+            # The reference sees only the normal sequences: one segment in either layout.
+            (ref_segment,), _, _ = lay_out([normal], ref_layout, pad_id)
+    else:  # nll: the normal tokens' CE, with the same weights; no reference
+        ce_weight = weight
     return StepBatch(
         segments=segments,
         targets=targets,
@@ -243,7 +337,45 @@ def build_step_batch(
         ref_segment=ref_segment,
         num_tokens=sum(len(sequence) for sequence in sequences),
         num_positions=sum(segment.input_ids.numel() for segment in segments),
+        sequence_forget=sequence_forget,
     )
+
+
+def _sequence_forget(objective: ObjectiveConfig, token_sequence: torch.Tensor, forget_length: torch.Tensor,
+                     reference_sums: Optional[torch.Tensor], step_term_tokens: Optional[torch.Tensor],
+                     micro_batches_per_step: int) -> SequenceForget:
+    """The npo/simnpo term of a batch whose first B_f sequences (``forget_length`` [B_f]: their response tokens) are
+    its forget sequences. c_s, the weight of a sequence's loss, in float64: e1 / B_f ("sequence_mean"), or e1 n_s D / T
+    ("token_mean": T the step's forget tokens, D its micro-batches), the sum of the linear weights of its tokens."""
+    num_forget = forget_length.shape[0]
+    if objective.forget_loss == "npo":
+        if reference_sums is None or reference_sums.shape != (num_forget,):
+            raise ValueError(f"forget_loss npo needs s_ref of each of the {num_forget} forget sequences")
+        reference_sums = reference_sums.to(torch.float64)
+        beta, delta = objective.npo_beta, 0.0
+    else:
+        reference_sums = None
+        beta, delta = objective.simnpo_beta, objective.simnpo_delta
+    length = forget_length.to(torch.float64)
+    if objective.reduction == "sequence_mean":
+        sequence_weight = torch.full((num_forget,), objective.forget_weight / num_forget, dtype=torch.float64)
+    else:
+        step_tokens = max(int(step_term_tokens[FORGET]), 1)
+        sequence_weight = objective.forget_weight * micro_batches_per_step * length / step_tokens
+    num_tokens = int(forget_length.sum())  # the forget tokens come first
+    return SequenceForget(
+        loss=objective.forget_loss, beta=beta, delta=delta, num_tokens=num_tokens,
+        token_sequence=token_sequence[:num_tokens], sequence_weight=sequence_weight, sequence_length=length,
+        reference_sums=reference_sums,
+    )
+
+
+def reference_reads(objective: ObjectiveConfig) -> tuple[bool, bool]:
+    """Which terms read the reference model: (the retain term's KL, on normal data every step or from the reference
+    cache; npo's s_ref, once before the loop). Neither: no reference engine is built (ga, graddiff, simnpo)."""
+    kl = objective.normal_weight > 0 and objective.retain_loss == "kl"
+    npo = objective.forget_weight > 0 and objective.forget_loss == "npo"
+    return kl, npo
 
 
 def term_token_counts(forget: Sequence, random: Sequence, normal: Sequence) -> torch.Tensor:
@@ -257,15 +389,18 @@ def term_sums(batch: StepBatch, token_ce: torch.Tensor, token_kl: torch.Tensor) 
     (forget CE, #forget, random CE, #random, normal KL, #normal, normal CE, #normal).
 
     These are the true, unweighted terms: the CE of forget and random responses, KL(p_ref || p_theta) and the CE of
-    normal responses, each averaged over a sequence's response tokens and then over sequences.
+    normal responses, each averaged over a sequence's response tokens and then over sequences. A batch without a KL
+    term (retain nll) counts no sequence for the KL: its mean is None, not 0.
     """
     num_sequences = batch.sequence_term.numel()
     length = batch.sequence_length.to(token_ce.device, torch.float32)
     sequence_ce = torch.zeros(num_sequences, device=token_ce.device).index_add_(0, batch.token_sequence, token_ce) / length
     sequence_kl = torch.zeros(num_sequences, device=token_kl.device).index_add_(0, batch.token_sequence, token_kl) / length
     sums = []
-    for term, values in ((FORGET, sequence_ce), (RANDOM, sequence_ce), (NORMAL, sequence_kl), (NORMAL, sequence_ce)):
-        of_term = batch.sequence_term.to(values.device) == term
+    has_kl = batch.kl_weight is not None
+    for term, values, measured in ((FORGET, sequence_ce, True), (RANDOM, sequence_ce, True),
+                                   (NORMAL, sequence_kl, has_kl), (NORMAL, sequence_ce, True)):
+        of_term = (batch.sequence_term.to(values.device) == term) & measured
         sums += [values[of_term].sum(), of_term.sum().to(values.dtype)]
     return torch.stack(sums)
 

@@ -115,6 +115,7 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
                 slot.forget, slot.random, slot.normal, step_data.pad_id, cfg.objective, step_term_tokens,
                 world_size * gas, layout=policy_engine.module.packing,
                 ref_layout=(ref_engine or policy_engine).module.packing,  # both probed when built (below)
+                forget_reference_sums=None if forget_reference is None else forget_reference[slot.forget_indices],
             )
             batch.normal_indices = tuple(slot.normal_indices)  # the reference cache's rows of this batch
             step_timer.count_sequences(slot.forget + slot.random + slot.normal, batch.num_positions)
@@ -137,10 +138,12 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     watchdog.agree_on_inputs()
     run_folder.claim(resolved_yaml, run_shape)
 
-    # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded ----
+    # ---- engines: the trained model and the frozen reference, both ZeRO-3 sharded. The reference only for a term
+    # that reads it: the KL retain term, npo's s_ref (one pass, below) ----
     policy_engine = engines.build_policy_engine(engines.load_causal_lm(policy_ds_config, cfg), cfg, policy_ds_config)
     ref_engine = None
-    if step_data.use_normal and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
+    kl_term, npo_term = objective.reference_reads(cfg.objective)
+    if (kl_term or npo_term) and cfg.model.lora_rank == 0:  # with LoRA the policy engine, adapters off, is the reference
         ref_ds_config = ds_config.build_reference_ds_config(policy_ds_config, cfg.model.reference_offload)
         ref_lm = engines.load_causal_lm(ref_ds_config, cfg, reference=True)
         ref_engine = engines.build_reference_engine(ref_lm, cfg, ref_ds_config)
@@ -169,10 +172,22 @@ def train(cfg: RunConfig, resolved_yaml: str, watchdog: distributed.Watchdog) ->
     # original's side measured once, while the reference is alive (eval_during.py) ----
     during = eval_during.DuringTraining.start(cfg, tokenizer, policy_engine, ref_engine, rank, world_size, start_step,
                                               device)
+    # ---- npo: s_ref(y) of every forget training sequence, one pass of the reference (recomputed on resume: never in
+    # a checkpoint); the reference is then freed whole unless the KL term reads it ----
+    forget_reference = None
+    if npo_term:
+        started = time.perf_counter()
+        forget_reference = reference_cache.forget_reference_sums(step_data, policy_engine, ref_engine, device)
+        if is_main:
+            logger.info("npo: s_ref of %d forget training sequences from one pass of the reference (%.1f s)",
+                        forget_reference.numel(), time.perf_counter() - started)
+        if ref_engine is not None and not kl_term:
+            reference_cache.free_reference(ref_engine)
+            ref_engine = None
     # ---- the reference cache: the reference's rows of every normal example, computed once (or reused from disk);
     # the reference model is then freed but its head (reference_cache.py) ----
     ref_cache = None
-    if step_data.use_normal:
+    if kl_term:
         # The rows are what the reference's head reads: its input width, not config.hidden_size (OPT projects first).
         # With LoRA the policy is the reference.
         ref_width = engines.head_input_width((ref_engine or policy_engine).module.lm)
@@ -321,6 +336,8 @@ def forward_loss(policy_engine, ref_engine, batch: objective.StepBatch,
     has no adapter) is shared.
     """
     loss_inputs = {"targets": batch.targets, "ce_weight": batch.ce_weight}
+    if batch.sequence_forget is not None:  # npo/simnpo: the head weighs the forget tokens after a first pass
+        loss_inputs["sequence_forget"] = batch.sequence_forget
     if batch.kl_weight is not None and ref_cache is not None:
         ref_rows = _pad_reference_rows(ref_cache.rows_of(batch.normal_indices, batch.targets.device), batch)
         loss_inputs.update({"ref_hidden": ref_rows, "kl_weight": batch.kl_weight})

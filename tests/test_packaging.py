@@ -55,6 +55,9 @@ found = {"package": dsunlearn.__file__, "default": str(resolve_path(RunConfig().
 for name in ("demo", "opt-1.3b-harmful", "llama-3-8b-offload"):
     cfg, _ = parse_run_config(["--config", f"configs/{name}.yaml", "--model.name_or_path", "org/model"])
     found[name] = str(resolve_path(cfg.train.deepspeed_config))
+cfg, _ = parse_run_config(["--config", "configs/demo.yaml", "--config", "configs/presets/npo.yaml",
+                           "--model.name_or_path", "org/model"])
+found["preset npo"] = cfg.objective.forget_loss
 print(json.dumps(found))
 """
     done = run_installed(installed, "-c", probe)
@@ -67,6 +70,7 @@ print(json.dumps(found))
         "demo": str(package / "ds_configs" / "zero3.json"),
         "opt-1.3b-harmful": str(package / "ds_configs" / "zero3.json"),
         "llama-3-8b-offload": str(package / "ds_configs" / "zero3_offload.json"),
+        "preset npo": "npo",  # configs/presets/ travels in the wheel
     }
 
 

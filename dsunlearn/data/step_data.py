@@ -31,6 +31,7 @@ class SlotSequences:
     random: list  # [B_f * K]: the K random answers of each forget prompt, prompt by prompt
     normal: list  # [B_n]
     normal_indices: list[int]  # [B_n] index of each normal sequence in ``StepData.normal_sequences``
+    forget_indices: list[int]  # [B_f] index of each forget sequence in ``StepData.forget_sequences`` (npo's s_ref)
 
 
 class StepData:
@@ -129,7 +130,8 @@ class StepData:
             ]
         normal_indices = list(self.normal_sampler.indices(step, rank, micro)) if self.use_normal else []
         normal = [self.normal_sequences[i] for i in normal_indices]
-        return SlotSequences(forget, random_sequences, normal, normal_indices)
+        return SlotSequences(forget, random_sequences, normal, normal_indices,
+                             list(forget_indices) if self.use_forget else [])
 
 
 def _load_pairs(name: str, spec: DatasetSpec) -> list:

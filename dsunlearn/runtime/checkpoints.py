@@ -106,6 +106,13 @@ def fsync_tree(path: Path) -> None:
 
 # ---- what a checkpoint records about the run that wrote it ----
 
+# Settings added after checkpoints were first written, with the value that such an older checkpoint's run had: its
+# fingerprint lacks them, and a run resuming it with that value continues the same objective.
+ADDED_SETTINGS = {
+    "objective.forget_loss": "ga", "objective.retain_loss": "kl", "objective.npo_beta": 0.1,
+    "objective.simnpo_beta": 4.5, "objective.simnpo_delta": 0.0,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class RunShape:
@@ -139,7 +146,8 @@ class RunShape:
         """Why a checkpoint written by a run of shape ``saved`` cannot continue as this run: one line per setting."""
         found = []
         for name in sorted(name for name in set(self.fingerprint) | set(saved.fingerprint) if _fixed_on_resume(name)):
-            before, now = saved.fingerprint.get(name, "<absent>"), self.fingerprint.get(name, "<absent>")
+            before = saved.fingerprint.get(name, ADDED_SETTINGS.get(name, "<absent>"))
+            now = self.fingerprint.get(name, "<absent>")
             if before != now:
                 found.append(f"{name}: the checkpoint has {before!r}, this run {now!r}")
         for term, before, now in zip(("forget", "normal"), saved.global_batches(), self.global_batches()):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsunlearn.kernels import torch_ce_kl_from_logits
-from dsunlearn.objective import PACKED, PADDED, VARLEN, Segment, pack_sequences
+from dsunlearn.objective import PACKED, PADDED, VARLEN, Segment, SequenceForget, pack_sequences
 from dsunlearn.settings.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,19 @@ class UnlearningModel(nn.Module):
             ])  # [M, V]
             if mode == "logits":
                 return logits
-            return torch_ce_kl_from_logits(logits, **loss_inputs, return_token_terms=True)
+            sequence_forget = loss_inputs.pop("sequence_forget", None)
+            if sequence_forget is None:
+                return torch_ce_kl_from_logits(logits, **loss_inputs, return_token_terms=True)
+            forget_logits = logits[:sequence_forget.num_tokens].detach()  # [M_f, V]
+            first_pass = torch_ce_kl_from_logits(
+                forget_logits, loss_inputs["targets"][:sequence_forget.num_tokens],
+                torch.ones(forget_logits.shape[0], device=logits.device), return_token_terms=True,
+            )
+            return with_sequence_forget(
+                sequence_forget, first_pass[1], loss_inputs.pop("ce_weight"),
+                lambda ce_weight: torch_ce_kl_from_logits(logits, ce_weight=ce_weight, **loss_inputs,
+                                                          return_token_terms=True),
+            )
         hidden = torch.cat([
             _selected(self.lm.base_model(**segment.model_inputs(), use_cache=False)[0], segment) for segment in segments
         ])  # [M, H]
@@ -312,6 +324,20 @@ class UnlearningModel(nn.Module):
         if mode == "loss":
             return self.lm.get_output_embeddings()(hidden, **loss_inputs)
         raise ValueError(f"unknown mode {mode!r}")
+
+
+def with_sequence_forget(sequence_forget: SequenceForget, forget_ce: torch.Tensor, ce_weight: torch.Tensor,
+                         fused) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of a batch whose forget term is npo or simnpo (objective.SequenceForget), given the first pass's CE of
+    its forget tokens, ``forget_ce`` [M_f] (no gradient): the forget tokens' ``ce_weight`` [M] replaced by the term's
+    derivative there, ``fused(ce_weight)`` (the one fused forward, returning ``(loss, token_ce, token_kl)``) run with
+    them, its value made the term's own. The forget tokens' CE returned is the first pass's, so the logged forget CE
+    is right even where a weight underflowed to 0."""
+    num_forget = sequence_forget.num_tokens
+    ce_weight = torch.cat([sequence_forget.token_weights(forget_ce).to(ce_weight.dtype), ce_weight[num_forget:]])
+    loss, token_ce, token_kl = fused(ce_weight)
+    loss = sequence_forget.exact_loss(loss, forget_ce, token_ce, ce_weight)
+    return loss, torch.cat([forget_ce.to(token_ce.dtype), token_ce[num_forget:]]), token_kl
 
 
 def _selected(states: torch.Tensor, segment: Segment) -> torch.Tensor:
@@ -330,7 +356,8 @@ def _attach_fused_loss(head: nn.Linear, softcap: Optional[float], backend: str) 
 
     from dsunlearn.kernels import fused_linear_ce_kl
 
-    def forward(self, hidden, targets=None, ce_weight=None, ref_hidden=None, ref_head=None, kl_weight=None):
+    def forward(self, hidden, targets=None, ce_weight=None, ref_hidden=None, ref_head=None, kl_weight=None,
+                sequence_forget=None):
         if targets is None:
             return F.linear(hidden, self.weight)
         # LoRA passes no reference head: the reference is this model with its adapters off, and the head has none.
@@ -338,10 +365,24 @@ def _attach_fused_loss(head: nn.Linear, softcap: Optional[float], backend: str) 
         gathered = [ref_head.weight] if ref_head is not None and kl_weight is not None else []
         with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=bool(gathered)):
             ref_weight = ref_weight_owner.weight.detach() if kl_weight is not None else None
-            return fused_linear_ce_kl(
-                hidden, self.weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight,
-                softcap=softcap, backend=backend, return_token_terms=True,
-            )
+
+            def fused(weights):
+                return fused_linear_ce_kl(
+                    hidden, self.weight, targets, weights, ref_hidden, ref_weight, kl_weight,
+                    softcap=softcap, backend=backend, return_token_terms=True,
+                )
+
+            if sequence_forget is None:
+                return fused(ce_weight)
+            # npo/simnpo: the forget tokens' CE at the current weights first, one head forward over them alone
+            num_forget = sequence_forget.num_tokens
+            with torch.no_grad():
+                _, forget_ce, _ = fused_linear_ce_kl(
+                    hidden[:num_forget].detach(), self.weight.detach(), targets[:num_forget],
+                    torch.ones(num_forget, device=hidden.device), softcap=softcap, backend=backend,
+                    return_token_terms=True,
+                )
+            return with_sequence_forget(sequence_forget, forget_ce, ce_weight, fused)
 
     head.forward = types.MethodType(forward, head)
 
@@ -509,13 +550,15 @@ def build_reference_engine(lm: nn.Module, cfg: RunConfig, ds_config: dict):
     return engine
 
 
-def release_all_but_head(engine) -> nn.Module:
+def release_all_but_head(engine, keep_head: bool = True) -> nn.Module:
     """Free a reference engine's parameters except its output head's, end the engine (its hooks) and return the head:
     a ZeRO-3 shard still, which ``GatheredParameters`` gathers without the engine. For a reference whose rows are
-    cached (reference_cache.py): nothing but the fused loss reads it again."""
+    cached (reference_cache.py): nothing but the fused loss reads it again. ``keep_head=False`` frees the head too
+    (nothing reads the reference again; the module returned then holds no weights)."""
     lm = engine.module.lm
     head = lm.get_output_embeddings()
-    kept = {id(param) for param in head.parameters()}  # tied embeddings: the embedding is the head's weight
+    # tied embeddings: the embedding is the head's weight
+    kept = {id(param) for param in head.parameters()} if keep_head else set()
     for param in lm.parameters():
         if id(param) in kept:
             continue

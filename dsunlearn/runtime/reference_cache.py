@@ -16,6 +16,12 @@ whose key, size or checksum does not match is rebuilt, never read; the checks an
 descriptor, so a file replaced meanwhile is never mapped unchecked. A killed build's temp file is removed by the next
 run (the writer holds a lock on it while it lives). Checkpoints never hold the cache (it lives outside
 ``output.dir/checkpoints``): a resumed run reuses or rebuilds it.
+
+``objective.forget_loss: npo`` needs one more constant of the run from the reference: s_ref(y), the summed
+log-likelihood of each forget training answer, one scalar per sequence (``forget_reference_sums``). It is computed in
+the same way, one sharded pass over the forget training set at start (every run, a resumed one too: a few forwards,
+never in a checkpoint), and the reference model is then freed whole where no KL term needs its head
+(``free_reference``): an NPO run holds no reference model and runs no reference forward in its loop.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 from torch import nn
 
 from dsunlearn import objective
+from dsunlearn.kernels import fused_linear_ce_kl, torch_ce_kl_from_logits
 from dsunlearn.runtime import engines
 from dsunlearn.settings.config import RunConfig, names_a_local_path, parse_size
 
@@ -230,6 +237,61 @@ def share_rows(local_rows: torch.Tensor, rows_per_rank: list[int], hidden_size: 
             torch.distributed.broadcast(buffer.contiguous().view(torch.uint8), source)
             sink(first_row, buffer)
         first_row += count
+
+
+def forget_reference_sums(step_data, policy_engine, ref_engine, device) -> torch.Tensor:
+    """s_ref(y) = sum_t log p_ref(y_t | x, y_<t) of every forget training sequence, [N_f] float64 on the CPU, the
+    same on every rank: each rank forwards its share (``shares``: the same groups on any rank count, so the same bits
+    on any topology), then one all_reduce of the zero-padded sums. ``ref_engine`` None: LoRA, the policy with its
+    adapters off. On the fused head path the reference's rows meet its head in the fused loss (its weight gathered
+    here, on every rank: never tokens x vocabulary), else its own logits. A collective: call it on every rank."""
+    import deepspeed
+
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    sequences = step_data.forget_sequences
+    rank_shares = shares(len(sequences), world_size)
+    num_forwards = -(-len(rank_shares[0]) // BUILD_BATCH_SIZE)
+    if ref_engine is None:
+        reference, context = policy_engine, engines.reference_mode(policy_engine.module.lm)
+    else:
+        reference, context = ref_engine, torch.no_grad()
+    on_logits = policy_engine.module.head_path == "logits"  # the reference's head passed the same check (train.py)
+    softcap, backend = policy_engine.module.softcap, policy_engine.module.loss_backend
+    head = reference.module.lm.get_output_embeddings()
+    sums = torch.zeros(len(sequences), dtype=torch.float64, device=device)
+    share = rank_shares[rank]
+    with context:
+        for forward in range(num_forwards):  # the same count on every rank (ZeRO-3); a rank without examples repeats
+            batch_indices = share[forward * BUILD_BATCH_SIZE:(forward + 1) * BUILD_BATCH_SIZE]
+            (segment,), targets, token_sequence = objective.lay_out(
+                [[sequences[i] for i in (batch_indices or [0])]], reference.module.packing, step_data.pad_id)
+            segment, targets, token_sequence = segment.to(device), targets.to(device), token_sequence.to(device)
+            ones = torch.ones(targets.shape[0], device=device)
+            if on_logits:
+                _, token_ce, _ = torch_ce_kl_from_logits(reference([segment], mode="logits"), targets, ones,
+                                                         return_token_terms=True)
+            else:
+                hidden = reference([segment], mode="hidden")  # [M_s, H_ref]
+                with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
+                    _, token_ce, _ = fused_linear_ce_kl(hidden, head.weight, targets, ones, softcap=softcap,
+                                                        backend=backend, return_token_terms=True)
+            if batch_indices:
+                batch_sums = torch.zeros(len(batch_indices), dtype=torch.float64, device=device)
+                batch_sums.index_add_(0, token_sequence, token_ce.to(torch.float64))
+                sums[batch_indices.start:batch_indices.stop] = -batch_sums
+    torch.distributed.all_reduce(sums)  # each example's sum comes from one rank, zeros from the others: exact
+    return sums.cpu()
+
+
+def free_reference(ref_engine) -> None:
+    """Free the whole reference engine (its head too) after the one-off passes, for runs whose loop reads nothing of
+    it (npo with retain nll). Logs this process's resident memory before and after."""
+    return_free_memory()
+    before = resident_bytes()
+    engines.release_all_but_head(ref_engine, keep_head=False)
+    return_free_memory()
+    _log_on_rank_zero("reference model freed (no term reads it in the loop): resident memory %.1f -> %.1f MiB "
+                      "(rank 0)", before / 2**20, resident_bytes() / 2**20)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ fetch and release) and ``zero3_reduce`` (gradient reduce-scatter) are "of which"
 phases. The forwards are timed by module hooks, so ``forward_loss`` needs no edit; the others by
 ``with timer.phase(name)`` in the loop. The device is synchronised at every boundary, and only while timing is on.
 
-Each metrics row then carries the step's seconds per phase (the mean over ranks) and peak memory (the largest), and
+Each metrics row then carries the step's seconds per phase (the mean over ranks), peak memory and the memory held at
+the step's end (the largest of each: a reference model the loop no longer needs shows in the latter), and
 the work of the step: real tokens, padded positions and a checksum of the token ids that does not depend on how the
 sequences were split into ranks, batches and padding (the step benchmark checks it against the paper-style loop's).
 """
@@ -45,6 +46,13 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def held_memory_mib(device: torch.device) -> float:
+    """Memory this process holds now: ``memory_allocated`` on a GPU, resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return current_rss_mib()
 
 
 def sequence_checksums(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -169,7 +177,8 @@ class StepTimer:
         # Seconds and work in one float64 sum: the counts and checksums stay below 2^53, so they are exact.
         summed = torch.tensor([self.seconds[name] for name in names] + self.work.tolist(), dtype=torch.float64,
                               device=self.device)
-        peak = torch.tensor([peak_memory_mib(self.device)], dtype=torch.float64, device=self.device)
+        peak = torch.tensor([peak_memory_mib(self.device), held_memory_mib(self.device)], dtype=torch.float64,
+                            device=self.device)
         if world_size > 1:
             torch.distributed.all_reduce(summed)
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
@@ -179,7 +188,8 @@ class StepTimer:
         tokens, positions, checksum = (int(value) for value in values[len(names):])
         return {
             "phase_s": {name: value / world_size for name, value in zip(names, values)},
-            "peak_mem_mib": float(peak),
+            "peak_mem_mib": float(peak[0]),
+            "held_mem_mib": float(peak[1]),
             "baseline_mem_mib": self.baseline_mem_mib,
             "real_tokens": tokens,
             "positions": positions,

@@ -203,19 +203,46 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The unlearning objective: theta <- theta - e1*grad(L_fgt) - e2*grad(L_rdn) - e3*grad(L_nor)."""
+    """The unlearning objective: theta <- theta - e1*grad(L_fgt) - e2*grad(L_rdn) - e3*grad(L_nor), each term in a slot
+    (dsunlearn/objective.py): the forget term (``forget_loss``), the random mismatch (``random_weight``; 0: off) and
+    the retain term on normal data (``retain_loss``). The defaults are Yao et al.'s method; the presets of the other
+    methods are bundled YAML files, ``--config configs/presets/NAME.yaml`` (yao, ga, graddiff, npo, simnpo)."""
 
+    forget_loss: Literal["ga", "npo", "simnpo"] = "ga"
+    """The forget term on forget responses y (s(y): their summed log-likelihood, n(y): their tokens): ``ga`` gradient
+    ascent, -CE (Yao et al.); ``npo`` -(2/beta) log sigmoid(-beta (s_theta(y) - s_ref(y))) with s_ref(y) of the
+    frozen reference, computed once before the loop (Zhang et al. 2024, "Negative Preference Optimization", as
+    open-unlearning's src/trainer/unlearn/npo.py and trainer/utils.py compute_dpo_loss: sums, not length-normalised);
+    ``simnpo`` -(2/beta) log sigmoid(beta (-s_theta(y)/n(y) - delta)), no reference (Fan et al. 2024, "Simplicity
+    Prevails", as open-unlearning's src/trainer/unlearn/simnpo.py)."""
+    retain_loss: Literal["kl", "nll"] = "kl"
+    """The retain term on normal responses: ``kl`` the token-level forward KL(reference || model) (Yao et al.; the
+    reference's rows are cached or forwarded every step), ``nll`` their cross-entropy (GradDiff's, NPO's and SimNPO's
+    ``retain_loss_type: NLL`` in open-unlearning's configs/trainer/GradDiff.yaml, NPO.yaml, SimNPO.yaml): no
+    reference at all."""
     forget_weight: float = 0.5
-    """e1: weight of the gradient-ascent term on forget responses (paper: 0.5)."""
+    """e1: weight of the forget term (Yao et al.'s paper: 0.5; open-unlearning's ``gamma``: 1 for GradDiff and NPO,
+    0.125 for SimNPO, its configs/trainer/SimNPO.yaml after the SimNPO authors' ``npo_coeff``)."""
     random_weight: float = 1.0
-    """e2: weight of the cross-entropy on random answers to forget prompts (paper: 1)."""
+    """e2: weight of the cross-entropy on random answers to forget prompts (paper: 1; 0 turns the term off, as the
+    presets other than yao do: open-unlearning has no such term)."""
     normal_weight: float = 1.0
-    """e3: weight of the forward KL(reference || model) on normal responses (paper: 1)."""
+    """e3: weight of the retain term on normal responses (paper: 1; open-unlearning's ``alpha``: 1)."""
+    npo_beta: float = 0.1
+    """beta of ``forget_loss: npo`` (open-unlearning's configs/trainer/NPO.yaml: 0.1, the NPO authors' value)."""
+    simnpo_beta: float = 4.5
+    """beta of ``forget_loss: simnpo`` (open-unlearning's configs/trainer/SimNPO.yaml: 4.5, the SimNPO authors' TOFU
+    value)."""
+    simnpo_delta: float = 0.0
+    """delta, the reward margin of ``forget_loss: simnpo`` (open-unlearning's configs/trainer/SimNPO.yaml: 0, the
+    SimNPO authors' ``gamma`` in their TOFU config)."""
     num_random_answers: int = 5
     """K: random answers drawn independently for each forget prompt."""
     reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     """``sequence_mean``: mean over each sequence's response tokens, then over sequences (the authors' code);
-    ``token_mean``: mean over all response tokens of the term in the whole optimizer step (every rank, micro-step)."""
+    ``token_mean``: mean over all response tokens of the term in the whole optimizer step (every rank, micro-step).
+    The npo and simnpo forget terms are one value per sequence: ``sequence_mean`` averages them over sequences (as
+    open-unlearning does), ``token_mean`` weighs each sequence by its response tokens over the step's."""
     forget_eos: bool = False
     """Whether the forget term also ascends the end of each forget answer (EOS, or the chat template's turn end).
     Off by default: pushing down the end-of-answer token after a harmful answer teaches the model not to stop, and
@@ -236,6 +263,16 @@ class ObjectiveConfig:
             found.append("objective: forget_weight and random_weight are both 0, so nothing would be unlearned")
         if self.num_random_answers < 1 and self.random_weight > 0:
             found.append("objective.num_random_answers must be >= 1 when random_weight > 0")
+        if self.forget_loss not in ("ga", "npo", "simnpo"):
+            found.append(f"objective.forget_loss={self.forget_loss!r} must be ga, npo or simnpo")
+        if self.retain_loss not in ("kl", "nll"):
+            found.append(f"objective.retain_loss={self.retain_loss!r} must be kl or nll")
+        for name in ("npo_beta", "simnpo_beta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                found.append(f"objective.{name}={value} must be a finite number > 0")
+        if not math.isfinite(self.simnpo_delta):
+            found.append(f"objective.simnpo_delta={self.simnpo_delta} must be a finite number")
         return found
 
 
@@ -499,7 +536,7 @@ class RunConfig:
             found.append(f"output.judge_classifier judges hallucinations, but data.application is "
                          f"{self.data.application!r}")
         if self.objective.normal_weight > 0 and self.train.normal_batch_size == 0:
-            found.append("train.normal_batch_size is 0 but objective.normal_weight > 0: the KL term needs normal data")
+            found.append("train.normal_batch_size is 0 but objective.normal_weight > 0: the retain term needs normal data")
         if found:
             raise ConfigError(found)
 

@@ -28,15 +28,18 @@ class Preset:
     num_random_answers: int = 5
     equal_length: int = 128
     num_pairs: int = 48
+    # Other methods' rows (configs/presets/NAME.yaml) on 1 process, each against a graddiff row on the same work.
+    methods: tuple = ()
 
 
 PRESETS = {
-    "cpu": Preset(256, 4, 4, (32_000, 128_256), ("equal", "realistic"), "fp32", steps=4, warmup=1, ranks=2),
+    "cpu": Preset(256, 4, 4, (32_000, 128_256), ("equal", "realistic"), "fp32", steps=4, warmup=1, ranks=2,
+                  methods=("npo", "simnpo")),
     "tiny": Preset(64, 2, 4, (2_048,), ("realistic",), "fp32", steps=3, warmup=1, ranks=2, equal_length=64,
                    num_pairs=16),
     # One H200: the N-rank row needs a second device (skipped with the reason), deepspeed only if its wheel travels.
     "gpu": Preset(2048, 8, 16, (128_256,), ("equal", "realistic"), "bf16", steps=6, warmup=2, ranks=2,
-                  forget_batch_size=4, normal_batch_size=4),
+                  forget_batch_size=4, normal_batch_size=4, methods=("npo", "simnpo")),
 }
 
 # Lengths in words (one word is one token) of the realistic profile, close to PKU-SafeRLHF and TruthfulQA.
@@ -139,10 +142,14 @@ class Case:
         return f"V={self.vocab_size} {self.profile}"
 
 
-def build_run_config(case: Case, ranks: int, out_dir: str):
-    """The run settings of ``case`` on ``ranks`` ranks (the global batch of the preset, split over the ranks)."""
+def build_run_config(case: Case, ranks: int, out_dir: str, method: str = "yao"):
+    """The run settings of ``case`` on ``ranks`` ranks (the global batch of the preset, split over the ranks), with the
+    objective of preset ``method`` (configs/presets/METHOD.yaml)."""
+    import yaml
+
     from dsunlearn.settings.config import DataConfig, ModelConfig, ObjectiveConfig, OutputConfig, RunConfig, TrainConfig
     from dsunlearn.settings.dataset import DatasetSpec
+    from dsunlearn.settings.paths import resolve_path
 
     preset = PRESETS[case.preset]
     for name in ("forget_batch_size", "normal_batch_size"):
@@ -156,7 +163,8 @@ def build_run_config(case: Case, ranks: int, out_dir: str):
             normal=DatasetSpec(source=case.normal_path, format="pairs", held_out_fraction=0.1),
             template=TEMPLATE, max_length=max_length, seed=case.data_seed,
         ),
-        objective=ObjectiveConfig(num_random_answers=preset.num_random_answers),
+        objective=ObjectiveConfig(num_random_answers=preset.num_random_answers,
+                                  **yaml.safe_load(resolve_path(f"configs/presets/{method}.yaml").read_text())["objective"]),
         train=TrainConfig(
             max_steps=case.steps, forget_batch_size=preset.forget_batch_size // ranks,
             normal_batch_size=preset.normal_batch_size // ranks, lr=1e-5, lr_schedule="constant",

@@ -14,7 +14,12 @@ Then it runs, each in its own processes:
   step, the true KL on normal response tokens, torch AdamW; its batches come from ``StepData`` as the trainer's do;
 * ``dsunlearn x1``: ``python -m dsunlearn train`` on 1 rank (ZeRO-3);
 * ``dsunlearn xN``: the same on N ranks, started as srun does (RANK/WORLD_SIZE/... in the environment), the global
-  batch kept (per-rank batches divided by N).
+  batch kept (per-rank batches divided by N);
+* with ``--methods`` (the cpu and gpu presets: npo, simnpo): ``graddiff x1`` and ``METHOD x1``, the trainer with
+  configs/presets/METHOD.yaml on 1 process: no random answers, so their work is their own, the same for all of them
+  (checked), and each method's step is compared with graddiff's (GA + NLL: the same tokens, no first pass, no
+  reference). ``held MiB`` is the memory a process holds at the end of a step: an npo run, whose reference is freed
+  after its one s_ref pass, holds what graddiff holds.
 
 The trainer runs with ``train.time_phases`` on, so its phases come from the real loop
 (dsunlearn/runtime/step_timing.py). Every step's real tokens and token-id checksum must be equal across the runs, else
@@ -115,10 +120,11 @@ def run_paper(case: Case, run_dir: Path) -> list[dict]:
     return json.loads(result.read_text())["steps"]
 
 
-def run_dsunlearn(case: Case, ranks: int, run_dir: Path) -> list[dict]:
-    """``python -m dsunlearn train`` on ``ranks`` ranks, started as srun does; the rows of its metrics.jsonl."""
+def run_dsunlearn(case: Case, ranks: int, run_dir: Path, method: str = "yao") -> list[dict]:
+    """``python -m dsunlearn train`` on ``ranks`` ranks, started as srun does, with the objective of preset ``method``;
+    the rows of its metrics.jsonl."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = write_run_yaml(build_run_config(case, ranks, str(run_dir / "run")), run_dir / "run.yaml")
+    config = write_run_yaml(build_run_config(case, ranks, str(run_dir / "run"), method), run_dir / "run.yaml")
     start = ["--overwrite", "true"]
     for attempt in range(PREEMPTION_RESUMES + 1):
         port = str(_free_port())
@@ -144,16 +150,16 @@ def run_dsunlearn(case: Case, ranks: int, run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def check_same_work(reference_steps: list[dict], steps: list[dict], what: str) -> None:
+def check_same_work(reference_steps: list[dict], steps: list[dict], what: str, against: str = "the paper loop") -> None:
     """Raise ``WorkMismatch`` unless every step of ``steps`` has the real tokens and token checksum of the same step
-    of ``reference_steps``."""
+    of ``reference_steps`` (those of ``against``)."""
     if len(steps) != len(reference_steps):
-        raise WorkMismatch(f"{what}: {len(steps)} steps, the paper loop {len(reference_steps)}")
+        raise WorkMismatch(f"{what}: {len(steps)} steps, {against} {len(reference_steps)}")
     for ours, theirs in zip(steps, reference_steps):
         if (ours["real_tokens"], ours["work_checksum"]) != (theirs["real_tokens"], theirs["work_checksum"]):
             raise WorkMismatch(
                 f"{what}, step {ours['step']}: {ours['real_tokens']} tokens with checksum {ours['work_checksum']}, "
-                f"the paper loop {theirs['real_tokens']} with {theirs['work_checksum']}: not the same work"
+                f"{against} {theirs['real_tokens']} with {theirs['work_checksum']}: not the same work"
             )
 
 
@@ -200,17 +206,23 @@ def summarise(name: str, processes: int, steps: list[dict], warmup: int, flops_p
         "tokens_per_s": tokens / sum(s["step_s"] for s in measured),
         "padding_share": 1 - tokens / positions,
         "peak_mem_mib": max(s["peak_mem_mib"] for s in measured),
+        "held_mem_mib": max(s.get("held_mem_mib", 0.0) for s in measured),
         "baseline_mem_mib": measured[0]["baseline_mem_mib"],
         "flop_floor_s": floor_s,
         "floor_share": floor_s / step_s,
-        "step1_terms": {k: steps[0][k] for k in ("forget_ce", "random_ce", "normal_kl")},
+        "step1_terms": {k: steps[0].get(k) for k in ("forget_ce", "random_ce", "normal_kl", "normal_ce")},
         "work": [[s["real_tokens"], s["work_checksum"]] for s in steps],
     }
 
 
-def run_case(case: Case, work_dir: Path, preset: Preset, warmup: int, ranks: int, rate: float) -> dict:
-    """The three runs of one case, checked for the same work, with ratios to the paper loop."""
+def run_case(case: Case, work_dir: Path, preset: Preset, warmup: int, ranks: int, rate: float,
+             methods: tuple = (), methods_only: bool = False) -> dict:
+    """The three runs of one case, checked for the same work, with ratios to the paper loop; then the method rows
+    (``methods_only``: those alone)."""
     case_dir = work_dir / case.name.replace(" ", "_").replace("=", "")
+    if methods_only:
+        return {"case": case.name, "vocab_size": case.vocab_size, "lengths": case.profile,
+                "rows": method_rows(case, case_dir, methods, warmup, rate)}
     paper_steps = run_paper(case, case_dir / "paper")
     flops = [s["flops"] for s in paper_steps]
     rows = [summarise("paper", 1, paper_steps, warmup, flops, rate)]
@@ -228,7 +240,39 @@ def run_case(case: Case, work_dir: Path, preset: Preset, warmup: int, ranks: int
         if row["status"] == "ok":
             row["speedup_vs_paper"] = paper["step_s"] / row["step_s"]
             row["memory_vs_paper"] = row["peak_mem_mib"] / paper["peak_mem_mib"]
+    if methods and not _why_not(1):
+        rows += method_rows(case, case_dir, methods, warmup, rate)
     return {"case": case.name, "vocab_size": case.vocab_size, "lengths": case.profile, "rows": rows}
+
+
+def method_rows(case: Case, case_dir: Path, methods: tuple, warmup: int, rate: float) -> list[dict]:
+    """``graddiff x1`` and ``METHOD x1`` for each of ``methods``: the trainer on 1 process with those presets, on the
+    same work (checked against graddiff's), each with its step time and memory over graddiff's."""
+    base_steps = run_dsunlearn(case, 1, case_dir / "graddiff_x1", "graddiff")
+    # The FLOP floor of the work these runs do (forget and normal tokens, no random answers): that of graddiff's step
+    flops = [step_flops(case, step) for step in base_steps]
+    base = summarise("graddiff x1", 1, base_steps, warmup, flops, rate)
+    rows = [base]
+    for method in methods:
+        steps = run_dsunlearn(case, 1, case_dir / f"{method}_x1", method)
+        check_same_work(base_steps, steps, f"{case.name}: {method} x1", against="graddiff x1")
+        row = summarise(f"{method} x1", 1, steps, warmup, flops, rate)
+        row["step_vs_graddiff"] = row["step_s"] / base["step_s"]
+        row["memory_vs_graddiff"] = row["peak_mem_mib"] / base["peak_mem_mib"]
+        row["held_vs_graddiff"] = row["held_mem_mib"] / base["held_mem_mib"]
+        rows.append(row)
+    return rows
+
+
+def step_flops(case: Case, step: dict) -> int:
+    """A floor of the FLOPs a method row's step needs, whose work is not the paper loop's: 6 x the transformer
+    layers' parameters x its real tokens (trained forward and backward; the head and attention left out)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(case.model_dir)
+    hidden = config.hidden_size
+    layer_parameters = 4 * hidden * hidden + 3 * hidden * config.intermediate_size  # attention and MLP of a Llama
+    return 6 * config.num_hidden_layers * layer_parameters * step["real_tokens"]
 
 
 def _why_not(processes: int) -> Optional[str]:
@@ -266,7 +310,7 @@ PHASE_COLUMNS = (("batch", "batch"), ("policy_forward", "policy fwd"), ("referen
 
 def format_markdown(result: dict) -> str:
     header = ["case", "run", "s/step", "vs paper", "tokens/s", "padded", "peak MiB/proc", "mem vs paper",
-              "floor share"] + [label for _, label in PHASE_COLUMNS] + ["other"]
+              "held MiB", "floor share"] + [label for _, label in PHASE_COLUMNS] + ["other"]
     lines = [f"Step benchmark, preset {result['preset']}: {result['machine']}, {result['date']}",
              f"`{result['command']}`; matmul rate {result['matmul_gflops']:.1f} GFLOP/s per process; "
              f"means over steps {result['warmup'] + 1}-{result['steps']}; phase times in ms", "",
@@ -277,11 +321,19 @@ def format_markdown(result: dict) -> str:
                 lines.append(f"| {case['case']} | {row['run']} | {row['status']}: {row['note']} |")
                 continue
             phases = [f"{1000 * row['phase_s'][key]:.0f}" for key, _ in PHASE_COLUMNS]
+            if "speedup_vs_paper" in row:
+                speed, memory = _ratio(row["speedup_vs_paper"], "faster", "slower"), _ratio(row["memory_vs_paper"])
+            elif "step_vs_graddiff" in row:  # a method row: its step and peak over graddiff's, on their own work
+                speed = f"{row['step_vs_graddiff']:.2f}x graddiff's step"
+                memory = f"{row['memory_vs_graddiff']:.2f}x graddiff's"
+            else:  # graddiff's row, the methods' baseline
+                speed = memory = "(methods' baseline)"
             lines.append("| " + " | ".join([
-                case["case"], row["run"], f"{row['step_s']:.3f}", _ratio(row["speedup_vs_paper"], "faster", "slower"),
+                case["case"], row["run"], f"{row['step_s']:.3f}", speed,
                 f"{row['tokens_per_s']:.0f}", f"{100 * row['padding_share']:.0f}%",
-                f"{row['peak_mem_mib']:.0f} (base {row['baseline_mem_mib']:.0f})", _ratio(row["memory_vs_paper"]),
-                f"{100 * row['floor_share']:.1f}%", *phases, f"{1000 * row['other_s']:.0f}",
+                f"{row['peak_mem_mib']:.0f} (base {row['baseline_mem_mib']:.0f})", memory,
+                f"{row['held_mem_mib']:.0f}", f"{100 * row['floor_share']:.1f}%", *phases,
+                f"{1000 * row['other_s']:.0f}",
             ]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -303,6 +355,13 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
     parser.add_argument("--warmup", type=int, help="first steps left out of the means (default: the preset's)")
     parser.add_argument("--ranks", type=int, help="ranks of the multi-rank run (default: the preset's)")
+    parser.add_argument("--methods", nargs="*", choices=("ga", "graddiff", "npo", "simnpo"),
+                        help="presets run on 1 process against graddiff (default: the preset's; none: no such rows)")
+    parser.add_argument("--methods-only", action="store_true",
+                        help="only the method rows (graddiff and --methods), no paper loop or yao runs")
+    parser.add_argument("--vocab-sizes", type=int, nargs="+", help="these of the preset's vocabularies (default: all)")
+    parser.add_argument("--profiles", nargs="+", choices=("equal", "realistic"),
+                        help="these length profiles (default: the preset's)")
     parser.add_argument("--paper-worker", help=argparse.SUPPRESS)  # internal: the paper loop's subprocess
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -317,8 +376,11 @@ def main(argv=None) -> dict:
     preset = PRESETS[args.preset]
     steps, warmup = args.steps or preset.steps, preset.warmup if args.warmup is None else args.warmup
     ranks = args.ranks or preset.ranks
+    methods = preset.methods if args.methods is None else tuple(args.methods)
     if not 0 <= warmup < steps:
         raise SystemExit(f"--warmup {warmup} must leave at least one of the {steps} steps")
+    if args.methods_only and not methods:
+        raise SystemExit("--methods-only needs methods (--methods npo simnpo)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from dsunlearn.runtime.engines import PRECISION_DTYPES
 
@@ -337,12 +399,12 @@ def main(argv=None) -> dict:
     }
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.out / "runs" if args.out else Path(scratch)
-        for vocab_size in preset.vocab_sizes:
+        for vocab_size in args.vocab_sizes or preset.vocab_sizes:
             model_dir = build_model(work_dir / f"model_V{vocab_size}", preset, vocab_size)
-            for profile in preset.length_profiles:
+            for profile in args.profiles or preset.length_profiles:
                 forget, normal = write_data(work_dir / f"data_{profile}", preset, profile)
                 case = Case(args.preset, vocab_size, profile, str(model_dir), str(forget), str(normal), steps)
-                cases.append(run_case(case, work_dir, preset, warmup, ranks, rate))
+                cases.append(run_case(case, work_dir, preset, warmup, ranks, rate, methods, args.methods_only))
                 print(f"done: {case.name}", file=sys.stderr, flush=True)
                 if args.out:  # after every case, so a later failure keeps the cases done
                     write_result(args.out, result)

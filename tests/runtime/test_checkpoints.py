@@ -151,6 +151,23 @@ def test_settings_check_allows_another_split_of_the_same_global_batch():
     assert found[1].startswith("global forget batch") and "has 4 (2 x 1 x 2), this run 2 (1 x 1 x 2)" in found[1]
 
 
+def test_a_checkpoint_from_before_the_objective_slots_resumes_as_yao_only():
+    """A checkpoint written before objective.forget_loss/retain_loss existed was a ga + kl run: resumed as such, and
+    refused as npo, naming the setting."""
+    from dsunlearn.settings.config import ObjectiveConfig, RunConfig, TrainConfig
+
+    def shape(objective):
+        cfg = RunConfig(objective=objective, train=TrainConfig(deepspeed_config="ds_configs/zero3.json"))
+        return RunShape.of(cfg, {}, world_size=1)
+
+    yao = shape(ObjectiveConfig())
+    old = dataclasses.replace(yao, fingerprint={name: value for name, value in yao.fingerprint.items()
+                                                if name not in checkpoints.ADDED_SETTINGS})
+    assert yao.differences(old) == []
+    npo = shape(ObjectiveConfig(forget_loss="npo"))
+    assert npo.differences(old) == ["objective.forget_loss: the checkpoint has 'ga', this run 'npo'"]
+
+
 def test_fingerprint_leaves_out_what_may_change_on_resume():
     from dsunlearn.settings.config import RunConfig, TrainConfig
 

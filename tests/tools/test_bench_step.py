@@ -105,3 +105,22 @@ def test_checksum_does_not_depend_on_padding():
         assert step_timing.sequence_checksums(input_ids, mask).tolist() == [expected]
     work = step_timing.work_of(*right)
     assert work.tolist() == [5, 7, expected]
+
+
+def test_method_rows_are_reported_against_graddiff():
+    """The method rows (graddiff, npo x1, ...) show their step and memory over graddiff's, and the memory held."""
+    def row(name, step_s, peak, held, **extra):
+        return {"run": name, "processes": 1, "status": "ok", "step_s": step_s, "phase_s": dict.fromkeys(
+            step_timing.PHASES + step_timing.ZERO3_PHASES, 0.0), "other_s": 0.0, "tokens_per_s": 100.0,
+            "padding_share": 0.1, "peak_mem_mib": peak, "baseline_mem_mib": 50.0, "held_mem_mib": held,
+            "floor_share": 0.5, **extra}
+
+    result = {"preset": "cpu", "machine": "test", "date": "now", "command": "bench", "matmul_gflops": 1.0,
+              "warmup": 1, "steps": 3, "cases": [{"case": "V=128256 realistic", "rows": [
+                  row("graddiff x1", 2.0, 800.0, 700.0),
+                  row("npo x1", 2.1, 800.0, 700.0, step_vs_graddiff=1.05, memory_vs_graddiff=1.0,
+                      held_vs_graddiff=1.0)]}]}
+    text = bench_step.format_markdown(result)
+    assert "| V=128256 realistic | graddiff x1 | 2.000 | (methods' baseline) |" in text
+    assert "| V=128256 realistic | npo x1 | 2.100 | 1.05x graddiff's step |" in text
+    assert "| 1.00x graddiff's | 700 |" in text
