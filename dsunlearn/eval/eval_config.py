@@ -14,12 +14,12 @@ from dsunlearn.data.tokenization import resolve_pad_id, special_prefix_ids
 from dsunlearn.eval import applications, metrics
 from dsunlearn.settings.config import DataConfig, RunConfig, names_a_local_path
 from dsunlearn.settings.dataset import BENCHMARK_ROUGE
+from dsunlearn.settings.eval_names import SET_ORDER
 from dsunlearn.settings.prompt_format import PromptFormat
 
 logger = logging.getLogger(__name__)
 
 
-SET_NAMES = ("forget_train", "forget_held_out", "normal_held_out")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODEL_ROLES = ("original", "unlearned")
 
@@ -43,7 +43,7 @@ class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Forget and normal data, prompt format, max length and split seed: give the training run's values
     so that the train/held-out split is the one the trainer used."""
-    sets: list[str] = field(default_factory=lambda: list(SET_NAMES))
+    sets: list[str] = field(default_factory=lambda: list(SET_ORDER))
     """Which prompt sets to evaluate, from ``forget_train``, ``forget_held_out``, ``normal_held_out``."""
     max_samples: Optional[int] = None
     """Evaluate only the first this many pairs of each set (None: all)."""
@@ -165,9 +165,9 @@ class EvalConfig:
     def evaluation_problems(self) -> list[str]:
         """The problems of the settings :func:`evaluate_models` uses (it is given the models and the sets)."""
         found = []
-        unknown = [s for s in self.sets if s not in SET_NAMES]
+        unknown = [s for s in self.sets if s not in SET_ORDER]
         if unknown:
-            found.append(f"sets: unknown {unknown}; choose from {list(SET_NAMES)}")
+            found.append(f"sets: unknown {unknown}; choose from {list(SET_ORDER)}")
         if not self.sets:
             found.append("sets is empty: evaluate at least one set")
         if len(set(self.sets)) != len(self.sets):

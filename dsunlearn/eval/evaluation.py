@@ -77,6 +77,7 @@ from dsunlearn.eval.likelihood import nll_sums, teacher_forced
 from dsunlearn.eval.sharding import gather_records, shard_indices
 from dsunlearn.eval.summary import config_record, sample_row, summarize
 from dsunlearn.settings import noise
+from dsunlearn.settings.cli import settings_parser
 from dsunlearn.settings.config import ConfigError, DataConfig
 from dsunlearn.settings.strict_json import to_json
 
@@ -355,16 +356,8 @@ def write_outputs(cfg: EvalConfig, summary: dict, samples: list[dict]) -> Path:
 
 
 def build_parser():
-    """The jsonargparse parser of ``dsunlearn eval``: ``--config eval.yaml`` plus one flag per field."""
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog="dsunlearn eval", description=EvalConfig.__doc__, default_meta=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of settings (flags after it override)")
-    parser.add_class_arguments(EvalConfig, as_group=False)
-    # The deepspeed launcher appends --local_rank; the rank comes from the environment.
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (ignored)")
-    return parser
+    """The parser of ``dsunlearn eval``: ``--config eval.yaml`` plus one flag per field."""
+    return settings_parser(EvalConfig, "dsunlearn eval", launched=True)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

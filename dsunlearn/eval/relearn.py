@@ -40,6 +40,7 @@ from dsunlearn.eval import applications, metrics
 from dsunlearn.eval.eval_config import EvalConfig, EvalContext
 from dsunlearn.eval.generation import generate
 from dsunlearn.settings import noise
+from dsunlearn.settings.cli import settings_parser
 from dsunlearn.settings.config import ConfigError, DataConfig, names_a_local_path
 from dsunlearn.settings.strict_json import to_json
 
@@ -330,14 +331,8 @@ def compare(result_paths: list[str], out_dir: str, names: Optional[list[str]] = 
 
 
 def build_parser():
-    """The jsonargparse parser of ``dsunlearn relearn``: ``--config relearn.yaml`` plus one flag per field."""
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog="dsunlearn relearn", description=RelearnConfig.__doc__, default_meta=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of settings (flags after it override)")
-    parser.add_class_arguments(RelearnConfig, as_group=False)
-    return parser
+    """The parser of ``dsunlearn relearn``: ``--config relearn.yaml`` plus one flag per field."""
+    return settings_parser(RelearnConfig, "dsunlearn relearn")
 
 
 def main(argv: Optional[list[str]] = None) -> dict | Path:

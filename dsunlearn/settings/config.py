@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from dsunlearn.settings.classifiers import classifier_problems
+from dsunlearn.settings.cli import settings_parser
 from dsunlearn.settings.dataset import BENCHMARK_ROUGE, DatasetSpec
 from dsunlearn.settings.paths import resolve_path
 from dsunlearn.settings.prompt_format import DEFAULT_TEMPLATE, PromptFormat
@@ -536,7 +537,8 @@ class RunConfig:
             found.append(f"output.judge_classifier judges hallucinations, but data.application is "
                          f"{self.data.application!r}")
         if self.objective.normal_weight > 0 and self.train.normal_batch_size == 0:
-            found.append("train.normal_batch_size is 0 but objective.normal_weight > 0: the retain term needs normal data")
+            found.append("train.normal_batch_size is 0 but objective.normal_weight > 0: the retain term needs "
+                         "normal data")
         if found:
             raise ConfigError(found)
 
@@ -579,16 +581,8 @@ def names_a_local_path(name: str) -> bool:
 
 
 def build_parser():
-    """The jsonargparse parser of a run: ``--config run.yaml`` plus one flag per field (``--train.lr 2e-6``)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog="dsunlearn train", description=RunConfig.__doc__, default_meta=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of settings (flags after it override)")
-    parser.add_class_arguments(RunConfig, as_group=False)
-    # The deepspeed launcher appends --local_rank; the rank comes from the environment.
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher (ignored)")
-    return parser
+    """The parser of a run: ``--config run.yaml`` plus one flag per field (``--train.lr 2e-6``)."""
+    return settings_parser(RunConfig, "dsunlearn train", launched=True)
 
 
 def parse_run_config(argv: Optional[list[str]] = None) -> tuple[RunConfig, str]:
