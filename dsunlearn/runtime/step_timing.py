@@ -7,9 +7,10 @@ phases. The forwards are timed by module hooks, so ``forward_loss`` needs no edi
 ``with timer.phase(name)`` in the loop. The device is synchronised at every boundary, and only while timing is on.
 
 Each metrics row then carries the step's seconds per phase (the mean over ranks), peak memory and the memory held at
-the step's end (the largest of each: a reference model the loop no longer needs shows in the latter), and
-the work of the step: real tokens, padded positions and a checksum of the token ids that does not depend on how the
-sequences were split into ranks, batches and padding (the step benchmark checks it against the paper-style loop's).
+the step's end (the largest of each: a reference model the loop no longer needs shows in the latter), the torch threads
+of a process, and the work of the step: real tokens, padded positions and a checksum of the token ids that does not
+depend on how the sequences were split into ranks, batches and padding (the step benchmark checks it against the
+paper-style loop's).
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ class StepTimer:
 
     def step_fields(self) -> dict:
         """The metrics-row fields of the step just done (a collective: call it on every rank): seconds per phase, the
-        mean over ranks; peak memory, the largest; the work, summed. Then counting starts afresh for the next step."""
+        mean over ranks; peak memory, the largest; the work, summed; the torch threads this process ran with. Then
+        counting starts afresh for the next step."""
         names = PHASES + ZERO3_PHASES
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         # Seconds and work in one float64 sum: the counts and checksums stay below 2^53, so they are exact.
@@ -194,6 +196,7 @@ class StepTimer:
             "real_tokens": tokens,
             "positions": positions,
             "work_checksum": checksum % CHECKSUM_MODULUS,
+            "threads": torch.get_num_threads(),
         }
 
 
