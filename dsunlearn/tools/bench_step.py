@@ -57,7 +57,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -124,8 +123,11 @@ def run_settings(cores: int, ranks: int) -> list[RunSettings]:
     dsunlearn on ``ranks`` ranks of ``cores / ranks`` threads each."""
     if cores < 1 or ranks < 1 or cores % ranks:
         raise ValueError(f"{cores} cores do not split evenly over {ranks} ranks: every row must run on all the cores")
-    return [RunSettings("paper", 1, cores), RunSettings("dsunlearn x1", 1, cores),
-            RunSettings(f"dsunlearn x{ranks}", ranks, cores // ranks)]
+    return [
+        RunSettings("paper", 1, cores),
+        RunSettings("dsunlearn x1", 1, cores),
+        RunSettings(f"dsunlearn x{ranks}", ranks, cores // ranks),
+    ]
 
 
 def _worker_env(threads: int) -> dict:
@@ -138,8 +140,15 @@ def _worker_env(threads: int) -> dict:
 def run_paper(case: Case, run_dir: Path, threads: int) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     result, log = run_dir / "paper.json", run_dir / "paper.log"
-    command = [sys.executable, "-m", "dsunlearn.tools.bench_step", "--paper-worker",
-               json.dumps(dataclasses.asdict(case)), "--worker-result", str(result)]
+    command = [
+        sys.executable,
+        "-m",
+        "dsunlearn.tools.bench_step",
+        "--paper-worker",
+        json.dumps(dataclasses.asdict(case)),
+        "--worker-result",
+        str(result),
+    ]
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=_worker_env(threads), stdout=out, stderr=subprocess.STDOUT)
     codes = _wait([process], [log])
@@ -158,14 +167,25 @@ def run_dsunlearn(case: Case, ranks: int, threads: int, run_dir: Path, method: s
         port = str(_free_port())
         processes, logs = [], []
         for rank in range(ranks):
-            env = dict(_worker_env(threads), RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
-                       LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            env = dict(
+                _worker_env(threads),
+                RANK=str(rank),
+                WORLD_SIZE=str(ranks),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE=str(ranks),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            )
             logs.append(run_dir / f"rank{rank}.attempt{attempt}.log")
             with open(logs[-1], "w") as out:
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "dsunlearn", "train", "--config", str(config), *start],
-                    env=env, stdout=out, stderr=subprocess.STDOUT,
-                ))
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "dsunlearn", "train", "--config", str(config), *start],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         codes = _wait(processes, logs)
         if not any(codes):
             break
@@ -216,7 +236,9 @@ def summarise(settings: RunSettings, steps: list[dict], warmup: int, flops_per_s
     """One run's row: means over the steps after ``warmup``; its FLOP floor at ``rate`` per core (device)."""
     threads = {s["threads"] for s in steps}
     if threads != {settings.threads}:
-        raise RuntimeError(f"{settings.name} ran with {sorted(threads)} torch threads, not the {settings.threads} asked")
+        raise RuntimeError(
+            f"{settings.name} ran with {sorted(threads)} torch threads, not the {settings.threads} asked"
+        )
     measured = steps[warmup:]
     step_s = statistics.fmean(s["step_s"] for s in measured)
     phase_s = {k: statistics.fmean(s["phase_s"][k] for s in measured) for k in measured[0]["phase_s"]}
@@ -246,23 +268,41 @@ def summarise(settings: RunSettings, steps: list[dict], warmup: int, flops_per_s
     }
 
 
-def run_case(case: Case, work_dir: Path, warmup: int, runs: list[RunSettings], rate: float, methods: tuple = (),
-             methods_only: bool = False) -> dict:
+def run_case(
+    case: Case,
+    work_dir: Path,
+    warmup: int,
+    runs: list[RunSettings],
+    rate: float,
+    methods: tuple = (),
+    methods_only: bool = False,
+) -> dict:
     """The runs of one case (``run_settings``: the paper loop first), checked for the same work, with ratios to the
     paper loop; then the method rows on 1 process of the paper loop's threads (``methods_only``: those alone)."""
     case_dir = work_dir / case.name.replace(" ", "_").replace("=", "")
     paper, *trainers = runs
     if methods_only:
-        return {"case": case.name, "vocab_size": case.vocab_size, "lengths": case.profile,
-                "rows": method_rows(case, case_dir, methods, warmup, rate, paper.threads)}
+        return {
+            "case": case.name,
+            "vocab_size": case.vocab_size,
+            "lengths": case.profile,
+            "rows": method_rows(case, case_dir, methods, warmup, rate, paper.threads),
+        }
     paper_steps = run_paper(case, case_dir / "paper", paper.threads)
     flops = [s["flops"] for s in paper_steps]
     rows = [summarise(paper, paper_steps, warmup, flops, rate)]
     for settings in trainers:
         skip = _why_not(settings.processes)
         if skip:
-            rows.append({"run": settings.name, "processes": settings.processes, "threads": settings.threads,
-                         "status": "skipped", "note": skip})
+            rows.append(
+                {
+                    "run": settings.name,
+                    "processes": settings.processes,
+                    "threads": settings.threads,
+                    "status": "skipped",
+                    "note": skip,
+                }
+            )
             continue
         steps = run_dsunlearn(case, settings.processes, settings.threads, case_dir / settings.name.replace(" ", "_"))
         check_same_work(paper_steps, steps, f"{case.name}: {settings.name}")
@@ -307,7 +347,7 @@ def step_flops(case: Case, step: dict) -> int:
     return 6 * config.num_hidden_layers * layer_parameters * step["real_tokens"]
 
 
-def _why_not(processes: int) -> Optional[str]:
+def _why_not(processes: int) -> str | None:
     """Why dsunlearn cannot run on ``processes`` processes here (None: it can)."""
     if importlib.util.find_spec("deepspeed") is None:
         return "deepspeed is not installed on this machine"
@@ -335,24 +375,54 @@ def machine_description() -> str:
     return f"{os.cpu_count()} cores ({model}), torch {torch.__version__}"
 
 
-PHASE_COLUMNS = (("batch", "batch"), ("policy_forward", "policy fwd"), ("reference_forward", "ref fwd"),
-                 ("head_loss", "head+loss"), ("backward", "backward"), ("optimizer", "optim"),
-                 ("zero3_gather", "of which gathers"), ("zero3_reduce", "of which reduce"))
+PHASE_COLUMNS = (
+    ("batch", "batch"),
+    ("policy_forward", "policy fwd"),
+    ("reference_forward", "ref fwd"),
+    ("head_loss", "head+loss"),
+    ("backward", "backward"),
+    ("optimizer", "optim"),
+    ("zero3_gather", "of which gathers"),
+    ("zero3_reduce", "of which reduce"),
+)
 
 
 def format_markdown(result: dict) -> str:
-    header = ["case", "run", "procs x threads", "s/step", "vs paper", "tokens/s", "padded", "peak MiB/proc",
-              "mem vs paper", "held MiB", "floor share"] + [label for _, label in PHASE_COLUMNS] + ["other"]
-    lines = [f"Step benchmark, preset {result['preset']}: {result['machine']}, {result['date']}",
-             f"`{result['command']}`; every row on {result['cores']} cores in all; matmul rate "
-             f"{result['matmul_gflops']:.1f} GFLOP/s per {result['rate_unit']}; "
-             f"means over steps {result['warmup'] + 1}-{result['steps']}; phase times in ms", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = (
+        [
+            "case",
+            "run",
+            "procs x threads",
+            "s/step",
+            "vs paper",
+            "tokens/s",
+            "padded",
+            "peak MiB/proc",
+            "mem vs paper",
+            "held MiB",
+            "floor share",
+        ]
+        + [label for _, label in PHASE_COLUMNS]
+        + ["other"]
+    )
+    lines = [
+        f"Step benchmark, preset {result['preset']}: {result['machine']}, {result['date']}",
+        (
+            f"`{result['command']}`; every row on {result['cores']} cores in all; matmul rate "
+            f"{result['matmul_gflops']:.1f} GFLOP/s per {result['rate_unit']}; "
+            f"means over steps {result['warmup'] + 1}-{result['steps']}; phase times in ms"
+        ),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for case in result["cases"]:
         for row in case["rows"]:
             if row["status"] != "ok":
-                lines.append(f"| {case['case']} | {row['run']} | {row['processes']} x {row['threads']} | "
-                             f"{row['status']}: {row['note']} |")
+                lines.append(
+                    f"| {case['case']} | {row['run']} | {row['processes']} x {row['threads']} | "
+                    f"{row['status']}: {row['note']} |"
+                )
                 continue
             phases = [f"{1000 * row['phase_s'][key]:.0f}" for key, _ in PHASE_COLUMNS]
             if "speedup_vs_paper" in row:
@@ -362,13 +432,27 @@ def format_markdown(result: dict) -> str:
                 memory = f"{row['memory_vs_graddiff']:.2f}x graddiff's"
             else:  # graddiff's row, the methods' baseline
                 speed = memory = "(methods' baseline)"
-            lines.append("| " + " | ".join([
-                case["case"], row["run"], f"{row['processes']} x {row['threads']}", f"{row['step_s']:.3f}", speed,
-                f"{row['tokens_per_s']:.0f}", f"{100 * row['padding_share']:.0f}%",
-                f"{row['peak_mem_mib']:.0f} (base {row['baseline_mem_mib']:.0f})", memory,
-                f"{row['held_mem_mib']:.0f}", f"{100 * row['floor_share']:.1f}%", *phases,
-                f"{1000 * row['other_s']:.0f}",
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        case["case"],
+                        row["run"],
+                        f"{row['processes']} x {row['threads']}",
+                        f"{row['step_s']:.3f}",
+                        speed,
+                        f"{row['tokens_per_s']:.0f}",
+                        f"{100 * row['padding_share']:.0f}%",
+                        f"{row['peak_mem_mib']:.0f} (base {row['baseline_mem_mib']:.0f})",
+                        memory,
+                        f"{row['held_mem_mib']:.0f}",
+                        f"{100 * row['floor_share']:.1f}%",
+                        *phases,
+                        f"{1000 * row['other_s']:.0f}",
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -382,22 +466,37 @@ def _ratio(value: float, above: str = "", below: str = "") -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dsunlearn.tools.bench_step", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dsunlearn.tools.bench_step",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", type=Path, help="write OUT/bench_step.json and OUT/bench_step.md (and keep the runs)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
     parser.add_argument("--warmup", type=int, help="first steps left out of the means (default: the preset's)")
     parser.add_argument("--ranks", type=int, help="ranks of the multi-rank run (default: the preset's)")
-    parser.add_argument("--methods", nargs="*", choices=("ga", "graddiff", "npo", "simnpo"),
-                        help="presets run on 1 process against graddiff (default: the preset's; none: no such rows)")
-    parser.add_argument("--methods-only", action="store_true",
-                        help="only the method rows (graddiff and --methods), no paper loop or yao runs")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        choices=("ga", "graddiff", "npo", "simnpo"),
+        help="presets run on 1 process against graddiff (default: the preset's; none: no such rows)",
+    )
+    parser.add_argument(
+        "--methods-only",
+        action="store_true",
+        help="only the method rows (graddiff and --methods), no paper loop or yao runs",
+    )
     parser.add_argument("--vocab-sizes", type=int, nargs="+", help="these of the preset's vocabularies (default: all)")
-    parser.add_argument("--profiles", nargs="+", choices=("equal", "realistic"),
-                        help="these length profiles (default: the preset's)")
-    parser.add_argument("--cores", type=int, help="total cores of every row, split over its processes as torch threads "
-                        "(default: the cores this process may run on)")
+    parser.add_argument(
+        "--profiles", nargs="+", choices=("equal", "realistic"), help="these length profiles (default: the preset's)"
+    )
+    parser.add_argument(
+        "--cores",
+        type=int,
+        help="total cores of every row, split over its processes as torch threads "
+        "(default: the cores this process may run on)",
+    )
     parser.add_argument("--paper-worker", help=argparse.SUPPRESS)  # internal: the paper loop's subprocess
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
