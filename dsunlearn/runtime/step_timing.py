@@ -7,9 +7,10 @@ phases. The forwards are timed by module hooks, so ``forward_loss`` needs no edi
 ``with timer.phase(name)`` in the loop. The device is synchronised at every boundary, and only while timing is on.
 
 Each metrics row then carries the step's seconds per phase (the mean over ranks), peak memory and the memory held at
-the step's end (the largest of each: a reference model the loop no longer needs shows in the latter), and
-the work of the step: real tokens, padded positions and a checksum of the token ids that does not depend on how the
-sequences were split into ranks, batches and padding (the step benchmark checks it against the paper-style loop's).
+the step's end (the largest of each: a reference model the loop no longer needs shows in the latter), the torch threads
+of a process, and the work of the step: real tokens, padded positions and a checksum of the token ids that does not
+depend on how the sequences were split into ranks, batches and padding (the step benchmark checks it against the
+paper-style loop's).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from typing import Optional
 
 import torch
 
@@ -29,7 +29,7 @@ CHECKSUM_MODULUS = 2**31 - 1
 CHECKSUM_BASE = 1_000_003
 
 # The timer that the ZeRO-3 wrappers report to (patched once per process, see _wrap_zero3).
-_active_timer: Optional["StepTimer"] = None
+_active_timer: StepTimer | None = None
 
 
 def current_rss_mib() -> float:
@@ -69,11 +69,13 @@ def sequence_checksums(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 def work_of(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[3] int64: real tokens, positions (real and padded) and the checksum (sum of sequence checksums) of a batch."""
-    return torch.stack([
-        attention_mask.sum().to(torch.long),
-        torch.tensor(input_ids.numel(), device=input_ids.device),
-        sequence_checksums(input_ids, attention_mask).sum(),
-    ]).cpu()
+    return torch.stack(
+        [
+            attention_mask.sum().to(torch.long),
+            torch.tensor(input_ids.numel(), device=input_ids.device),
+            sequence_checksums(input_ids, attention_mask).sum(),
+        ]
+    ).cpu()
 
 
 class StepTimer:
@@ -86,7 +88,7 @@ class StepTimer:
         self.baseline_mem_mib = current_rss_mib() if device.type == "cpu" else 0.0
         self.seconds = dict.fromkeys(PHASES + ZERO3_PHASES, 0.0)
         self.work = torch.zeros(3, dtype=torch.long)
-        self._open_forward: Optional[list] = None  # [phase, start, head seconds inside it]
+        self._open_forward: list | None = None  # [phase, start, head seconds inside it]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -171,21 +173,24 @@ class StepTimer:
 
     def step_fields(self) -> dict:
         """The metrics-row fields of the step just done (a collective: call it on every rank): seconds per phase, the
-        mean over ranks; peak memory, the largest; the work, summed. Then counting starts afresh for the next step."""
+        mean over ranks; peak memory, the largest; the work, summed; the torch threads this process ran with. Then
+        counting starts afresh for the next step."""
         names = PHASES + ZERO3_PHASES
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         # Seconds and work in one float64 sum: the counts and checksums stay below 2^53, so they are exact.
-        summed = torch.tensor([self.seconds[name] for name in names] + self.work.tolist(), dtype=torch.float64,
-                              device=self.device)
-        peak = torch.tensor([peak_memory_mib(self.device), held_memory_mib(self.device)], dtype=torch.float64,
-                            device=self.device)
+        summed = torch.tensor(
+            [self.seconds[name] for name in names] + self.work.tolist(), dtype=torch.float64, device=self.device
+        )
+        peak = torch.tensor(
+            [peak_memory_mib(self.device), held_memory_mib(self.device)], dtype=torch.float64, device=self.device
+        )
         if world_size > 1:
             torch.distributed.all_reduce(summed)
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         values = summed.tolist()
         self.seconds = dict.fromkeys(names, 0.0)
         self.work = torch.zeros(3, dtype=torch.long)
-        tokens, positions, checksum = (int(value) for value in values[len(names):])
+        tokens, positions, checksum = (int(value) for value in values[len(names) :])
         return {
             "phase_s": {name: value / world_size for name, value in zip(names, values)},
             "peak_mem_mib": float(peak[0]),
@@ -194,6 +199,7 @@ class StepTimer:
             "real_tokens": tokens,
             "positions": positions,
             "work_checksum": checksum % CHECKSUM_MODULUS,
+            "threads": torch.get_num_threads(),
         }
 
 
@@ -206,8 +212,11 @@ def _wrap_zero3() -> None:
     targets = (
         (PartitionedParameterCoordinator, "fetch_sub_module", "zero3_gather"),
         (PartitionedParameterCoordinator, "release_sub_module", "zero3_gather"),
-        (DeepSpeedZeroOptimizer_Stage3, "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
-         "zero3_reduce"),
+        (
+            DeepSpeedZeroOptimizer_Stage3,
+            "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+            "zero3_reduce",
+        ),
     )
     for owner, attribute, phase in targets:
         original = getattr(owner, attribute)
