@@ -280,17 +280,17 @@ def run_case(
     """The runs of one case (``run_settings``: the paper loop first), checked for the same work, with ratios to the
     paper loop; then the method rows on 1 process of the paper loop's threads (``methods_only``: those alone)."""
     case_dir = work_dir / case.name.replace(" ", "_").replace("=", "")
-    paper, *trainers = runs
+    paper_run, *trainers = runs
     if methods_only:
         return {
             "case": case.name,
             "vocab_size": case.vocab_size,
             "lengths": case.profile,
-            "rows": method_rows(case, case_dir, methods, warmup, rate, paper.threads),
+            "rows": method_rows(case, case_dir, methods, warmup, rate, paper_run.threads),
         }
-    paper_steps = run_paper(case, case_dir / "paper", paper.threads)
+    paper_steps = run_paper(case, case_dir / "paper", paper_run.threads)
     flops = [s["flops"] for s in paper_steps]
-    rows = [summarise(paper, paper_steps, warmup, flops, rate)]
+    rows = [summarise(paper_run, paper_steps, warmup, flops, rate)]
     for settings in trainers:
         skip = _why_not(settings.processes)
         if skip:
@@ -313,7 +313,7 @@ def run_case(
             row["speedup_vs_paper"] = paper["step_s"] / row["step_s"]
             row["memory_vs_paper"] = row["peak_mem_mib"] / paper["peak_mem_mib"]
     if methods and not _why_not(1):
-        rows += method_rows(case, case_dir, methods, warmup, rate, paper.threads)
+        rows += method_rows(case, case_dir, methods, warmup, rate, paper_run.threads)
     return {"case": case.name, "vocab_size": case.vocab_size, "lengths": case.profile, "rows": rows}
 
 

@@ -244,3 +244,52 @@ def test_floor_is_the_same_on_equal_cores():
     assert (one["processes"], one["threads"], two["processes"], two["threads"]) == (1, 2, 2, 1)
     with pytest.raises(RuntimeError, match="ran with \\[1\\] torch threads, not the 2 asked"):
         bench_step.summarise(bench_step.RunSettings("paper", 1, 2), [step(1)] * 3, 1, flops, 1e9)
+
+
+def test_every_row_of_a_case_runs_on_all_the_cores(monkeypatch, tmp_path):
+    """run_case starts the paper loop, dsunlearn x1 and each method row as 1 process of C threads and dsunlearn x2 as
+    2 ranks of C / 2 (the runners replaced by recorders: no process is started)."""
+    started = []
+
+    def steps(threads):
+        return [
+            {
+                "threads": threads,
+                "step_s": 1.0,
+                "phase_s": dict.fromkeys(step_timing.PHASES, 0.1),
+                "real_tokens": 10,
+                "positions": 12,
+                "peak_mem_mib": 500.0,
+                "held_mem_mib": 400.0,
+                "baseline_mem_mib": 200.0,
+                "forget_ce": 1.0,
+                "random_ce": 2.0,
+                "normal_kl": 0.0,
+                "work_checksum": 7,
+                "flops": 1e9,
+            }
+        ] * 3
+
+    def run_paper(case, run_dir, threads):
+        started.append(("paper", 1, threads))
+        return steps(threads)
+
+    def run_dsunlearn(case, ranks, threads, run_dir, method="yao"):
+        started.append((method, ranks, threads))
+        return steps(threads)
+
+    monkeypatch.setattr(bench_step, "run_paper", run_paper)
+    monkeypatch.setattr(bench_step, "run_dsunlearn", run_dsunlearn)
+    monkeypatch.setattr(bench_step, "step_flops", lambda case, step: 1e9)
+    monkeypatch.setattr(bench_step, "_why_not", lambda processes: None)
+    case = bench_cases.Case("tiny", 2048, "realistic", "model", "forget", "normal", steps=3)
+    result = bench_step.run_case(case, tmp_path, 1, bench_step.run_settings(4, 2), 1e9, methods=("npo",))
+    assert started == [("paper", 1, 4), ("yao", 1, 4), ("yao", 2, 2), ("graddiff", 1, 4), ("npo", 1, 4)]
+    rows = [(row["run"], row["processes"], row["threads"]) for row in result["rows"]]
+    assert rows == [
+        ("paper", 1, 4),
+        ("dsunlearn x1", 1, 4),
+        ("dsunlearn x2", 2, 2),
+        ("graddiff x1", 1, 4),
+        ("npo x1", 1, 4),
+    ]
