@@ -23,6 +23,7 @@ none (two graphs, each compiled once).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -96,9 +97,12 @@ def _ce_kl_chunk(logits, targets, ce_weight, ref_logits, kl_weight, grad_logits_
     return token_ce, token_kl
 
 
-# Compiled lazily, once per process (torch.compile only wraps here; the graphs are made at the first call).
-_compiled_ce_chunk = torch.compile(_ce_chunk, fullgraph=True)
-_compiled_ce_kl_chunk = torch.compile(_ce_kl_chunk, fullgraph=True)
+@functools.cache
+def compiled_chunk_functions():
+    """(CE chunk, CE + KL chunk) through torch.compile, wrapped at this backend's first call: torch.compile imports
+    torch._dynamo, about 1.5 CPU-seconds that every rank of a run on another backend would pay at start-up. The
+    graphs themselves are made at the first call of each."""
+    return torch.compile(_ce_chunk, fullgraph=True), torch.compile(_ce_kl_chunk, fullgraph=True)
 
 
 def _chunk_rows_dynamic(*tensors):
@@ -155,6 +159,7 @@ class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
         if num_rows > num_without_kl:
             ref_logits = torch.empty(buffer_rows, weight.shape[0], **fp32)
 
+        compiled_ce_chunk, compiled_ce_kl_chunk = compiled_chunk_functions()
         start = 0
         while start < num_rows:
             # Chunks never straddle the [without KL | with KL] boundary.
@@ -169,7 +174,7 @@ class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
                 )
                 torch.mm(row_hidden, weight32.T, out=chunk_logits)
                 _rows_dynamic(chunk_logits, chunk_grad_logits)
-                chunk_ce = _compiled_ce_chunk(chunk_logits, row_targets, row_ce_weight, chunk_grad_logits, softcap)
+                chunk_ce = compiled_ce_chunk(chunk_logits, row_targets, row_ce_weight, chunk_grad_logits, softcap)
             else:
                 ref_rows = slice(start - num_without_kl, end - num_without_kl)
                 row_hidden, row_targets, row_ce_weight, row_ref_hidden, row_kl_weight = _chunk_rows_dynamic(
@@ -179,7 +184,7 @@ class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
                 torch.mm(row_hidden, weight32.T, out=chunk_logits)
                 torch.mm(row_ref_hidden, ref_weight32.T, out=chunk_ref_logits)
                 _rows_dynamic(chunk_logits, chunk_ref_logits, chunk_grad_logits)
-                chunk_ce, chunk_kl = _compiled_ce_kl_chunk(
+                chunk_ce, chunk_kl = compiled_ce_kl_chunk(
                     chunk_logits,
                     row_targets,
                     row_ce_weight,

@@ -3,6 +3,8 @@ to the eager chunked backend where torch.compile fails. Its exactness (float64, 
 with the other backends in test_fused_linear_ce_kl.py."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,8 +51,7 @@ def test_falls_back_to_chunked_when_torch_compile_fails(monkeypatch, caplog):
         raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler"), None)
 
     monkeypatch.setattr(compiled, "_compile_failure", None)
-    monkeypatch.setattr(compiled, "_compiled_ce_chunk", no_compiler)
-    monkeypatch.setattr(compiled, "_compiled_ce_kl_chunk", no_compiler)
+    monkeypatch.setattr(compiled, "compiled_chunk_functions", lambda: (no_compiler, no_compiler))
     inputs = _inputs(12)
     expected = fused_linear_ce_kl(*inputs, backend="chunked")
     with caplog.at_level(logging.WARNING, logger=compiled.__name__):
@@ -62,3 +63,17 @@ def test_falls_back_to_chunked_when_torch_compile_fails(monkeypatch, caplog):
             "head runs the eager chunked backend"
         )
     ]
+
+
+def test_the_trainer_imports_no_compiler_until_the_compiled_backend_runs():
+    # torch.compile imports torch._dynamo (~1.5 CPU-s): a rank on the chunked or Triton backend must not pay it.
+    code = (
+        "import sys, torch, dsunlearn.train\n"
+        "from dsunlearn.kernels import fused_linear_ce_kl\n"
+        "x, w, t = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))\n"
+        "fused_linear_ce_kl(x, w, t, torch.ones(4), backend='chunked')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor')))[:3])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
