@@ -149,45 +149,23 @@ def test_tensorboard_holds_the_training_rows_and_the_evaluations(during_run):
                   if row["set"] == "normal_held_out" and row["metric"] == "kl"]
 
 
-@pytest.mark.distributed
-@pytest.mark.integration
-def test_a_resume_neither_duplicates_nor_loses_evaluations(during_run, tmp_path):
-    """A kill while step 4's checkpoint was written (no completion marker) resumes from step 2 and replays steps 3-4;
-    a stop that came before step 2's evaluation (its rows missing) has it evaluated at the resume."""
-    run_dir, args = during_run
-    resumed = tmp_path / "run"
-    shutil.copytree(run_dir, resumed)
-    (resumed / "checkpoints" / "step_00000004" / "complete.json").unlink()
-    log = resumed / "eval_during.jsonl"
-    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if json.loads(line)["step"] != 2))
-    args = [*args, "--output.dir", str(resumed), "--output.evaluate", "false", "--resume", "true"]
-    code, output = launch(args)
-    assert code == 0, output[-4000:]
+@pytest.fixture(scope="module")
+def interrupted_run(during_run, tmp_path_factory):
+    """during_run's settings on 2 ranks stopped by SIGTERM once step 1's evaluation is logged, then left as a kill while
+    step 4's checkpoint was written would leave it, then resumed once: the one interrupted run both resume tests read.
 
-    before, after = read_log(run_dir / "eval_during.jsonl"), read_log(log)
-    keys = [(row["step"], row["set"], row["metric"]) for row in after]
-    assert sorted(keys) == sorted((row["step"], row["set"], row["metric"]) for row in before)
-    assert len(keys) == len(set(keys))
-    for step in range(1, MAX_STEPS + 1):
-        original, again = _values(before, step), _values(after, step)
-        for key, value in original.items():
-            assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
-    assert json.loads((resumed / "best_step.json").read_text())["step"] == json.loads(
-        (run_dir / "best_step.json").read_text())["step"]
-
-
-@pytest.mark.distributed
-@pytest.mark.integration
-def test_sigterm_around_an_evaluation_saves_the_step_and_the_resume_completes_the_rows(during_run, tmp_path):
-    """SIGTERM once step 1's evaluation is logged: it lands in step 2 or in its evaluation (most of a step's time);
-    either way the run saves the step and exits 75, an evaluation that finished is kept, one that had not begun is
-    made by the resumed run, and the rows end as the uninterrupted run's."""
+    The signal lands around step 1's keep_best export, in step 2 or in its evaluation: the run saves that step and exits
+    75, its evaluation logged if it had begun. Then, as the resume test's state: the saved step's evaluation rows
+    removed (a stop before that evaluation: the resume must make it), and the steps after it added as a run that went
+    on would have left them: the uninterrupted run's rows of those steps in eval_during.jsonl and metrics.jsonl, and
+    its step 4 checkpoint without the completion marker (a kill while it was written), named by ``latest``."""
     from launching import start_ranks
 
     run_dir, args = during_run
-    stopped = tmp_path / "run"
+    work = tmp_path_factory.mktemp("interrupted")
+    stopped = work / "run"
     run_args = [*args, "--output.dir", str(stopped), "--output.evaluate", "false"]
-    processes, logs = start_ranks(run_args, tmp_path)
+    processes, logs = start_ranks(run_args, work)
     try:
         deadline = time.monotonic() + 300  # only stops a hung test
         while "evaluation at step 1:" not in logs[0].read_text(errors="replace"):
@@ -201,15 +179,41 @@ def test_sigterm_around_an_evaluation_saves_the_step_and_the_resume_completes_th
         for process in processes.values():
             if process.poll() is None:
                 process.kill()
-    output = "".join(log.read_text(errors="replace") for log in logs)
-    assert codes == {0: distributed.EXIT_PREEMPTED, 1: distributed.EXIT_PREEMPTED}, output[-4000:]
+    stop_output = "".join(log.read_text(errors="replace") for log in logs)
+    assert codes == {0: distributed.EXIT_PREEMPTED, 1: distributed.EXIT_PREEMPTED}, stop_output[-4000:]
     saved = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()][-1]["step"]
-    assert (stopped / "checkpoints" / "latest").read_text().strip() == f"step_{saved:08d}"
-    steps = [row["step"] for row in read_log(stopped / "eval_during.jsonl")]
-    assert set(steps) in ({*range(1, saved + 1)}, {*range(1, saved)})
+    assert saved < MAX_STEPS, stop_output[-4000:]
+    at_stop = {"saved": saved, "latest": (stopped / "checkpoints" / "latest").read_text().strip(),
+               "logged_steps": [row["step"] for row in read_log(stopped / "eval_during.jsonl")]}
+
+    log = stopped / "eval_during.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if json.loads(line)["step"] != saved))
+    for name in ("eval_during.jsonl", "metrics.jsonl"):
+        later = [line for line in (run_dir / name).read_text().splitlines() if json.loads(line)["step"] > saved]
+        with open(stopped / name, "a") as handle:
+            handle.write("".join(line + "\n" for line in later))
+    killed = stopped / "checkpoints" / f"step_{MAX_STEPS:08d}"
+    shutil.copytree(run_dir / "checkpoints" / killed.name, killed)
+    (killed / "complete.json").unlink()
+    (stopped / "checkpoints" / "latest").write_text(killed.name)
 
     code, output = launch([*run_args, "--resume", "true"])
     assert code == 0, output[-4000:]
+    return stopped, at_stop, output
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_sigterm_around_an_evaluation_saves_the_step_and_the_resume_completes_the_rows(during_run, interrupted_run):
+    """SIGTERM once step 1's evaluation is logged: it lands in step 2 or in its evaluation (most of a step's time);
+    either way the run saves the step and exits 75 (interrupted_run checks the codes), an evaluation that finished is
+    kept, one that had not begun is made by the resumed run, and the rows end as the uninterrupted run's."""
+    run_dir, _ = during_run
+    stopped, at_stop, _ = interrupted_run
+    saved = at_stop["saved"]
+    assert at_stop["latest"] == f"step_{saved:08d}"
+    assert set(at_stop["logged_steps"]) in ({*range(1, saved + 1)}, {*range(1, saved)})
+
     before, after = read_log(run_dir / "eval_during.jsonl"), read_log(stopped / "eval_during.jsonl")
     assert sorted((r["step"], r["set"], r["metric"]) for r in after) == sorted(
         (r["step"], r["set"], r["metric"]) for r in before)
@@ -217,3 +221,26 @@ def test_sigterm_around_an_evaluation_saves_the_step_and_the_resume_completes_th
         original, again = _values(before, step), _values(after, step)
         for key, value in original.items():
             assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_a_resume_neither_duplicates_nor_loses_evaluations(during_run, interrupted_run):
+    """The kill while step 4's checkpoint was written (no completion marker) resumes from the saved step and replays
+    the steps after it: their rows, logged before the kill, are written once; the saved step, whose rows are missing
+    (a stop before its evaluation), is evaluated at the resume."""
+    run_dir, _ = during_run
+    stopped, at_stop, output = interrupted_run
+    saved = at_stop["saved"]
+    assert f"resumed from {stopped / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in output
+
+    before, after = read_log(run_dir / "eval_during.jsonl"), read_log(stopped / "eval_during.jsonl")
+    keys = [(row["step"], row["set"], row["metric"]) for row in after]
+    assert sorted(keys) == sorted((row["step"], row["set"], row["metric"]) for row in before)
+    assert len(keys) == len(set(keys))
+    for step in range(1, MAX_STEPS + 1):
+        original, again = _values(before, step), _values(after, step)
+        for key, value in original.items():
+            assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+    assert json.loads((stopped / "best_step.json").read_text())["step"] == json.loads(
+        (run_dir / "best_step.json").read_text())["step"]
