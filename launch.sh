@@ -4,7 +4,8 @@
 #   bash launch.sh                                   the embedded demo: tiny model + bundled data, 2 CPU ranks
 #   bash launch.sh --demo harmful|copyright|hallucination [--train.lr ...]   one application's demo (default harmful)
 #   bash launch.sh --config configs/X.yaml [--train.lr 2e-6 ...]     one node: all GPUs, else CPU ranks
-#   bash launch.sh --nproc 4 --config ...            ranks on this node (GPUs or CPU processes)
+#   bash launch.sh --nproc 4 --config ...            ranks on this node (GPUs or CPU processes); --nproc 1: one
+#                                                    process, started without the deepspeed launcher
 #   bash launch.sh --hostfile hosts --config ...     several nodes through the deepspeed launcher (ssh/pdsh)
 #   bash launch.sh --hostfile hosts --node-rank N ...  this node's share only, no ssh: run once on every node
 #   sbatch ... launch.sh --config ...                inside a SLURM allocation: srun, one task per GPU
@@ -221,12 +222,17 @@ if [[ -n "$hostfile" ]]; then
   launcher+=(--master_port "${MASTER_PORT:-29500}")
 else
   [[ -z "$node_rank" ]] || usage_error "--node-rank needs --hostfile"
-  if [[ "$gpus" -gt 0 ]]; then
-    launcher+=(--num_gpus "${nproc:-$gpus}")
+  if [[ "$nproc" == 1 ]]; then
+    # One process needs no launcher: the rank itself, with the variables the launcher would give it (as srun starts
+    # ranks). The deepspeed runner and its launch.py are two more interpreters that import DeepSpeed before it.
+    launcher=(env RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1
+              "MASTER_PORT=${MASTER_PORT:-$((29500 + RANDOM % 1000))}" "$python_bin")
+    stop_target=runner  # the child is the rank
+  elif [[ "$gpus" -gt 0 ]]; then
+    launcher+=(--num_gpus "${nproc:-$gpus}" --master_port "${MASTER_PORT:-$((29500 + RANDOM % 1000))}")
   else
-    launcher+=(--num_gpus "${nproc:-2}")
+    launcher+=(--num_gpus "${nproc:-2}" --master_port "${MASTER_PORT:-$((29500 + RANDOM % 1000))}")
   fi
-  launcher+=(--master_port "${MASTER_PORT:-$((29500 + RANDOM % 1000))}")
 fi
 
 if [[ $demo -eq 1 ]]; then

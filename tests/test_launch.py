@@ -138,15 +138,17 @@ def test_sbatch_from_a_folder_without_the_checkout_uses_the_installed_package(tm
 
 @pytest.mark.distributed
 @pytest.mark.integration
-def test_sigterm_to_launch_sh_reaches_every_rank(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_sigterm_to_launch_sh_reaches_every_rank(tmp_path, tiny_model_dir, nproc):
     # The deepspeed runner dies on SIGTERM and leaves its ranks running: launch.sh must signal the ranks themselves.
+    # One process is launch.sh's own child (no launcher).
     out = tmp_path / "run"
     log = (tmp_path / "launch.log").open("w")
     # No thread-count variable, as users run launch.sh: numpy's OpenBLAS starts threads in every rank at import.
     env = dict(as_users_run(os.environ), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                PYTHON=sys.executable, MASTER_PORT=str(free_port()))
     process = subprocess.Popen(
-        ["bash", "launch.sh", "--nproc", "2", "--config", "configs/demo.yaml", "--model.name_or_path",
+        ["bash", "launch.sh", "--nproc", str(nproc), "--config", "configs/demo.yaml", "--model.name_or_path",
          str(tiny_model_dir), "--output.dir", str(out), "--train.max_steps", "30", "--output.evaluate", "false"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -157,9 +159,11 @@ def test_sigterm_to_launch_sh_reaches_every_rank(tmp_path, tiny_model_dir):
             assert process.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no training step within 300 s"
             time.sleep(0.2)
+        # Ranks: the deepspeed launcher appends --local_rank; one process is `python dsunlearn/train.py ...` itself.
         ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
-                 if any(arg.startswith("--local_rank") for arg in child.cmdline())]  # the launcher appends it
-        assert len(ranks) == 2
+                 if any(arg.startswith("--local_rank") for arg in child.cmdline())
+                 or child.cmdline()[1:2] == ["dsunlearn/train.py"]]
+        assert len(ranks) == nproc
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=300)
     finally:
@@ -172,3 +176,11 @@ def test_sigterm_to_launch_sh_reaches_every_rank(tmp_path, tiny_model_dir):
     stopped_at = len(metrics.read_text().splitlines())
     assert stopped_at < 30, "the signal came after the run had finished"
     assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+
+
+def test_one_process_starts_the_rank_itself(tmp_path):
+    # No deepspeed runner and launch.py (two interpreters that import DeepSpeed) for a single process.
+    [command] = dry_run(tmp_path, "--nproc", "1", "--config", "configs/demo.yaml", env={"MASTER_PORT": "29612"})
+    assert command[:8] == ["env", "RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "LOCAL_WORLD_SIZE=1",
+                           "MASTER_ADDR=127.0.0.1", "MASTER_PORT=29612", sys.executable]
+    assert command[8:] == ["dsunlearn/train.py", "--config", "configs/demo.yaml"]
