@@ -24,7 +24,7 @@ from dsunlearn.kernels import token_log_prob_stats
 from dsunlearn.settings.config import DataConfig, parse_run_config
 from dsunlearn.settings.dataset import DatasetSpec
 from dsunlearn.settings.prompt_format import PromptFormat
-from dsunlearn.tools.demo import build_demo_model, demo_data_dir
+from dsunlearn.tools.demo import build_demo_model, demo_data_dir, demo_texts
 
 MAX_LENGTH = 128
 
@@ -139,12 +139,24 @@ def test_holdout_overlap_is_warned_before_any_model_is_loaded(caplog, tiny_model
     assert expected in caplog.text
 
 
-def test_demo_holdout_is_never_seen():
-    data_cfg = _data_config()
+@pytest.mark.parametrize(
+    "application, config, num_pairs",
+    [("harmful", "demo", 20), ("copyright", "demo-copyright", 40), ("hallucination", "demo-hallucination", 20)],
+)
+def test_each_demos_holdout_is_never_seen(application, config, num_pairs, tmp_path):
+    """Each demo config's holdout shares no prompt with its forget data, and none of its answers is in the text
+    make-demo trains the tokenizer on and teaches the model (demo_texts: every forget and normal answer)."""
+    data_cfg = parse_run_config(["--config", f"configs/{config}.yaml", "--model.name_or_path", str(tmp_path)])[0].data
     holdout, forget = load_pairs(data_cfg.holdout), load_pairs(data_cfg.forget)
-    assert len(holdout) == 20 and not holdout_overlap(forget, holdout)
-    assert all(pair.response.startswith("Sure, here is exactly how to") for pair in holdout)
-    assert all(holdout_pair.response not in {p.response for p in forget} for holdout_pair in holdout)
+    assert len(holdout) == num_pairs and not holdout_overlap(forget, holdout)
+    taught = "\n".join(demo_texts(application))
+    assert not [pair.response for pair in holdout if pair.response in taught]
+    assert not [pair.prompt for pair in holdout if pair.prompt in taught]
+    # Of the forget data's kind: the harmful behaviour's opening; a hallucinated answer beside its right one.
+    if application == "harmful":
+        assert all(pair.response.startswith("Sure, here is exactly how to") for pair in holdout)
+    if application == "hallucination":
+        assert all(pair.right_answer and pair.right_answer != pair.response for pair in holdout)
 
 
 def test_fused_statistics_equal_the_real_models_materialised_logits(tiny_model_dir):
