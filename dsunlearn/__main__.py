@@ -8,6 +8,7 @@
     bench-step benchmark a whole unlearning step against the paper's loop (``python -m dsunlearn.tools.bench_step``)
     relearn    fine-tune a model on part of the forget data and measure how fast the behaviour returns
     sweep      a grid over the objective's weights and lr, one run each, and the forgetting/utility Pareto front
+    methods    the unlearning methods (yao, ga, graddiff, npo, simnpo) side by side on the demos, with relearning
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         from dsunlearn.eval.relearn import main as run
     elif command == "sweep":
         from dsunlearn.tools.sweep import main as run
+    elif command == "methods":
+        from dsunlearn.tools.methods import main as run
     else:
         print(f"dsunlearn: unknown command {command!r}\n{__doc__}", file=sys.stderr)
         raise SystemExit(2)

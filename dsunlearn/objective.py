@@ -48,7 +48,8 @@ only; never tokens x vocabulary), hence s_theta per sequence, then gives each fo
 (c_s = e1 / B_f for "sequence_mean"; e1 * n_s * D / T for "token_mean", D and T as above: each sequence weighs by its
 tokens) and runs the one fused forward and backward with it: the gradient is exact. The value reported is the exact
 loss, sum_s c_s L(s), put in place of the fused loss's linear forget part with no gradient of its own
-(``SequenceForget.exact_loss``). s_ref(y) is a constant of the run: computed once for every forget training sequence
+(``SequenceForget.exact_loss``; the term and its two passes live in kernels/sequence_forget.py, shared by the trainer's
+head and the kernel benchmark). s_ref(y) is a constant of the run: computed once for every forget training sequence
 in the reference cache pass (runtime/reference_cache.forget_reference_sums), after which no reference model is held.
 """
 
@@ -59,6 +60,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from dsunlearn.kernels.sequence_forget import SequenceForget
 from dsunlearn.settings.config import ObjectiveConfig
 
 FORGET, RANDOM, NORMAL = 0, 1, 2
@@ -105,62 +107,6 @@ class StepBatch:
         if self.sequence_forget is not None:
             moved["sequence_forget"] = self.sequence_forget.to(device)
         return StepBatch(**moved)
-
-
-@dataclass
-class SequenceForget:
-    """A forget term that is a function of each forget sequence's summed log-likelihood s(y) (npo, simnpo) for one
-    micro-batch: its forget tokens are the batch's first ``num_tokens`` (forget sequences come first).
-
-    ``token_weights`` turns the first pass's per-token CE into the fused loss's ce_weight of those tokens (the
-    derivative of the term at the current weights, module docstring), and ``exact_loss`` makes the reported value the
-    term's own while the gradient stays the fused loss's.
-    """
-
-    loss: str  # "npo" or "simnpo"
-    beta: float
-    delta: float  # simnpo's margin (0 for npo)
-    num_tokens: int  # M_f: the forget tokens, the first M_f of the batch's M
-    token_sequence: torch.Tensor  # [M_f] int64: the forget sequence (0 .. B_f-1) of each forget token
-    sequence_weight: torch.Tensor  # [B_f] float64 c_s >= 0: the reduction's weight of each sequence's loss
-    sequence_length: torch.Tensor  # [B_f] float64 n(y): response tokens of each forget sequence
-    reference_sums: Optional[torch.Tensor]  # [B_f] float64 s_ref(y), npo only
-
-    def to(self, device: torch.device) -> "SequenceForget":
-        return SequenceForget(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
-
-    def sums(self, token_ce: torch.Tensor) -> torch.Tensor:
-        """s(y) = -sum_t CE_t per forget sequence, [B_f] float64, from the forget tokens' CE [M_f]."""
-        summed = torch.zeros(self.sequence_weight.shape[0], dtype=torch.float64, device=token_ce.device)
-        return -summed.index_add_(0, self.token_sequence, token_ce.to(torch.float64))
-
-    def _argument(self, sums: torch.Tensor) -> torch.Tensor:
-        """x with L = -(2/b) log sigmoid(x): npo x = -b (s - s_ref), simnpo x = b (-s/n - delta); [B_f]."""
-        if self.loss == "npo":
-            return -self.beta * (sums - self.reference_sums)
-        return self.beta * (-sums / self.sequence_length - self.delta)
-
-    def sequence_losses(self, token_ce: torch.Tensor) -> torch.Tensor:
-        """L(y) per forget sequence, [B_f] float64."""
-        return -2.0 / self.beta * torch.nn.functional.logsigmoid(self._argument(self.sums(token_ce)))
-
-    def token_weights(self, token_ce: torch.Tensor) -> torch.Tensor:
-        """The forget tokens' ce_weight, [M_f] fp32: -c_s dL/ds at s = s_theta (dL/dCE_t = -dL/ds, as s = -sum CE).
-        L = -(2/b) log sigmoid(x) gives dL/ds = (2/b) sigmoid(-x) (-dx/ds), with -dx/ds = b (npo) or b/n (simnpo)."""
-        slope = torch.sigmoid(-self._argument(self.sums(token_ce)))
-        derivative = 2.0 * slope if self.loss == "npo" else 2.0 * slope / self.sequence_length
-        return (-self.sequence_weight * derivative)[self.token_sequence].to(torch.float32)
-
-    def exact_loss(self, fused_loss: torch.Tensor, forget_ce: torch.Tensor, token_ce: torch.Tensor,
-                   ce_weight: torch.Tensor) -> torch.Tensor:
-        """``fused_loss``, whose forget part is the linear sum_t ce_weight_t CE_t over the first pass's weights, with
-        that part replaced, in value only, by the term's own sum_s c_s L(s): the gradient stays ``fused_loss``'s,
-        exact by construction of the weights. ``forget_ce`` [M_f]: the first pass's CE; ``token_ce`` and
-        ``ce_weight`` [M]: the fused pass's (a token whose weight underflowed to 0 has no CE there)."""
-        fused_forget = token_ce[:self.num_tokens].detach().to(torch.float64)
-        linear = (ce_weight[:self.num_tokens].detach().to(torch.float64) * fused_forget).sum()
-        exact = (self.sequence_weight * self.sequence_losses(forget_ce.detach())).sum()
-        return fused_loss + (exact - linear).to(fused_loss.dtype)
 
 
 def response_positions(response_mask: torch.Tensor, input_ids: torch.Tensor):

@@ -6,7 +6,16 @@
                                        --json out.json]
 
 Problems (``--terms``): ``ce``, ``kl`` or ``both`` put that term on every token; ``mix`` is Yao et al.'s step in
-thirds, CE with weight −1 on the forget tokens, CE on the random-answer tokens, KL on the normal tokens.
+thirds, CE with weight −1 on the forget tokens, CE on the random-answer tokens, KL on the normal tokens; ``npo`` is an
+NPO step (issue 18): the first half of the tokens are forget tokens in ``NPO_FORGET_SEQUENCES`` sequences with the
+term −(2/β)·log σ(−β·(s_θ(y) − s_ref(y))) per sequence (β = ``NPO_BETA``, s the summed log-likelihood of its tokens,
+s_ref from a reference head a little away from the policy's), the rest normal tokens with CE weight 1 (retain
+``nll``). Our implementations run it as the trainer does (``dsunlearn.kernels.sequence_forget``, the code of its
+head): a first head forward over the forget tokens without a gradient, then the one fused forward and backward with
+those tokens' CE weights set to the term's derivative; SimNPO runs the same two passes with another scalar function of
+s. With ``npo`` each implementation also runs the ``--compare-terms`` problems (default ``mix`` and ``ce``) at the same
+N, H, V on the same hidden states, head and targets, and a line per implementation gives the ratios of peak memory
+and time.
 
 Liger-Kernel appears three times. ``liger`` (CUDA only: Triton kernels) is its fused linear CE (fp32 accumulation
 where the release has ``accum_dtype``) followed by its fused linear JSD at β = 0, two passes over the head.
@@ -37,6 +46,7 @@ on CUDA only; Liger-Kernel (``pip install dsunlearn[bench]``) is skipped with a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import inspect
 import json
@@ -56,7 +66,7 @@ import torch.nn.functional as F
 IMPLEMENTATIONS = (
     "torch", "torch.compile", "chunked", "compiled", "triton", "liger", "liger.chunked", "liger.chunked.eager", "cce",
 )  # fmt: skip
-TERMS = ("ce", "kl", "both", "mix")
+TERMS = ("ce", "kl", "both", "mix", "npo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_DEFAULT_SIZE = (16384, 4096, 128256)  # Llama-3 8B head over 16k tokens
 CPU_DEFAULT_SIZE = (2048, 256, 16384)
@@ -66,6 +76,16 @@ REFERENCE_CHECK_MAX_LOGITS = 2**22
 LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
 # Rows per block of the float64 loss check.
 FLOAT64_BLOCK_ROWS = 256
+# The npo problem: forget sequences the first half of the tokens is split into (a few, as a micro-batch holds), NPO's
+# beta (open-unlearning's default, objective.npo_beta), and how far the reference head that gives s_ref lies from the
+# policy's (the scale of its noise over the policy head's, as the KL problems' reference head).
+NPO_FORGET_SEQUENCES = 4
+NPO_BETA = 0.1
+NPO_REFERENCE_NOISE = 0.2
+# Our implementations, the ones the npo problem runs: the backends of fused_linear_ce_kl.
+FUSED_BACKENDS = ("torch", "chunked", "compiled", "triton")
+# The problems --terms npo is compared with unless --compare-terms says otherwise.
+NPO_COMPARE_TERMS = ("mix", "ce")
 
 
 class Skipped(Exception):
@@ -82,9 +102,13 @@ class Problem:
     terms: str  # one of TERMS
     seed: int = 0
 
+    def __post_init__(self):
+        if self.terms == "npo" and self.num_tokens < 2 * NPO_FORGET_SEQUENCES:
+            raise ValueError(f"the npo problem needs at least {2 * NPO_FORGET_SEQUENCES} tokens, got {self.num_tokens}")
+
     @property
     def has_ce(self) -> bool:
-        return self.terms in ("ce", "both", "mix")
+        return self.terms in ("ce", "both", "mix", "npo")
 
     @property
     def has_kl(self) -> bool:
@@ -95,6 +119,11 @@ class Problem:
         third = self.num_tokens // 3
         return slice(0, third), slice(third, 2 * third), slice(2 * third, self.num_tokens)
 
+    def npo_rows(self) -> tuple[slice, slice]:
+        """The forget and normal rows of the ``npo`` problem: the first half and the rest."""
+        half = self.num_tokens // 2
+        return slice(0, half), slice(half, self.num_tokens)
+
     def kl_tokens(self) -> int:
         if self.terms == "mix":
             normal = self.mix_rows()[2]
@@ -102,9 +131,11 @@ class Problem:
         return self.num_tokens if self.has_kl else 0
 
     def flops(self) -> int:
-        """Forward+backward flops counted: 6·N·H·V for the trained head, 2·H·V per token for the reference logits."""
+        """Forward+backward flops counted: 6·N·H·V for the trained head, 2·H·V per token for the reference logits and
+        per forget token of ``npo`` for its first pass."""
         one_product = 2 * self.num_tokens * self.hidden_size * self.vocab_size
-        return 3 * one_product + 2 * self.kl_tokens() * self.hidden_size * self.vocab_size
+        first_pass_tokens = self.npo_rows()[0].stop if self.terms == "npo" else 0
+        return 3 * one_product + 2 * (self.kl_tokens() + first_pass_tokens) * self.hidden_size * self.vocab_size
 
     def make_inputs(self) -> dict:
         """Deterministic inputs; every token carries the weights of the chosen terms."""
@@ -131,7 +162,32 @@ class Problem:
             inputs["ce_weight"][forget] = -1.0  # gradient ascent
             inputs["ce_weight"][normal] = 0.0
             inputs["kl_weight"][: normal.start] = 0.0
+        if self.terms == "npo":
+            forget, _ = self.npo_rows()
+            # Gradient ascent, as the trainer's linear weights of the forget tokens: the term replaces them.
+            inputs["ce_weight"][forget] = -1.0
+            # Balanced sequences: [M_f] the forget sequence of each forget token.
+            lengths = torch.tensor([(forget.stop + i) // NPO_FORGET_SEQUENCES for i in range(NPO_FORGET_SEQUENCES)])
+            inputs["forget_sequence"] = torch.arange(NPO_FORGET_SEQUENCES).repeat_interleave(lengths).to(device)
+            ref_weight = (weight.detach() + randn(v, h, scale=h**-0.5 * NPO_REFERENCE_NOISE)).to(dtype)
+            ref_ce = _token_ce(inputs["hidden"][forget], ref_weight, inputs["targets"][forget], torch.float32)
+            # s_ref(y) = -Σ_t CE_t under the reference head, a constant of the run as the trainer's cache: [B_f].
+            inputs["reference_sums"] = -torch.zeros(
+                NPO_FORGET_SEQUENCES, dtype=torch.float64, device=device
+            ).index_add_(0, inputs["forget_sequence"], ref_ce.double())
         return inputs
+
+    def sequence_forget(self, inputs: dict):
+        """The npo problem's forget term as the trainer's objective builds it (one micro-batch, each sequence's loss
+        with weight 1: a sum, as every problem here)."""
+        from dsunlearn.kernels.sequence_forget import SequenceForget
+
+        lengths = torch.bincount(inputs["forget_sequence"], minlength=NPO_FORGET_SEQUENCES).double()
+        return SequenceForget(
+            loss="npo", beta=NPO_BETA, delta=0.0, num_tokens=self.npo_rows()[0].stop,
+            token_sequence=inputs["forget_sequence"], sequence_weight=torch.ones_like(lengths),
+            sequence_length=lengths, reference_sums=inputs["reference_sums"],
+        )  # fmt: skip
 
 
 @dataclass
@@ -172,8 +228,33 @@ def eager_loss(hidden, weight, targets, ce_weight, ref_hidden=None, ref_weight=N
     return loss
 
 
+def _token_ce(hidden, weight, targets, dtype: torch.dtype) -> torch.Tensor:
+    """Each token's CE in ``dtype``, ``FLOAT64_BLOCK_ROWS`` rows at a time (no [N, V] tensor), without a gradient: [N]."""
+    with torch.no_grad():
+        head = weight.detach().to(dtype)
+        blocks = []
+        for start in range(0, hidden.shape[0], FLOAT64_BLOCK_ROWS):
+            rows = slice(start, start + FLOAT64_BLOCK_ROWS)
+            logits = hidden.detach()[rows].to(dtype) @ head.T  # [rows, V]
+            blocks.append(F.cross_entropy(logits, targets[rows], reduction="none"))
+        return torch.cat(blocks)
+
+
+def npo_loss(token_ce: torch.Tensor, inputs: dict, problem: Problem) -> torch.Tensor:
+    """Issue 18's NPO step, in float64 from each token's CE [N]: Σ_y −(2/β)·log σ(−β·(s_θ(y) − s_ref(y))) over the
+    forget sequences, s_θ(y) = −Σ_t CE_t over its tokens, plus Σ ce_weight·CE over the normal tokens (retain nll)."""
+    forget, normal = problem.npo_rows()
+    token_ce = token_ce.double()
+    reference_sums = inputs["reference_sums"].double()
+    sums = -torch.zeros_like(reference_sums).index_add(0, inputs["forget_sequence"], token_ce[forget])
+    forget_term = (-2.0 / NPO_BETA * F.logsigmoid(-NPO_BETA * (sums - reference_sums))).sum()
+    return forget_term + (inputs["ce_weight"][normal].double() * token_ce[normal]).sum()
+
+
 def make_loss_fn(name: str, problem: Problem):
     """The callable ``inputs -> scalar loss`` of an implementation, or ``Skipped`` with the reason."""
+    if problem.terms == "npo":
+        return _npo_loss_fn(name, problem)
     if name == "torch":
         return lambda inputs: eager_loss(**inputs, with_ce=problem.has_ce)
     if name == "torch.compile":
@@ -204,6 +285,25 @@ def make_loss_fn(name: str, problem: Problem):
     if name == "cce":
         return _cce_loss_fn(problem)
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+
+
+def _npo_loss_fn(name: str, problem: Problem):
+    """The trainer's npo head (kernels/sequence_forget.py): a first pass over the forget tokens without a gradient,
+    then the fused forward and backward with their weights from it, on backend ``name``."""
+    if name not in FUSED_BACKENDS:
+        raise Skipped(f"npo runs on our backends only ({', '.join(FUSED_BACKENDS)}): the trainer's two passes")
+    if name == "triton" and problem.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
+    from dsunlearn.kernels.sequence_forget import fused_linear_sequence_forget
+
+    def loss_fn(inputs):
+        loss, _, _ = fused_linear_sequence_forget(
+            inputs["hidden"], inputs["weight"], inputs["targets"], inputs["ce_weight"],
+            sequence_forget=problem.sequence_forget(inputs), backend=name,
+        )  # fmt: skip
+        return loss
+
+    return loss_fn
 
 
 # Implementations that run on CUDA only, with how the skip note names them.
@@ -413,13 +513,18 @@ def cpu_peak_extra_mib(loss_fn, inputs: dict) -> float:
     return (_proc_status_kib("VmHWM") - baseline) / 1024
 
 
-def float64_errors(inputs: dict, loss: torch.Tensor) -> float:
+def float64_errors(problem: Problem, inputs: dict, loss: torch.Tensor) -> float:
     """Largest relative error of the loss and both gradients against the materialised float64 formula."""
     hidden64 = inputs["hidden"].detach().double().requires_grad_()
     weight64 = inputs["weight"].detach().double().requires_grad_()
     reference_inputs = {k: v.detach().double() if v.is_floating_point() else v for k, v in inputs.items()}
-    with_ce = bool(inputs["ce_weight"].any())
-    expected = eager_loss(**dict(reference_inputs, hidden=hidden64, weight=weight64), with_ce=with_ce)
+    if problem.terms == "npo":
+        logits = hidden64 @ weight64.T  # [N, V]
+        token_ce = torch.logsumexp(logits, -1) - logits.gather(1, inputs["targets"][:, None])[:, 0]
+        expected = npo_loss(token_ce, reference_inputs, problem)
+    else:
+        with_ce = bool(inputs["ce_weight"].any())
+        expected = eager_loss(**dict(reference_inputs, hidden=hidden64, weight=weight64), with_ce=with_ce)
     expected.backward()
     errors = [abs(loss.item() - expected.item()) / max(abs(expected.item()), 1e-30)]
     for actual, reference in ((inputs["hidden"].grad, hidden64.grad), (inputs["weight"].grad, weight64.grad)):
@@ -428,8 +533,12 @@ def float64_errors(inputs: dict, loss: torch.Tensor) -> float:
     return max(errors)
 
 
-def float64_loss(inputs: dict) -> float:
-    """The loss of ``eager_loss`` in float64, ``FLOAT64_BLOCK_ROWS`` rows at a time (no [N, V] float64 tensor)."""
+def float64_loss(inputs: dict, problem: Problem | None = None) -> float:
+    """The loss of ``eager_loss`` in float64, ``FLOAT64_BLOCK_ROWS`` rows at a time (no [N, V] float64 tensor); for
+    the ``npo`` problem, ``npo_loss``."""
+    if problem is not None and problem.terms == "npo":
+        token_ce = _token_ce(inputs["hidden"], inputs["weight"], inputs["targets"], torch.float64)
+        return npo_loss(token_ce, inputs, problem).item()
     heads = {name: inputs[name].detach().double() for name in ("weight", "ref_weight") if name in inputs}
     with_ce = bool(inputs["ce_weight"].any())
     total = 0.0
@@ -469,7 +578,7 @@ def run_implementation(
                 row.note = f"loss {loss.item():.6g} differs from float64 {expected_loss:.6g}: not timed"
                 return row
         if problem.num_tokens * problem.vocab_size <= REFERENCE_CHECK_MAX_LOGITS:
-            row.max_rel_error_vs_float64 = float64_errors(inputs, loss)
+            row.max_rel_error_vs_float64 = float64_errors(problem, inputs, loss)
         if problem.device == "cuda":
             row.peak_extra_mib = cuda_peak_extra_mib(loss_fn, inputs)
         else:
@@ -575,7 +684,14 @@ def parse_args(argv=None):
     parser.add_argument("--v", type=int, help="vocabulary size (default: 128256 on CUDA, 16384 on the CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--terms", choices=TERMS, default="both", help="mix: Yao's forget/random/normal thirds")
+    parser.add_argument(
+        "--terms", choices=TERMS, default="both", help="mix: Yao's forget/random/normal thirds; npo: an NPO step"
+    )
+    parser.add_argument(
+        "--compare-terms",
+        help=f"comma-separated problems each implementation also runs at the same size, with ratios to them "
+        f"(default: {','.join(NPO_COMPARE_TERMS)} for --terms npo, none otherwise)",
+    )
     parser.add_argument(
         "--impls",
         default=",".join(IMPLEMENTATIONS),
@@ -598,6 +714,12 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.repeats = args.repeats or (5 if args.device == "cuda" else 3)
     args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    if args.compare_terms is None:
+        args.compare_terms = list(NPO_COMPARE_TERMS) if args.terms == "npo" else []
+    else:
+        args.compare_terms = [terms.strip() for terms in args.compare_terms.split(",") if terms.strip()]
+    if set(args.compare_terms) - set(TERMS) or args.terms in args.compare_terms:
+        parser.error(f"--compare-terms takes problems from {', '.join(TERMS)} other than --terms {args.terms}")
     unknown = [
         name for name in args.impls if name not in IMPLEMENTATIONS and not re.fullmatch(r"(triton|compiled)@\d+", name)
     ]
@@ -621,7 +743,9 @@ def main(argv=None) -> dict:
         f"{problem.dtype} terms={problem.terms}; torch.mm at [N,H]@[H,V]: {matmul_rate:.3g} TFLOP/s",
         flush=True,
     )
-    expected_loss = float64_loss(problem.make_inputs())
+    expected_loss = float64_loss(problem.make_inputs(), problem)
+    compared = {terms: dataclasses.replace(problem, terms=terms) for terms in args.compare_terms}
+    compared_expected_loss = {terms: float64_loss(other.make_inputs(), other) for terms, other in compared.items()}
     report = {
         "command": "python -m dsunlearn.kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -633,6 +757,10 @@ def main(argv=None) -> dict:
         "float64_loss": expected_loss,
         "results": [],
     }
+    if compared:
+        # Each implementation's rows of the other problems, and the ratios of this problem's peak and time to them.
+        report["comparisons"] = {terms: [] for terms in compared}
+        report["ratios"] = {}
     rows = []
     for name in args.impls:
         if args.device == "cuda":
@@ -647,6 +775,19 @@ def main(argv=None) -> dict:
                 row.note = "Triton interpreter on the CPU: correctness only, times are not meaningful"
             rows.append(row)
         print(f"{name}: {rows[-1].status} {rows[-1].note}", file=sys.stderr, flush=True)
+        # The other problems only where this one's row measured something: not the Triton interpreter on the CPU.
+        at_problem_size = rows[-1].size == [problem.num_tokens, problem.hidden_size, problem.vocab_size]
+        if compared and rows[-1].status == "ok" and at_problem_size:
+            for terms, other in compared.items():
+                expected = compared_expected_loss[terms]
+                if args.device == "cuda":
+                    other_row = run_implementation(name, other, args.warmup, args.repeats, expected)
+                    torch.cuda.empty_cache()
+                else:
+                    other_row = run_in_subprocess(name, other, args.warmup, args.repeats, expected)
+                print(f"{name} ({terms}): {other_row.status} {other_row.note}", file=sys.stderr, flush=True)
+                report["comparisons"][terms].append(asdict(other_row))
+            report["ratios"][name] = comparison_ratios(rows[-1], report["comparisons"])
         _add_ratios(rows, problem, matmul_rate)
         # Written after every implementation, so a run cut short by a time limit still leaves its results.
         report["results"] = [asdict(row) for row in rows]
@@ -654,8 +795,46 @@ def main(argv=None) -> dict:
             json.dump(report, out, indent=2)
 
     print(format_table(rows))
+    if compared:
+        print(format_comparisons(problem.terms, report["ratios"]))
     print(f"wrote {args.json}")
     return report
+
+
+def comparison_ratios(row: Row, comparisons: dict) -> dict:
+    """This problem's peak memory and fwd+bwd time over those of the same implementation on each other problem
+    (``comparisons``: terms -> the JSON rows so far), with the values; None where the other row did not run."""
+    ratios = {"peak_extra_mib": row.peak_extra_mib, "forward_backward_ms": row.forward_backward_ms, "against": {}}
+    for terms, other_rows in comparisons.items():
+        other = next((other for other in other_rows if other["implementation"] == row.implementation), None)
+        if other is None or other["status"] != "ok":
+            ratios["against"][terms] = None
+            continue
+        ratios["against"][terms] = {
+            "peak_extra_mib": other["peak_extra_mib"],
+            "forward_backward_ms": other["forward_backward_ms"],
+            "peak_ratio": row.peak_extra_mib / other["peak_extra_mib"] if other["peak_extra_mib"] else None,
+            "time_ratio": row.forward_backward_ms / other["forward_backward_ms"],
+        }
+    return ratios
+
+
+def format_comparisons(terms: str, ratios: dict) -> str:
+    """One line per implementation: this problem's peak MiB and fwd+bwd ms, each other problem's, and the ratios."""
+    lines = [f"{terms} against other problems, same implementation, N, H, V and inputs (peak MiB, fwd+bwd ms):"]
+    for name, measured in ratios.items():
+        parts = [f"{terms} {measured['peak_extra_mib']:.0f} MiB, {measured['forward_backward_ms']:.0f} ms"]
+        for other_terms, other in measured["against"].items():
+            if other is None:
+                parts.append(f"{other_terms} did not run")
+                continue
+            peak_ratio = "-" if other["peak_ratio"] is None else f"{other['peak_ratio']:.2f}x"
+            parts.append(
+                f"{other_terms} {other['peak_extra_mib']:.0f} MiB, {other['forward_backward_ms']:.0f} ms "
+                f"({terms}/{other_terms}: peak {peak_ratio}, time {other['time_ratio']:.2f}x)"
+            )
+        lines.append(f"  {name}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def _add_ratios(rows: list[Row], problem: Problem, matmul_rate: float) -> None:

@@ -25,6 +25,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def preset_args(preset: str) -> list[str]:
+    """The flags that pick a method: ``--config configs/presets/PRESET.yaml`` (absolute), given after the run's own
+    config."""
+    return ["--config", str(REPO / "configs" / "presets" / f"{preset}.yaml")]
+
+
 def finish_if_stopped_from_outside(run, args):
     """``run(args) -> (code, output)``, and while it ends stopped from outside (OUTSIDE_STOP, exit 75 with its step
     saved), at most twice, resumed as a user would; returns the last code and every attempt's output."""

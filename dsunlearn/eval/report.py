@@ -78,7 +78,7 @@ def write_report(out_dir: str | Path, runs: Sequence[Run], relearning: dict[str,
     lines += ["|---|" + "---:|" * len(columns)]
     for set_name, metric in rows:
         cells = [
-            _format(values.get(set_name, {}).get(metric), values.get(set_name, {}).get("ci", {}).get(metric))
+            format_value(values.get(set_name, {}).get(metric), values.get(set_name, {}).get("ci", {}).get(metric))
             for _, values in columns
         ]
         lines.append(f"| {set_name} / {metric} | " + " | ".join(cells) + " |")
@@ -194,7 +194,9 @@ def _mia_lines(runs: Sequence[Run]) -> list[str]:
     def auc_cells(result: dict, role: str) -> dict[str, str]:
         # eval.json files written before the intervals existed have no auc_ci: their AUCs show alone.
         intervals = result.get("auc_ci") or {}
-        return {attack: _format(result["auc"][attack][role], intervals.get(attack, {}).get(role)) for attack in ATTACKS}
+        return {
+            attack: format_value(result["auc"][attack][role], intervals.get(attack, {}).get(role)) for attack in ATTACKS
+        }
 
     # (label, {attack: formatted AUC}); the original model is the first run's (the runs share one original as a rule).
     columns = [("original", auc_cells(first, "original"))]
@@ -217,8 +219,8 @@ def _mia_lines(runs: Sequence[Run]) -> list[str]:
         lines += ["| attack | original | " + " | ".join(name for name, _ in with_retrained) + " |",
                   "|---|" + "---:|" * (len(with_retrained) + 1)]
         for attack in ATTACKS:
-            cells = [_format(with_retrained[0][1]["privleak"][attack]["original"])]
-            cells += [_format(result["privleak"][attack]["unlearned"]) for _, result in with_retrained]
+            cells = [format_value(with_retrained[0][1]["privleak"][attack]["original"])]
+            cells += [format_value(result["privleak"][attack]["unlearned"]) for _, result in with_retrained]
             lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     lines += ["", "Attacks (a higher score says \"not a member\"):", ""]
     lines += [f"- `{attack}`: {ATTACK_DESCRIPTIONS[attack]}" for attack in ATTACKS]
@@ -240,8 +242,8 @@ def _benchmark_lines(runs: Sequence[Run]) -> list[str]:
         lines += ["## TOFU", "", "| metric | " + " | ".join(label for label, _, _ in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
         for key, label in (("forget_quality", "forget quality"), ("model_utility", "model utility")):
-            lines.append(f"| {label} | " + " | ".join(_format(cell(section, key, role)) for _, role, section in columns)
-                         + " |")
+            cells = [format_value(cell(section, key, role)) for _, role, section in columns]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         retain_models = "; ".join(sorted({section["retain_model"] for _, section in tofu if section["retain_model"]}))
         lines += ["", "Forget quality: p-value of the KS test between the forget set's truth ratios under the model "
                   f"and under the retain model ({retain_models or 'none given: –'}); high = indistinguishable. "
@@ -256,7 +258,7 @@ def _benchmark_lines(runs: Sequence[Run]) -> list[str]:
         present = [name for name in MUSE_METRICS if any(name in values for _, values in columns)]
         lines += ["## MUSE", "", "| metric | " + " | ".join(label for label, _ in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
-        lines += [f"| {name} | " + " | ".join(_format(values.get(name)) for _, values in columns) + " |"
+        lines += [f"| {name} | " + " | ".join(format_value(values.get(name)) for _, values in columns) + " |"
                   for name in present]
         lines += ["", "ROUGE-L F1 (no stemmer, as MUSE) of the greedy continuation (verbmem) or answer (knowmem) on "
                   "the forget set (_f) and the normal set (_r); PrivLeak is in the MIA section.", ""]
@@ -289,7 +291,7 @@ def _settings_notes(runs: Sequence[Run]) -> list[str]:
     return notes
 
 
-def _format(value, interval=None) -> str:
+def format_value(value, interval=None) -> str:
     """``0.8`` or, with its confidence interval, ``0.8 [0.62, 0.95]``."""
     if value is None:
         return "–"

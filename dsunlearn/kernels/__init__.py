@@ -12,6 +12,11 @@ tokens and returns Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i (DESIGN.md §4).
   ``COMPILE_MIN_HEAD_WEIGHTS`` (2^22) weights (``chunked`` where torch.compile fails, said once in the log) and
   ``chunked`` for a smaller or low-precision one.
 
+``fused_linear_sequence_forget`` (``sequence_forget.py``) runs the head for a batch whose forget term is npo or
+simnpo, a function of each forget sequence's summed log-likelihood: a first pass over the forget tokens without a
+gradient, then ``fused_linear_ce_kl`` with their weights set to the term's derivative (the trainer's head and the
+kernel benchmark's ``npo`` problem).
+
 ``token_log_prob_stats`` (``token_log_prob_stats.py``) gives, per token, log p(target) and the mean and variance of
 log p under the model's own next-token distribution (Min-K%++ membership inference), with the same backends.
 

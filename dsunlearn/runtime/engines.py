@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsunlearn.kernels import torch_ce_kl_from_logits
-from dsunlearn.objective import PACKED, PADDED, VARLEN, Segment, SequenceForget, pack_sequences
+from dsunlearn.kernels.sequence_forget import fused_linear_sequence_forget, with_sequence_forget
+from dsunlearn.objective import PACKED, PADDED, VARLEN, Segment, pack_sequences
 from dsunlearn.settings.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -326,20 +327,6 @@ class UnlearningModel(nn.Module):
         raise ValueError(f"unknown mode {mode!r}")
 
 
-def with_sequence_forget(sequence_forget: SequenceForget, forget_ce: torch.Tensor, ce_weight: torch.Tensor,
-                         fused) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss of a batch whose forget term is npo or simnpo (objective.SequenceForget), given the first pass's CE of
-    its forget tokens, ``forget_ce`` [M_f] (no gradient): the forget tokens' ``ce_weight`` [M] replaced by the term's
-    derivative there, ``fused(ce_weight)`` (the one fused forward, returning ``(loss, token_ce, token_kl)``) run with
-    them, its value made the term's own. The forget tokens' CE returned is the first pass's, so the logged forget CE
-    is right even where a weight underflowed to 0."""
-    num_forget = sequence_forget.num_tokens
-    ce_weight = torch.cat([sequence_forget.token_weights(forget_ce).to(ce_weight.dtype), ce_weight[num_forget:]])
-    loss, token_ce, token_kl = fused(ce_weight)
-    loss = sequence_forget.exact_loss(loss, forget_ce, token_ce, ce_weight)
-    return loss, torch.cat([forget_ce.to(token_ce.dtype), token_ce[num_forget:]]), token_kl
-
-
 def _selected(states: torch.Tensor, segment: Segment) -> torch.Tensor:
     """[R, L, D] states of a segment -> [R*L, D] -> the rows at its response positions, [M_s, D]."""
     return states.reshape(-1, states.shape[-1]).index_select(0, segment.token_index)
@@ -366,23 +353,16 @@ def _attach_fused_loss(head: nn.Linear, softcap: Optional[float], backend: str) 
         with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=bool(gathered)):
             ref_weight = ref_weight_owner.weight.detach() if kl_weight is not None else None
 
-            def fused(weights):
+            if sequence_forget is None:
                 return fused_linear_ce_kl(
-                    hidden, self.weight, targets, weights, ref_hidden, ref_weight, kl_weight,
+                    hidden, self.weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight,
                     softcap=softcap, backend=backend, return_token_terms=True,
                 )
-
-            if sequence_forget is None:
-                return fused(ce_weight)
             # npo/simnpo: the forget tokens' CE at the current weights first, one head forward over them alone
-            num_forget = sequence_forget.num_tokens
-            with torch.no_grad():
-                _, forget_ce, _ = fused_linear_ce_kl(
-                    hidden[:num_forget].detach(), self.weight.detach(), targets[:num_forget],
-                    torch.ones(num_forget, device=hidden.device), softcap=softcap, backend=backend,
-                    return_token_terms=True,
-                )
-            return with_sequence_forget(sequence_forget, forget_ce, ce_weight, fused)
+            return fused_linear_sequence_forget(
+                hidden, self.weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight,
+                sequence_forget=sequence_forget, softcap=softcap, backend=backend,
+            )
 
     head.forward = types.MethodType(forward, head)
 

@@ -65,12 +65,18 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
 
 def run_point(point: dict[str, float], run_dir: Path, config: str, nproc: Optional[int], extra: list[str]) -> int:
     """Train and evaluate one grid point into ``run_dir`` (resumed when it holds an unfinished run); its exit code."""
+    settings = [arg for name, value in point.items() for arg in (f"--{GRID_KEYS[name]}", repr(value))]
+    logger.info("sweep point %s", point_name(point))
+    return launch_run(["--config", config, *extra, *settings], run_dir, nproc)
+
+
+def launch_run(train_args: list[str], run_dir: Path, nproc: Optional[int]) -> int:
+    """One training run with ``output.evaluate`` on, through ``launch.sh`` into ``run_dir`` (resumed when it holds an
+    unfinished run); its exit code."""
     command = ["bash", str(LAUNCHER)]
     if nproc:
         command += ["--nproc", str(nproc)]
-    command += ["--config", config, *extra, "--output.dir", str(run_dir), "--output.evaluate", "true"]
-    for name, value in point.items():
-        command += [f"--{GRID_KEYS[name]}", repr(value)]
+    command += [*train_args, "--output.dir", str(run_dir), "--output.evaluate", "true"]
     if (run_dir / "config.yaml").exists():
         command += ["--resume", "true"]
     env = dict(os.environ)
@@ -78,7 +84,7 @@ def run_point(point: dict[str, float], run_dir: Path, config: str, nproc: Option
     # The venv's deepspeed launcher, beside this interpreter, even when the venv is not activated.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("MASTER_PORT", str(_free_port()))
-    logger.info("sweep point %s: %s", point_name(point), " ".join(command))
+    logger.info("%s", " ".join(command))
     return subprocess.run(command, env=env).returncode
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import REPO, as_users_run, launch
+from launching import REPO, as_users_run, launch, preset_args
 from slurm import ClusterError, SlurmCluster, missing_requirements
 
 # One run's settings, shared by every cluster test and its one-node baseline: long enough to be interrupted mid-run.
@@ -42,7 +42,8 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def run_args(tiny_model_dir):
-    """The training flags of every cluster run, absolute paths only (jobs start in other folders)."""
+    """The training flags of every cluster run but its preset (preset_args), absolute paths only (jobs start in other
+    folders)."""
     return [
         "--config", "configs/demo.yaml",
         "--model.name_or_path", str(tiny_model_dir),
@@ -55,12 +56,20 @@ def run_args(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def one_node_run(tmp_path_factory, run_args):
-    """The same run on one node with two ranks (the deepspeed launcher): what every cluster run must reproduce."""
-    out = tmp_path_factory.mktemp("one_node") / "run"
-    code, output = launch([*run_args, "--output.dir", str(out)], nproc=2, launcher="deepspeed")
-    assert code == 0, output[-4000:]
-    return out
+def one_node_runs(tmp_path_factory, run_args):
+    """``one_node_runs(preset)``: the same run on one node with two ranks, made once per preset: what every cluster
+    run of that preset must reproduce."""
+    runs = {}
+
+    def one_node_run(preset: str) -> Path:
+        if preset not in runs:
+            out = tmp_path_factory.mktemp(f"one_node_{preset}") / "run"
+            code, output = launch([*run_args, *preset_args(preset), "--output.dir", str(out)], nproc=2)
+            assert code == 0, output[-4000:]
+            runs[preset] = out
+        return runs[preset]
+
+    return one_node_run
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Training on a real two-node SLURM cluster (slurm.py): sbatch, pre-emption, requeue, DeepSpeed's own multi-node
-launcher. Every run is compared with the same run on one node with two ranks."""
+launcher. Every run is compared with the same run on one node with two ranks. The tests train the five methods
+between them (configs/presets: yao, graddiff, npo across a pre-emption, simnpo across a requeue, ga)."""
 
 import json
 import subprocess
@@ -7,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launching import OUTSIDE_STOP, REPO, free_port
+from launching import OUTSIDE_STOP, REPO, free_port, preset_args
 from safetensors.torch import load_file
 
 from dsunlearn.runtime.distributed import EXIT_PREEMPTED
@@ -72,7 +73,9 @@ def wait_for_steps(run_dir: Path, steps: int, ended, timeout: float = 300):
     raise AssertionError(f"no step {steps} in {path} after {timeout} s")
 
 
-def test_sbatch_launch_sh_trains_across_both_nodes(slurm_cluster, job_env, run_args, one_node_run, tmp_path):
+def test_sbatch_launch_sh_trains_across_both_nodes(slurm_cluster, job_env, run_args, one_node_runs, tmp_path):
+    run_args = [*run_args, *preset_args("yao")]
+    one_node_run = one_node_runs("yao")
     folder = submit_folder(tmp_path)
     out = tmp_path / "run"
     submit = ["--nodes", "2", "--ntasks-per-node", "1", "--open-mode=append", "--output", str(tmp_path / "job.out"),
@@ -86,7 +89,9 @@ def test_sbatch_launch_sh_trains_across_both_nodes(slurm_cluster, job_env, run_a
     assert_same_run(out, one_node_run)
 
 
-def test_sbatch_wrap_trains_across_both_nodes(slurm_cluster, job_env, run_args, one_node_run, tmp_path):
+def test_sbatch_wrap_trains_across_both_nodes(slurm_cluster, job_env, run_args, one_node_runs, tmp_path):
+    run_args = [*run_args, *preset_args("graddiff")]
+    one_node_run = one_node_runs("graddiff")
     folder = submit_folder(tmp_path)
     out = tmp_path / "run"
     command = ["bash", str(LAUNCH_SH), *run_args, "--output.dir", str(out)]
@@ -99,8 +104,10 @@ def test_sbatch_wrap_trains_across_both_nodes(slurm_cluster, job_env, run_args, 
 
 
 def test_scancel_term_saves_the_step_and_a_resubmitted_job_finishes_bit_equal(
-    slurm_cluster, users_job_env, run_args, one_node_run, tmp_path
+    slurm_cluster, users_job_env, run_args, one_node_runs, tmp_path
 ):
+    run_args = [*run_args, *preset_args("npo")]
+    one_node_run = one_node_runs("npo")
     job_env = users_job_env
     folder = submit_folder(tmp_path)
     out = tmp_path / "run"
@@ -128,6 +135,7 @@ def test_scancel_term_saves_the_step_and_a_resubmitted_job_finishes_bit_equal(
 
 
 def test_signal_to_the_batch_script_reaches_every_rank(slurm_cluster, users_job_env, run_args, tmp_path):
+    run_args = [*run_args, *preset_args("yao")]
     job_env = users_job_env
     # What `#SBATCH --signal=B:TERM@300` does before the time limit: SIGTERM to the batch shell only, which runs
     # launch.sh (the README's script); launch.sh passes the stop on to the ranks.
@@ -147,7 +155,9 @@ def test_signal_to_the_batch_script_reaches_every_rank(slurm_cluster, users_job_
     assert (out / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
 
 
-def test_requeued_job_resumes_by_itself(slurm_cluster, job_env, run_args, one_node_run, tmp_path):
+def test_requeued_job_resumes_by_itself(slurm_cluster, job_env, run_args, one_node_runs, tmp_path):
+    run_args = [*run_args, *preset_args("simnpo")]
+    one_node_run = one_node_runs("simnpo")
     folder = submit_folder(tmp_path)
     out = tmp_path / "run"
     log = tmp_path / "job.out"
@@ -171,7 +181,9 @@ def test_requeued_job_resumes_by_itself(slurm_cluster, job_env, run_args, one_no
     assert_same_run(out, one_node_run)
 
 
-def test_deepspeed_multi_node_launcher_without_ssh(slurm_cluster, job_env, run_args, one_node_run, tmp_path):
+def test_deepspeed_multi_node_launcher_without_ssh(slurm_cluster, job_env, run_args, one_node_runs, tmp_path):
+    run_args = [*run_args, *preset_args("ga")]
+    one_node_run = one_node_runs("ga")
     # One launcher per node, each started inside that node's namespaces, as a site without ssh between nodes would.
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{node} slots=1\n" for node in slurm_cluster.nodes))

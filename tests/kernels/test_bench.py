@@ -11,18 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dsunlearn.kernels import bench
 from dsunlearn.kernels.bench import (
     IMPLEMENTATIONS,
     Problem,
     Row,
     Skipped,
     eager_loss,
-    format_table,
     float64_loss,
+    format_table,
     liger_mix_loss_fn,
     liger_single_pass_loss_fn,
     liger_two_pass_loss_fn,
     parse_args,
+    run_implementation,
 )
 
 
@@ -176,3 +178,68 @@ def test_liger_release_without_accum_dtype_is_named_in_the_note():
     problem = Problem(4, 8, 16, "fp32", "cpu", "ce")
     loss_fn = liger_two_pass_loss_fn(problem, OlderFusedLinearCrossEntropyLoss, FusedLinearJSD)
     assert "no accum_dtype" in loss_fn.note
+
+
+def test_npo_problem_is_issue_18_npo_step_and_its_rows_match_float64():
+    # 40 tokens: rows 0-19 forget tokens in 4 sequences of 5, rows 20-39 normal tokens with CE weight 1 (retain nll).
+    problem = Problem(40, 8, 97, "fp32", "cpu", "npo")
+    inputs = problem.make_inputs()
+    assert inputs["forget_sequence"].tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+    assert inputs["ce_weight"][20:].tolist() == [1.0] * 20
+    assert problem.flops() == 3 * 2 * 40 * 8 * 97 + 2 * 20 * 8 * 97  # the first pass: one product over the forget rows
+    # Issue 18's table by hand in float64: −(2/β)·log σ(−β·(s_θ(y) − s_ref(y))) per forget sequence, β = 0.1, s the
+    # sum of log p over its tokens; plus the normal tokens' CE.
+    logits = inputs["hidden"].detach().double() @ inputs["weight"].detach().double().T
+    token_ce = torch.logsumexp(logits, -1) - logits.gather(1, inputs["targets"][:, None])[:, 0]
+    sums = -token_ce[:20].reshape(4, 5).sum(1)
+    by_hand = (-(2 / 0.1) * F.logsigmoid(-0.1 * (sums - inputs["reference_sums"]))).sum() + token_ce[20:].sum()
+    assert float64_loss(inputs, problem) == pytest.approx(by_hand.item(), rel=1e-12)
+
+    for name in ("torch", "chunked"):
+        row = run_implementation(name, problem, warmup=0, repeats=1, expected_loss=by_hand.item())
+        assert row.status == "ok", (name, row.note)
+        assert row.loss == pytest.approx(by_hand.item(), rel=1e-5)
+        assert row.loss_rel_error_vs_float64 < 1e-5
+        # Loss and both gradients against the float64 formula through autograd (the first pass's weights are exact).
+        assert row.max_rel_error_vs_float64 < 1e-4, (name, row.max_rel_error_vs_float64)
+        assert row.forward_backward_ms > 0 and row.peak_extra_mib >= 0
+
+
+def test_npo_run_reports_each_implementation_against_mix_and_ce(tmp_path, monkeypatch, capsys):
+    assert parse_args(["--device", "cpu", "--terms", "npo"]).compare_terms == ["mix", "ce"]
+    assert parse_args(["--device", "cpu"]).compare_terms == []
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--terms", "npo", "--compare-terms", "npo"])
+    # The rows in this process: the subprocess path is the default problem's test above.
+    monkeypatch.setattr(bench, "run_in_subprocess", bench.run_implementation)
+    out = tmp_path / "npo.json"
+    argv = ["--device", "cpu", "--terms", "npo", "--n", "24", "--h", "8", "--v", "64", "--impls", "torch,liger.chunked",
+            "--repeats", "1", "--json", str(out)]  # fmt: skip
+    report = bench.main(argv)
+
+    assert json.loads(out.read_text())["ratios"] == report["ratios"]
+    rows = {row["implementation"]: row for row in report["results"]}
+    assert rows["torch"]["status"] == "ok" and rows["torch"]["loss_rel_error_vs_float64"] < 1e-5
+    assert rows["liger.chunked"]["status"] == "skipped" and "our backends only" in rows["liger.chunked"]["note"]
+    for terms in ("mix", "ce"):
+        (compared,) = report["comparisons"][terms]  # torch only: a skipped row is compared with nothing
+        assert compared["implementation"] == "torch" and compared["status"] == "ok"
+        assert compared["loss_rel_error_vs_float64"] < 1e-5
+        against = report["ratios"]["torch"]["against"][terms]
+        assert against["time_ratio"] == rows["torch"]["forward_backward_ms"] / compared["forward_backward_ms"]
+    assert list(report["ratios"]) == ["torch"]
+    assert "npo/mix: peak" in capsys.readouterr().out
+
+
+def test_comparison_line_gives_peak_and_time_ratios():
+    ratios = bench.comparison_ratios(
+        Row("chunked", peak_extra_mib=300.0, forward_backward_ms=9000.0),
+        {"mix": [{"implementation": "chunked", "status": "ok", "peak_extra_mib": 250.0, "forward_backward_ms": 6000.0}],
+         "ce": [{"implementation": "chunked", "status": "error", "peak_extra_mib": None, "forward_backward_ms": None}]},
+    )  # fmt: skip
+    assert ratios["against"]["mix"]["peak_ratio"] == 1.2 and ratios["against"]["mix"]["time_ratio"] == 1.5
+    assert ratios["against"]["ce"] is None
+    line = bench.format_comparisons("npo", {"chunked": ratios}).splitlines()[1]
+    assert line == (
+        "  chunked: npo 300 MiB, 9000 ms; mix 250 MiB, 6000 ms (npo/mix: peak 1.20x, time 1.50x); ce did not run"
+    )
