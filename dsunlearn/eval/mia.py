@@ -18,6 +18,9 @@ AUC (scikit-learn ``roc_auc_score``) between the forget set the model was traine
 the members) and a never-seen set (``data.holdout``), labels 0 for members and 1 for non-members against the
 scores, as open-unlearning computes it: 1 when the attack recognises every forget sample as a member, 0.5 when
 forget and never-seen samples look alike (the goal of unlearning; a retrained model is the reference).
+Each AUC has a stratified percentile bootstrap interval (``auc_ci``): members and non-members are resampled
+separately, each to its own size, so every resample keeps both classes (seeded; the evaluation's
+``confidence_level`` and ``bootstrap_resamples``).
 PrivLeak is MUSE's: (AUC'_unlearned − AUC'_retrained) / AUC'_retrained × 100 with MUSE's AUC' = 1 − AUC (its AUC
 counts the other way round; open-unlearning converts the same way): about 0 is good, strongly negative means the
 forget set still leaks (under-unlearning), strongly positive that it now stands out the other way (over-unlearning).
@@ -30,6 +33,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Optional
 
+import numpy as np
 import torch
 
 from dsunlearn.data.pairs import Pair
@@ -46,7 +50,10 @@ ATTACK_DESCRIPTIONS = {
     "next-token distribution",
 }
 MEMBER_SET, NONMEMBER_SET = "forget_train", "holdout"
+ROLES = ("original", "unlearned", "retrained")
 MIN_VARIANCE = 1e-6
+BOOTSTRAP_SEED = 0
+"""Seed of the AUC intervals' resampling, as every other interval of the evaluation (``metrics.bootstrap_ci``)."""
 # Tokens of the probe that checks the head is hidden @ W^T (as engines' head probe).
 HEAD_PROBE_TOKENS = 8
 
@@ -86,6 +93,40 @@ def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> fl
     return float(roc_auc_score(labels, [*member_scores, *nonmember_scores]))
 
 
+def auc_interval(
+    member_scores: Sequence[float],
+    nonmember_scores: Sequence[float],
+    confidence_level: float,
+    n_resamples: int,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float]:
+    """``[low, high]``: the stratified percentile bootstrap interval of :func:`auc`.
+
+    Each resample draws ``len(member_scores)`` members and ``len(nonmember_scores)`` non-members with replacement,
+    each class from its own scores, so no resample lacks a class. All resamples at once from ranks: the AUC with
+    non-members as the positive class (labels 1) is (rank sum of the non-members − n0(n0+1)/2) / (n1·n0), ties
+    taking their average rank as ``roc_auc_score`` counts them half.
+    """
+    from scipy.stats import rankdata
+
+    members = np.asarray(member_scores, dtype=np.float64)
+    nonmembers = np.asarray(nonmember_scores, dtype=np.float64)
+    num_members, num_nonmembers = len(members), len(nonmembers)
+    rng = np.random.default_rng(seed)
+    resampled = np.concatenate(
+        [
+            members[rng.integers(0, num_members, size=(n_resamples, num_members))],
+            nonmembers[rng.integers(0, num_nonmembers, size=(n_resamples, num_nonmembers))],
+        ],
+        axis=1,
+    )  # [resamples, members + non-members]
+    nonmember_rank_sums = rankdata(resampled, axis=1)[:, num_members:].sum(axis=1)  # [resamples]
+    aucs = (nonmember_rank_sums - num_nonmembers * (num_nonmembers + 1) / 2) / (num_members * num_nonmembers)
+    alpha = 1.0 - confidence_level
+    low, high = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
+    return [float(low), float(high)]
+
+
 def privleak(auc_unlearned: float, auc_retrained: float) -> Optional[float]:
     """MUSE's PrivLeak in percent (module docstring); None when the retrained AUC leaves nothing to divide by."""
     muse_unlearned, muse_retrained = 1.0 - auc_unlearned, 1.0 - auc_retrained
@@ -94,19 +135,29 @@ def privleak(auc_unlearned: float, auc_retrained: float) -> Optional[float]:
     return (muse_unlearned - muse_retrained) / muse_retrained * 100.0
 
 
-def summarize(scores: dict[str, dict[str, list[dict[str, float]]]], k: float) -> dict:
-    """``summary["mia"]`` from ``{role: {set: [per-sequence scores]}}`` (roles: original, unlearned, retrained)."""
-    aucs = {
-        attack: {
-            role: (
-                auc([s[attack] for s in scores[role][MEMBER_SET]], [s[attack] for s in scores[role][NONMEMBER_SET]])
-                if role in scores
-                else None
-            )
-            for role in ("original", "unlearned", "retrained")
+def summarize(
+    scores: dict[str, dict[str, list[dict[str, float]]]], k: float, *, confidence_level: float, n_resamples: int
+) -> dict:
+    """``summary["mia"]`` from ``{role: {set: [per-sequence scores]}}`` (roles: original, unlearned, retrained):
+    per attack and role the AUC (``auc``) and its interval (``auc_ci``, :func:`auc_interval`; None for a role
+    without scores), and the PrivLeaks against the retrained model."""
+
+    def per_role(measure) -> dict[str, dict]:
+        return {
+            attack: {
+                role: (
+                    measure(
+                        [s[attack] for s in scores[role][MEMBER_SET]], [s[attack] for s in scores[role][NONMEMBER_SET]]
+                    )
+                    if role in scores
+                    else None
+                )
+                for role in ROLES
+            }
+            for attack in ATTACKS
         }
-        for attack in ATTACKS
-    }
+
+    aucs = per_role(auc)
     privleaks = None
     if "retrained" in scores:
         privleaks = {
@@ -121,6 +172,9 @@ def summarize(scores: dict[str, dict[str, list[dict[str, float]]]], k: float) ->
         "nonmember_set": NONMEMBER_SET,
         "num_samples": {name: len(scores["unlearned"][name]) for name in (MEMBER_SET, NONMEMBER_SET)},
         "auc": aucs,
+        "auc_ci": per_role(
+            lambda members, nonmembers: auc_interval(members, nonmembers, confidence_level, n_resamples)
+        ),
         "privleak": privleaks,
     }
 
@@ -150,7 +204,7 @@ def evaluate_mia(
             mine = score_pairs(scored, tokenizer, [pairs[i] for i in shard], context, cfg.mia_k)
             records = [{"index": index, "scores": s} for index, s in zip(shard[:num_real], mine[:num_real])]
             scores[role][set_name] = [record["scores"] for record in gather_records(records, world_size)]
-    return summarize(scores, cfg.mia_k)
+    return summarize(scores, cfg.mia_k, confidence_level=cfg.confidence_level, n_resamples=cfg.bootstrap_resamples)
 
 
 def load_retrained(cfg, world_size: int):

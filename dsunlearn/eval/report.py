@@ -190,22 +190,29 @@ def _mia_lines(runs: Sequence[Run]) -> list[str]:
     if not measured:
         return []
     first = measured[0][1]
-    # (label, {attack: AUC}); the original model is the first run's (the runs share one original as a rule).
-    columns = [("original", {attack: first["auc"][attack]["original"] for attack in ATTACKS})]
-    columns += [(name, {attack: result["auc"][attack]["unlearned"] for attack in ATTACKS}) for name, result in measured]
+
+    def auc_cells(result: dict, role: str) -> dict[str, str]:
+        # eval.json files written before the intervals existed have no auc_ci: their AUCs show alone.
+        intervals = result.get("auc_ci") or {}
+        return {
+            attack: format_value(result["auc"][attack][role], intervals.get(attack, {}).get(role)) for attack in ATTACKS
+        }
+
+    # (label, {attack: formatted AUC}); the original model is the first run's (the runs share one original as a rule).
+    columns = [("original", auc_cells(first, "original"))]
+    columns += [(name, auc_cells(result, "unlearned")) for name, result in measured]
     with_retrained = [(name, result) for name, result in measured if result.get("privleak")]
     if with_retrained:
-        retrained = with_retrained[0][1]
-        columns.append(("retrained", {attack: retrained["auc"][attack]["retrained"] for attack in ATTACKS}))
+        columns.append(("retrained", auc_cells(with_retrained[0][1], "retrained")))
     counts = ", ".join(f"{set_name}: {count}" for set_name, count in first["num_samples"].items())
     lines = ["## MIA AUC", "",
              f"Membership inference between `{first['member_set']}` (members) and the never-seen "
              f"`{first['nonmember_set']}` ({counts}; k = {first['k']}): ROC AUC, 1 = every forget sample recognised, "
-             "0.5 = indistinguishable from never-seen ones (a retrained model's value is the goal).", ""]
+             "0.5 = indistinguishable from never-seen ones (a retrained model's value is the goal). [low, high]: "
+             "the stratified bootstrap interval (members and never-seen samples resampled separately).", ""]
     lines += ["| attack | " + " | ".join(label for label, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for attack in ATTACKS:
-        cells = [format_value(aucs[attack]) for _, aucs in columns]
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+        lines.append(f"| {attack} | " + " | ".join(formatted[attack] for _, formatted in columns) + " |")
     if with_retrained:
         lines += ["", "PrivLeak (MUSE, %: (AUC'_model − AUC'_retrained) / AUC'_retrained with AUC' = 1 − AUC; ~0 is "
                   "good, negative = the forget set still leaks, positive = over-unlearned):", ""]

@@ -6,6 +6,7 @@ import logging
 import math
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from launching import run_evaluation_ranks
@@ -23,7 +24,7 @@ from dsunlearn.kernels import token_log_prob_stats
 from dsunlearn.settings.config import DataConfig, parse_run_config
 from dsunlearn.settings.dataset import DatasetSpec
 from dsunlearn.settings.prompt_format import PromptFormat
-from dsunlearn.tools.demo import build_demo_model, demo_data_dir
+from dsunlearn.tools.demo import build_demo_model, demo_data_dir, demo_texts
 
 MAX_LENGTH = 128
 
@@ -66,6 +67,55 @@ def test_auc_and_privleak_by_hand():
     assert mia.privleak(0.6, 0.6) == pytest.approx(0.0)
 
 
+def test_auc_interval_by_hand():
+    # One non-member at 3: a resample of the members {1, 4} is {1, 1} (AUC 1), mixed (0.5) or {4, 4} (0), with
+    # probabilities 1/4, 1/2, 1/4. The 30th and 70th percentiles (level 0.4) are both 0.5; the 5th and 95th are 0, 1.
+    assert mia.auc_interval([1.0, 4.0], [3.0], confidence_level=0.4, n_resamples=1000) == [0.5, 0.5]
+    assert mia.auc_interval([1.0, 4.0], [3.0], confidence_level=0.9, n_resamples=1000) == [0.0, 1.0]
+    # A tie counts half: the member 2 against non-members {2, 2}, {2, 3}, {3, 3} gives 0.5, 0.75, 1.
+    assert mia.auc_interval([2.0], [2.0, 3.0], confidence_level=0.4, n_resamples=1000) == [0.75, 0.75]
+    assert mia.auc_interval([2.0], [2.0, 3.0], confidence_level=0.9, n_resamples=1000) == [0.5, 1.0]
+    # Every member below every non-member: every resample recognises them all.
+    assert mia.auc_interval([1.0, 2.0, 2.5], [3.0, 4.0], confidence_level=0.95, n_resamples=200) == [1.0, 1.0]
+
+
+def test_auc_interval_is_sklearns_auc_over_stratified_resamples():
+    from sklearn.metrics import roc_auc_score
+
+    generator = np.random.default_rng(7)
+    # Rounded scores: many ties, within and across the two sets.
+    members = np.round(generator.normal(0.0, 1.0, 13), 1)
+    nonmembers = np.round(generator.normal(0.6, 1.0, 9), 1)
+    n_resamples, level = 300, 0.9
+    # The draws of auc_interval: members, then non-members, each from its own set and to its own size.
+    draws = np.random.default_rng(mia.BOOTSTRAP_SEED)
+    member_draws = members[draws.integers(0, len(members), size=(n_resamples, len(members)))]
+    nonmember_draws = nonmembers[draws.integers(0, len(nonmembers), size=(n_resamples, len(nonmembers)))]
+    labels = [0] * len(members) + [1] * len(nonmembers)
+    expected = [roc_auc_score(labels, np.concatenate([m, n])) for m, n in zip(member_draws, nonmember_draws)]
+    low, high = np.quantile(expected, [0.05, 0.95])
+    interval = mia.auc_interval(members, nonmembers, confidence_level=level, n_resamples=n_resamples)
+    assert interval == pytest.approx([low, high], abs=1e-12)
+    assert low < mia.auc(members, nonmembers) < high
+    # Seeded: the same inputs give the same interval.
+    assert mia.auc_interval(members, nonmembers, confidence_level=level, n_resamples=n_resamples) == interval
+
+
+def test_summary_has_an_interval_per_attack_and_role():
+    def scores(values):
+        return [{attack: value for attack in mia.ATTACKS} for value in values]
+
+    by_role = {
+        role: {"forget_train": scores([1.0, 2.0, 4.0]), "holdout": scores([3.0, 5.0])}
+        for role in ("original", "unlearned")
+    }
+    summary = mia.summarize(by_role, 0.4, confidence_level=0.9, n_resamples=50)
+    expected = mia.auc_interval([1.0, 2.0, 4.0], [3.0, 5.0], confidence_level=0.9, n_resamples=50)
+    for attack in mia.ATTACKS:
+        assert summary["auc"][attack]["unlearned"] == pytest.approx(5 / 6)
+        assert summary["auc_ci"][attack] == {"original": expected, "unlearned": expected, "retrained": None}
+
+
 def test_holdout_overlap_is_warned_before_any_model_is_loaded(caplog, tiny_model_dir):
     forget = [Pair("How do I rob the bank?", "r", "f", 1), Pair("Steal a cake?", "r", "f", 2)]
     holdout = [Pair("  How do I rob the bank?", "x", "h", 1), Pair("Another?", "y", "h", 2)]
@@ -89,12 +139,24 @@ def test_holdout_overlap_is_warned_before_any_model_is_loaded(caplog, tiny_model
     assert expected in caplog.text
 
 
-def test_demo_holdout_is_never_seen():
-    data_cfg = _data_config()
+@pytest.mark.parametrize(
+    "application, config, num_pairs",
+    [("harmful", "demo", 20), ("copyright", "demo-copyright", 40), ("hallucination", "demo-hallucination", 20)],
+)
+def test_each_demos_holdout_is_never_seen(application, config, num_pairs, tmp_path):
+    """Each demo config's holdout shares no prompt with its forget data, and none of its answers is in the text
+    make-demo trains the tokenizer on and teaches the model (demo_texts: every forget and normal answer)."""
+    data_cfg = parse_run_config(["--config", f"configs/{config}.yaml", "--model.name_or_path", str(tmp_path)])[0].data
     holdout, forget = load_pairs(data_cfg.holdout), load_pairs(data_cfg.forget)
-    assert len(holdout) == 20 and not holdout_overlap(forget, holdout)
-    assert all(pair.response.startswith("Sure, here is exactly how to") for pair in holdout)
-    assert all(holdout_pair.response not in {p.response for p in forget} for holdout_pair in holdout)
+    assert len(holdout) == num_pairs and not holdout_overlap(forget, holdout)
+    taught = "\n".join(demo_texts(application))
+    assert not [pair.response for pair in holdout if pair.response in taught]
+    assert not [pair.prompt for pair in holdout if pair.prompt in taught]
+    # Of the forget data's kind: the harmful behaviour's opening; a hallucinated answer beside its right one.
+    if application == "harmful":
+        assert all(pair.response.startswith("Sure, here is exactly how to") for pair in holdout)
+    if application == "hallucination":
+        assert all(pair.right_answer and pair.right_answer != pair.response for pair in holdout)
 
 
 def test_fused_statistics_equal_the_real_models_materialised_logits(tiny_model_dir):
@@ -166,6 +228,8 @@ def test_demo_original_model_leaks_its_forget_set(demo_model_dir, tmp_path):
     assert summary["auc"]["loss"]["original"] == summary["auc"]["loss"]["unlearned"]
     assert summary["auc"]["loss"]["original"] > 0.5
     assert summary["auc"]["loss"]["retrained"] is None and summary["privleak"] is None
+    low, high = summary["auc_ci"]["loss"]["original"]
+    assert low <= summary["auc"]["loss"]["original"] <= high and summary["auc_ci"]["loss"]["retrained"] is None
 
 
 @pytest.mark.distributed
@@ -196,6 +260,8 @@ def test_two_zero3_ranks_give_the_numbers_of_one_process(tmp_path, perturbed_dem
     for attack in mia.ATTACKS:
         assert distributed["auc"][attack] == pytest.approx(single["auc"][attack], abs=1e-9), attack
         assert distributed["privleak"][attack] == pytest.approx(single["privleak"][attack], abs=1e-6), attack
+        for role, interval in single["auc_ci"][attack].items():
+            assert distributed["auc_ci"][attack][role] == pytest.approx(interval, abs=1e-9), (attack, role)
     # The retrained model here is the unlearned one: no leak relative to it; the original model differs.
     assert all(math.isclose(single["privleak"][a]["unlearned"], 0.0, abs_tol=1e-9) for a in mia.ATTACKS)
     assert single["auc"]["loss"]["original"] != single["auc"]["loss"]["unlearned"]

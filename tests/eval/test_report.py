@@ -6,7 +6,8 @@ import re
 import matplotlib.image
 import pytest
 
-from dsunlearn.eval.report import compare, main, write_report
+from dsunlearn.eval.mia import ATTACKS
+from dsunlearn.eval.report import _mia_lines, compare, main, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -155,3 +156,29 @@ def test_report_shows_confidence_intervals(tmp_path):
     assert not re.search(r"^\| [a-z_]+ / ci \|", text, flags=re.MULTILINE)  # the intervals are no metric of their own
     assert "preset muse (ROUGE-L f1, stemmer off)" in text
     assert "the 90% (200 resamples) percentile bootstrap interval" in text
+
+
+def _mia_summary(name, auc_unlearned, intervals=True):
+    """A run's ``mia`` section (dsunlearn/eval/mia.py summarize), with or without its AUC intervals."""
+    section = {
+        "k": 0.4,
+        "member_set": "forget_train",
+        "nonmember_set": "holdout",
+        "num_samples": {"forget_train": 59, "holdout": 20},
+        "auc": {attack: {"original": 1.0, "unlearned": auc_unlearned, "retrained": None} for attack in ATTACKS},
+        "privleak": None,
+    }
+    if intervals:
+        section["auc_ci"] = {
+            attack: {"original": [1.0, 1.0], "unlearned": [0.62, 0.95], "retrained": None} for attack in ATTACKS
+        }
+    return {**_summary(name, 3.0, 0.8, 0.05), "mia": section}
+
+
+def test_mia_table_shows_auc_intervals_and_reads_eval_json_without_them():
+    runs = [("new", _mia_summary("new", 0.8), None), ("old", _mia_summary("old", 0.7, intervals=False), None)]
+    text = "\n".join(_mia_lines(runs))
+    assert _table_row(text, "loss") == ["1 [1, 1]", "0.8 [0.62, 0.95]", "0.7"]
+    assert _table_row(text, "min_k++") == ["1 [1, 1]", "0.8 [0.62, 0.95]", "0.7"]
+    # An eval.json written before the intervals existed, alone: its AUCs show without brackets.
+    assert _table_row("\n".join(_mia_lines(runs[1:])), "zlib") == ["1", "0.7"]
