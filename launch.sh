@@ -111,6 +111,11 @@ if [[ -n "$demo_name" ]]; then
 fi
 
 gpu_count() {
+  # Without GPU device files (NVIDIA's, or ROCm's /dev/kfd) torch sees no GPU: no interpreter importing torch to ask.
+  if ! compgen -G "/dev/nvidia[0-9]*" >/dev/null && [[ ! -e /dev/kfd ]]; then
+    echo 0
+    return
+  fi
   "$python_bin" - <<'EOF' 2>/dev/null || echo 0
 import torch
 print(torch.cuda.device_count() if torch.cuda.is_available() else 0)

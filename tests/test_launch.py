@@ -25,7 +25,7 @@ def launch_sh(tmp_path, *args, env=None, cwd=REPO, script=REPO / "launch.sh"):
     path = f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     return subprocess.run(["bash", str(script), *args], cwd=cwd, capture_output=True, text=True,
-                          env=dict(clean, PATH=path, PYTHON=sys.executable, **(env or {})))
+                          env={**clean, "PATH": path, "PYTHON": sys.executable, **(env or {})})
 
 
 def dry_run(tmp_path, *args, **kwargs):
@@ -184,3 +184,16 @@ def test_one_process_starts_the_rank_itself(tmp_path):
     assert command[:8] == ["env", "RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "LOCAL_WORLD_SIZE=1",
                            "MASTER_ADDR=127.0.0.1", "MASTER_PORT=29612", sys.executable]
     assert command[8:] == ["dsunlearn/train.py", "--config", "configs/demo.yaml"]
+
+
+def test_no_gpu_device_files_means_no_interpreter_asks_torch(tmp_path):
+    # Every launch.sh call asked torch for the GPU count: an interpreter importing torch (~2 CPU-s) per run.
+    if Path("/dev/kfd").exists() or list(Path("/dev").glob("nvidia[0-9]*")):
+        pytest.skip("this machine has GPU device files")
+    calls = tmp_path / "python_calls"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    [command] = dry_run(tmp_path, "--config", "configs/demo.yaml", env={"PYTHON": str(wrapper)})
+    assert command[:3] == ["env", "DS_ACCELERATOR=cpu", "deepspeed"]
+    assert not calls.exists() or "-" not in calls.read_text().split(), calls.read_text()
