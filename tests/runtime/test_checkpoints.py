@@ -196,45 +196,67 @@ def test_metrics_log_drops_a_torn_line_and_the_replayed_steps(tmp_path, caplog):
 # ---- whole runs ----
 
 
-@pytest.mark.integration
-def test_resume_when_latest_is_empty_and_the_last_metrics_line_torn(reference_run, copied_run, tiny_model_dir):
-    """A kill during the step-4 save: a torn step folder, `latest` truncated to 0 bytes, a torn last metrics row."""
-    tear(copied_run / "checkpoints" / "step_00000004")
-    os.truncate(copied_run / "checkpoints" / "latest", 0)
-    metrics = copied_run / "metrics.jsonl"
+@pytest.fixture(scope="module")
+def resumed_after_a_torn_save(reference_run, tiny_model_dir, tmp_path_factory):
+    """A kill during the step-4 save: a torn step folder, `latest` truncated to 0 bytes, a torn last metrics row; and a
+    torn later folder (step 9) beside them. Resumed with a checkpoint every step, keeping one: the run saves step 3,
+    then step 4 over the torn folder, and rotates after each. Returns (run folder, exit code, output)."""
+    run_dir = Path(shutil.copytree(reference_run, tmp_path_factory.mktemp("torn_save") / "run"))
+    checkpoint_dir = run_dir / "checkpoints"
+    tear(checkpoint_dir / "step_00000004")
+    shutil.copytree(checkpoint_dir / "step_00000004", checkpoint_dir / "step_00000009")
+    os.truncate(checkpoint_dir / "latest", 0)
+    metrics = run_dir / "metrics.jsonl"
     os.truncate(metrics, metrics.stat().st_size - 20)
-    code, output = train_one_process(run_args(tiny_model_dir, copied_run, "--resume", "true"))
+    code, output = train_one_process(
+        run_args(tiny_model_dir, run_dir, "--resume", "true", "--train.checkpoint_every", "1",
+                 "--train.keep_checkpoints", "1")
+    )
+    return run_dir, code, output
+
+
+@pytest.mark.integration
+def test_resume_when_latest_is_empty_and_the_last_metrics_line_torn(reference_run, resumed_after_a_torn_save):
+    run_dir, code, output = resumed_after_a_torn_save
     assert code == 0, output[-4000:]
     assert "latest is empty: resuming from step_00000002" in output
     assert "metrics.jsonl line 4 is torn" in output
     assert "resumed from" in output and "at step 2" in output
-    assert_same_metrics(read_metrics(copied_run), read_metrics(reference_run))
-    assert checkpoints.read_marker(copied_run / "checkpoints" / "step_00000004").step == 4  # saved again, complete
+    assert_same_metrics(read_metrics(run_dir), read_metrics(reference_run))
+    assert checkpoints.read_marker(run_dir / "checkpoints" / "step_00000004").step == 4  # saved again, complete
 
 
 @pytest.mark.integration
-def test_resume_when_latest_names_a_missing_folder(reference_run, copied_run, tiny_model_dir):
-    shutil.rmtree(copied_run / "checkpoints" / "step_00000004")
-    code, output = train_one_process(run_args(tiny_model_dir, copied_run, "--resume", "true"))
-    assert code == 0, output[-4000:]
-    assert "names step_00000004, which does not exist: resuming from step_00000002" in output
-    assert_same_metrics(read_metrics(copied_run), read_metrics(reference_run))
-
-
-@pytest.mark.integration
-def test_rotation_keeps_the_checkpoint_just_written_beside_a_torn_later_folder(copied_run, tiny_model_dir):
+def test_rotation_keeps_the_checkpoint_just_written_beside_a_torn_later_folder(resumed_after_a_torn_save):
     """The issue's loss: rotation kept the highest-numbered folder (a torn one) and deleted the one just written."""
-    checkpoint_dir = copied_run / "checkpoints"
-    tear(checkpoint_dir / "step_00000004")
-    (checkpoint_dir / "step_00000004").rename(checkpoint_dir / "step_00000009")
-    code, output = train_one_process(
-        run_args(tiny_model_dir, copied_run, "--resume", "true", "--train.checkpoint_every", "1",
-                 "--train.keep_checkpoints", "1")
-    )
+    run_dir, code, output = resumed_after_a_torn_save
     assert code == 0, output[-4000:]
+    checkpoint_dir = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoint_dir.glob("step_*")) == ["step_00000004", "step_00000009"]
     assert [c.step for c in checkpoints.complete_checkpoints(checkpoint_dir)] == [4]
     assert (checkpoint_dir / "latest").read_text().strip() == "step_00000004"
+
+
+@pytest.fixture(scope="module")
+def requeued_run(reference_run, tiny_model_dir, tmp_path_factory):
+    """A SLURM job preempted after the step-2 checkpoint (step 4's folder gone, `latest` still naming it), started
+    again in its allocation (SLURM_RESTART_COUNT 0), then requeued (1) with the same command line: no --resume.
+    Returns (run folder, (code, output) of the start in the allocation, (code, output) of the requeued start)."""
+    run_dir = Path(shutil.copytree(reference_run, tmp_path_factory.mktemp("requeued") / "run"))
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    (run_dir / "slurm_job_id").write_text("4242\n")  # as the job's first start recorded it
+    same_allocation = train_one_process(run_args(tiny_model_dir, run_dir), SLURM_JOB_ID="4242",
+                                        SLURM_RESTART_COUNT="0")
+    requeued = train_one_process(run_args(tiny_model_dir, run_dir), SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1")
+    return run_dir, same_allocation, requeued
+
+
+@pytest.mark.integration
+def test_resume_when_latest_names_a_missing_folder(reference_run, requeued_run):
+    run_dir, _, (code, output) = requeued_run
+    assert code == 0, output[-4000:]
+    assert "names step_00000004, which does not exist: resuming from step_00000002" in output
+    assert_same_metrics(read_metrics(run_dir), read_metrics(reference_run))
 
 
 @pytest.mark.distributed
@@ -293,19 +315,15 @@ def test_resume_with_another_model_or_other_settings_is_refused_naming_each(copi
 
 
 @pytest.mark.integration
-def test_a_requeued_slurm_job_resumes_its_own_run(reference_run, copied_run, tiny_model_dir):
+def test_a_requeued_slurm_job_resumes_its_own_run(reference_run, requeued_run):
     """SLURM requeues a job with its id unchanged and SLURM_RESTART_COUNT raised; the same command line is run."""
-    shutil.rmtree(copied_run / "checkpoints" / "step_00000004")  # preempted after the step-2 checkpoint
-    (copied_run / "slurm_job_id").write_text("4242\n")  # as the job's first start recorded it
-    code, output = train_one_process(run_args(tiny_model_dir, copied_run), SLURM_JOB_ID="4242",
-                                     SLURM_RESTART_COUNT="0")
-    assert code == 2 and "holds a run" in output  # a second run inside the same allocation is no requeue
-    code, output = train_one_process(run_args(tiny_model_dir, copied_run), SLURM_JOB_ID="4242",
-                                     SLURM_RESTART_COUNT="1")
+    run_dir, (same_allocation_code, same_allocation_output), (code, output) = requeued_run
+    # A second run inside the same allocation is no requeue.
+    assert same_allocation_code == 2 and "holds a run" in same_allocation_output
     assert code == 0, output[-4000:]
     assert "SLURM job 4242 was requeued (restart 1) into the folder it owns: resuming" in output
-    assert_same_metrics(read_metrics(copied_run), read_metrics(reference_run))
-    assert checkpoints.read_marker(copied_run / "checkpoints" / "step_00000004").shape.slurm_job_id == "4242"
+    assert_same_metrics(read_metrics(run_dir), read_metrics(reference_run))
+    assert checkpoints.read_marker(run_dir / "checkpoints" / "step_00000004").shape.slurm_job_id == "4242"
 
 
 @pytest.fixture
