@@ -38,7 +38,7 @@ import yaml
 
 from dsunlearn.eval.report import format_value
 from dsunlearn.runtime import distributed
-from dsunlearn.tools.sweep import launch_run
+from dsunlearn.tools.sweep import launch_run, split_at_double_dash
 
 logger = logging.getLogger("dsunlearn.tools.methods")
 
@@ -320,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    own, extra = split_at_double_dash(argv)
+    args = build_parser().parse_args(own)
     problems = []
     if args.tune_on not in args.applications:
         problems.append(f"--tune_on {args.tune_on} is not among --applications {args.applications}")

@@ -70,6 +70,13 @@ def run_point(point: dict[str, float], run_dir: Path, config: str, nproc: Option
     return launch_run(["--config", config, *extra, *settings], run_dir, nproc)
 
 
+def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the command's own arguments, those after ``--`` for every training run)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
 def launch_run(train_args: list[str], run_dir: Path, nproc: Optional[int]) -> int:
     """One training run with ``output.evaluate`` on, through ``launch.sh`` into ``run_dir`` (resumed when it holds an
     unfinished run); its exit code."""
@@ -160,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    own, extra = split_at_double_dash(argv)
+    args = build_parser().parse_args(own)
     axes: dict[str, list[float]] = {}
     if args.grid:
         import yaml
