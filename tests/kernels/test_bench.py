@@ -243,3 +243,14 @@ def test_comparison_line_gives_peak_and_time_ratios():
     assert line == (
         "  chunked: npo 300 MiB, 9000 ms; mix 250 MiB, 6000 ms (npo/mix: peak 1.20x, time 1.50x); ce did not run"
     )
+
+
+def test_cpu_peak_reads_no_rise_when_the_kernels_stored_peak_lags_the_baseline(monkeypatch):
+    # CI saw -0.039 MiB on a 48-token problem: the kernel had not moved its stored peak past the resident size the
+    # baseline read, and the call ended holding less than before.
+    sizes = {"VmRSS": 100_040, "VmHWM": 100_000}
+    monkeypatch.setattr(bench, "_proc_status_kib", lambda key: sizes[key])
+    hidden = torch.randn(2, 3, requires_grad=True)
+    assert bench.cpu_peak_extra_mib(lambda inputs: inputs["hidden"].sum(), {"hidden": hidden}) == 0.0
+    sizes["VmHWM"] = 100_040 + 2048
+    assert bench.cpu_peak_extra_mib(lambda inputs: inputs["hidden"].sum(), {"hidden": hidden}) == 2.0
