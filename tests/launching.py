@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from warm_start import start_python
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A SIGTERM whose sender is outside this machine's PID namespace (si_pid 0: not SLURM, launch.sh or the test) now and
@@ -103,9 +105,7 @@ def start_ranks(args, log_dir: Path, nproc=2, port=None, prefix=(), ranks=None, 
         env = dict(base_env, DS_ACCELERATOR="cpu", RANK=str(rank), WORLD_SIZE=str(nproc),
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                    **(extra_env or {}))
-        with open(logs[rank], "w") as log:
-            processes[rank] = subprocess.Popen([*prefix, sys.executable, "dsunlearn/train.py", *args], cwd=REPO,
-                                               env=env, stdout=log, stderr=subprocess.STDOUT)
+        processes[rank] = start_python(["dsunlearn/train.py", *args], env, REPO, logs[rank], prefix)
     return processes, logs
 
 
@@ -114,12 +114,18 @@ def run_evaluation_ranks(argv, nproc=2, timeout=300) -> list[str]:
     every rank exited 0 and returns their outputs."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "dsunlearn.eval.evaluation", *argv],
-                         env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(nproc)
-    ]
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    with tempfile.TemporaryDirectory() as log_dir:
+        logs = [Path(log_dir) / f"rank{rank}.log" for rank in range(nproc)]
+        procs = [
+            start_python(["-m", "dsunlearn.eval.evaluation", *argv], dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                         REPO, logs[rank])
+            for rank in range(nproc)
+        ]
+        try:
+            codes = [p.wait(timeout=timeout) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        outputs = [log.read_text(errors="replace") for log in logs]
+    assert all(code == 0 for code in codes), "\n".join(o[-3000:] for o in outputs)
     return outputs

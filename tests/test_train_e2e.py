@@ -3,13 +3,12 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO, launch
+from launching import launch
+from warm_start import popen_python
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
@@ -77,12 +76,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_pat
     args = demo_args(tiny_model_dir, run_dir)
     args[args.index("--train.max_steps") + 1] = "500"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "dsunlearn", "train", *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = popen_python(["-m", "dsunlearn", "train", *args], env)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()[-4000:]
+        assert process.poll() is None, process.communicate()[0][-4000:]
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]

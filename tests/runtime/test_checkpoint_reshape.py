@@ -8,13 +8,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO, free_port, launch
+from launching import free_port, launch
+from warm_start import popen_python
 
 from dsunlearn.runtime.checkpoint_reshape import UNIVERSAL_SUBDIR, saved_world_size
 
@@ -89,13 +88,9 @@ def run_load_workers(ranks, precision, model_dir, run_dir, out_file, timeout=300
     rank's exit code and output."""
     worker = Path(__file__).parent / "workers" / "reshape_load.py"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks), PYTHONPATH=str(REPO))
-    command = [sys.executable, str(worker), str(out_file), STEP_2, *run_args(model_dir, run_dir, ranks, precision)]
-    processes = [
-        subprocess.Popen(command, cwd=REPO, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(ranks)
-    ]
+               MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks))
+    command = [str(worker), str(out_file), STEP_2, *run_args(model_dir, run_dir, ranks, precision)]
+    processes = [popen_python(command, dict(env, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in range(ranks)]
     outputs = [process.communicate(timeout=timeout)[0] for process in processes]
     return [process.returncode for process in processes], outputs
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from launching import REPO, finish_if_stopped_from_outside, free_port, launch
+from warm_start import popen_python
 
 from dsunlearn.runtime import checkpoints
 from dsunlearn.runtime.checkpoints import MARKER_NAME, RunShape, choose_resume_checkpoint, step_tag
@@ -32,9 +33,12 @@ def train_one_process(args, timeout=300, **env_vars):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_vars)
 
     def run(run_args):
-        done = subprocess.run([sys.executable, "-m", "dsunlearn", "train", *run_args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        return done.returncode, done.stdout + done.stderr
+        process = popen_python(["-m", "dsunlearn", "train", *run_args], env)
+        try:
+            output = process.communicate(timeout=timeout)[0]
+        finally:
+            process.kill()
+        return process.returncode, output
 
     return finish_if_stopped_from_outside(run, args)
 

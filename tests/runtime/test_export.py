@@ -11,15 +11,14 @@ layout case; the other layouts and the composite config, whose properties do not
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO, free_port
+from launching import free_port
 from safetensors.torch import load_file
+from warm_start import popen_python
 
 from dsunlearn.data.tiny import build_tiny_causal_lm, save_tiny_model
 from dsunlearn.settings.config import ConfigError, OutputConfig, RunConfig, parse_size
@@ -32,9 +31,8 @@ def start_workers(model_dir, run_dir, *args, env=None, ranks=2):
     base_env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WORLD_SIZE=str(ranks),
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
     return [
-        subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(run_dir), *args], cwd=REPO,
-                         env=dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        popen_python([str(WORKER), str(model_dir), str(run_dir), *args],
+                     dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank)))
         for rank in range(ranks)
     ]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from launching import REPO, free_port, launch
+from warm_start import popen_python
 
 from dsunlearn.data.tiny import build_tiny_causal_lm, save_tiny_model
 from dsunlearn.data.tokenization import TokenizedSequence
@@ -228,9 +229,8 @@ def _run_worker(model_dir, out_dir, world_size, lora_rank):
     env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(out_dir), str(lora_rank)], cwd=REPO,
-                         env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+        popen_python([str(WORKER), str(model_dir), str(out_dir), str(lora_rank)],
+                     dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
         for rank in range(world_size)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -6,13 +6,12 @@ gradient's scale too (Adam's first step would hide it: it normalises).
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from launching import free_port
+from warm_start import popen_python
 
 from dsunlearn.data.tokenization import TokenizedSequence, pad_batch
 from dsunlearn.objective import PADDED, build_step_batch, response_positions
@@ -134,11 +133,8 @@ def test_zero3_step_matches_single_process(tmp_path, tied, backend, head_path, p
                MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                **({"TRITON_INTERPRET": "1"} if backend == "triton" else {}))
     procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(policy_dir), str(reference_dir), str(out_file), backend, head_path,
-             packing],
-            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        popen_python([str(worker), str(policy_dir), str(reference_dir), str(out_file), backend, head_path, packing],
+                     dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
         for rank in range(WORLD_SIZE)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
