@@ -368,7 +368,11 @@ class Watchdog:
         last_beat_seen, neighbour_beats = time.monotonic(), -1
         while not self._closing.is_set():
             received = signal.sigtimedwait({signal.SIGTERM}, self._interval_s)
-            if received is not None:
+            # A process stopped and continued (SIGSTOP/SIGCONT: `scontrol suspend`/`resume`, Ctrl-Z, a sampling
+            # profiler such as py-spy, a frozen cgroup or VM) makes the wait fail with EINTR; when its time is up by
+            # then, CPython (3.11 at least) returns a siginfo it never filled instead of None: garbage, often zeros,
+            # read as "SIGTERM from pid 0" before this check. Only a filled one names SIGTERM.
+            if received is not None and received.si_signo == signal.SIGTERM:
                 self._stop_requested(f"SIGTERM from {_signal_sender(received)}")
             elif self._stray_sigterm_taken():
                 self._stop_requested("SIGTERM (taken by another thread: sender unknown)")

@@ -166,3 +166,48 @@ def test_a_thread_that_takes_sigterm_requests_a_stop_instead_of_killing(tmp_path
     output = done.stdout + done.stderr
     assert done.returncode == EXIT_PREEMPTED, output[-4000:]
     assert "SIGTERM unblocked" in output and "outside a training step: stopped at once" in output, output[-4000:]
+
+
+STOPPED_AND_CONTINUED = """
+import signal, sys, time
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # as the entry points do first
+from dsunlearn.runtime import distributed
+watchdog = distributed.Watchdog()
+print("watching", flush=True)
+for _ in range(1200):
+    time.sleep(0.05)
+sys.exit(9)
+"""
+
+
+@pytest.mark.distributed
+def test_a_rank_stopped_and_continued_is_not_stopped_by_a_sigterm_nobody_sent(tmp_path):
+    """SIGSTOP then SIGCONT (``scontrol suspend``/``resume``, Ctrl-Z and ``fg``, py-spy, a frozen VM) for longer than
+    the watchdog's wait: the wait ends with EINTR past its time, and CPython hands back a siginfo it never filled. The
+    watchdog read that as "SIGTERM from pid 0" and stopped the run with 75; it must go on, and still stop on a real
+    SIGTERM."""
+    log_path = tmp_path / "watchdog.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-c", STOPPED_AND_CONTINUED], cwd=tmp_path, env=users_env(),
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while not any(wchan.startswith("do_sigtimedwait") for _, wchan in thread_states(process.pid).values()):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.05)
+        for _ in range(2):
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(1.5)  # past the watchdog's 1 s wait
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.5)
+        time.sleep(1.0)  # a stop request ends the process at once
+        assert process.poll() is None, log_path.read_text()[-4000:]
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log_path.read_text()
+    assert code == EXIT_PREEMPTED, output[-4000:]
+    assert f"SIGTERM from pid {os.getpid()}" in output and "pid 0" not in output, output[-4000:]
