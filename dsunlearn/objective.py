@@ -48,7 +48,7 @@ only; never tokens x vocabulary), hence s_theta per sequence, then gives each fo
 (c_s = e1 / B_f for "sequence_mean"; e1 * n_s * D / T for "token_mean", D and T as above: each sequence weighs by its
 tokens) and runs the one fused forward and backward with it: the gradient is exact. The value reported is the exact
 loss, sum_s c_s L(s), put in place of the fused loss's linear forget part with no gradient of its own
-(``SequenceForget.exact_loss``; the term and its two passes live in kernels/sequence_forget.py, shared by the trainer's
+(``SequenceForget.exact_loss``; the term and its head live in kernels/sequence_forget.py, shared by the trainer's
 head and the kernel benchmark). s_ref(y) is a constant of the run: computed once for every forget training sequence
 in the reference cache pass (runtime/reference_cache.forget_reference_sums), after which no reference model is held.
 """

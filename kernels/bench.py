@@ -11,11 +11,12 @@ NPO step (issue 18): the first half of the tokens are forget tokens in ``NPO_FOR
 term −(2/β)·log σ(−β·(s_θ(y) − s_ref(y))) per sequence (β = ``NPO_BETA``, s the summed log-likelihood of its tokens,
 s_ref from a reference head a little away from the policy's), the rest normal tokens with CE weight 1 (retain
 ``nll``). Our implementations run it as the trainer does (``dsunlearn.kernels.sequence_forget``, the code of its
-head): a first head forward over the forget tokens without a gradient, then the one fused forward and backward with
-those tokens' CE weights set to the term's derivative; SimNPO runs the same two passes with another scalar function of
-s. With ``npo`` each implementation also runs the ``--compare-terms`` problems (default ``mix`` and ``ce``) at the same
-N, H, V on the same hidden states, head and targets, and a line per implementation gives the ratios of peak memory
-and time.
+head): on ``chunked`` and ``compiled``, one fused forward and backward whose chunks hold whole forget sequences and
+weigh them by the term's derivative once their CE is known; on ``triton`` (and where a sequence is longer than a
+chunk) a first head forward over the forget tokens without a gradient, then the fused pass with those weights. SimNPO
+runs the same code with another scalar function of s. With ``npo`` each implementation also runs the
+``--compare-terms`` problems (default ``mix`` and ``ce``) at the same N, H, V on the same hidden states, head and
+targets, and a line per implementation gives the ratios of peak memory and time.
 
 Liger-Kernel appears three times. ``liger`` (CUDA only: Triton kernels) is its fused linear CE (fp32 accumulation
 where the release has ``accum_dtype``) followed by its fused linear JSD at β = 0, two passes over the head.
@@ -131,11 +132,10 @@ class Problem:
         return self.num_tokens if self.has_kl else 0
 
     def flops(self) -> int:
-        """Forward+backward flops counted: 6·N·H·V for the trained head, 2·H·V per token for the reference logits and
-        per forget token of ``npo`` for its first pass."""
+        """Forward+backward flops counted: 6·N·H·V for the trained head and 2·H·V per token for the reference logits.
+        An ``npo`` first pass, where an implementation makes one, is overhead: not counted."""
         one_product = 2 * self.num_tokens * self.hidden_size * self.vocab_size
-        first_pass_tokens = self.npo_rows()[0].stop if self.terms == "npo" else 0
-        return 3 * one_product + 2 * (self.kl_tokens() + first_pass_tokens) * self.hidden_size * self.vocab_size
+        return 3 * one_product + 2 * self.kl_tokens() * self.hidden_size * self.vocab_size
 
     def make_inputs(self) -> dict:
         """Deterministic inputs; every token carries the weights of the chosen terms."""
@@ -288,10 +288,10 @@ def make_loss_fn(name: str, problem: Problem):
 
 
 def _npo_loss_fn(name: str, problem: Problem):
-    """The trainer's npo head (kernels/sequence_forget.py): a first pass over the forget tokens without a gradient,
-    then the fused forward and backward with their weights from it, on backend ``name``."""
+    """The trainer's npo head (kernels/sequence_forget.py) on backend ``name``: one pass in chunks of whole forget
+    sequences, or a first pass over the forget tokens without a gradient and then the fused one."""
     if name not in FUSED_BACKENDS:
-        raise Skipped(f"npo runs on our backends only ({', '.join(FUSED_BACKENDS)}): the trainer's two passes")
+        raise Skipped(f"npo runs on our backends only ({', '.join(FUSED_BACKENDS)}): the trainer's head code")
     if name == "triton" and problem.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise Skipped("triton on the CPU needs TRITON_INTERPRET=1")
     from dsunlearn.kernels.sequence_forget import fused_linear_sequence_forget

@@ -8,7 +8,7 @@ gradient. The loss is linear in its upstream gradient, so this is exact.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -22,6 +22,36 @@ WEIGHT_BLOCK_BYTES = 8 * 2**20
 def default_chunk_size(vocab_size: int) -> int:
     """Rows per chunk so that a [chunk, V] fp32 tensor stays within ``CHUNK_LOGITS_BYTES``."""
     return max(1, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+
+
+class DeferredRows(NamedTuple):
+    """Rows whose CE weights depend on their own CE (npo/simnpo's forget tokens: a function of each sequence's sum),
+    weighed in the one pass that makes their logits instead of a first pass before it.
+
+    They are the first ``num_rows`` rows of the call (no KL term), given ce_weight 1, so the loss counts each CE once,
+    and processed in the chunks ``spans`` ((start, end) pairs covering [0, num_rows)), each of which holds whole
+    sequences. ``weights(start, end, chunk_ce)`` turns a chunk's CE [C] into its rows' true weights [C] fp32; scaling a
+    row commutes with both gradient products, so the chunk's gradients take them after its softmax:
+    dL/dh = w·(g @ W), dL/dW += gᵀ @ (w·h).
+    """
+
+    num_rows: int
+    spans: tuple
+    weights: Callable
+
+
+def chunk_spans(num_rows: int, chunk_rows: int, deferred: DeferredRows | None = None, boundaries=()):
+    """(start, end) of every chunk: the deferred rows' own spans, then chunks of at most ``chunk_rows`` rows that never
+    straddle a row index in ``boundaries``."""
+    start = 0
+    if deferred is not None:
+        yield from deferred.spans
+        start = deferred.num_rows
+    for stop in sorted({index for index in boundaries if start < index < num_rows} | {num_rows}):
+        while start < stop:
+            end = min(start + chunk_rows, stop)
+            yield start, end
+            start = end
 
 
 def scale_precomputed_gradients(ctx, grad_loss: torch.Tensor):
@@ -111,6 +141,7 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
         chunk_size: int,
         needs_grad_hidden: bool,
         needs_grad_weight: bool,
+        deferred: DeferredRows | None,
     ):
         num_rows = hidden.shape[0]
         vocab_size = weight.shape[0]
@@ -124,8 +155,7 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, **fp32) if needs_grad_hidden else None  # [M, H]
         grad_weight = torch.zeros(weight.shape, **fp32) if needs_grad_weight else None  # [V, H]
 
-        for start in range(0, num_rows, chunk_size):
-            end = min(start + chunk_size, num_rows)
+        for start, end in chunk_spans(num_rows, chunk_size, deferred):
             chunk_hidden = hidden[start:end].float()  # [C, H]
             logits = policy.logits(chunk_hidden)  # [C, V]
             if softcap is not None:
@@ -142,6 +172,7 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
             chunk_ce = torch.where(valid_target, logsumexp - target_logits, torch.zeros_like(logsumexp))
             token_ce[start:end] = chunk_ce
             loss += (chunk_ce_weight * chunk_ce).sum()
+            row_weight = deferred.weights(start, end, chunk_ce) if deferred and start < deferred.num_rows else None
 
             # Rows [kl_start, C) of this chunk have a KL term; they are rows [kl_start + start - num_without_kl, …)
             # of ref_hidden / kl_weight.
@@ -179,9 +210,13 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
                 # d(c·tanh(x/c))/dx = 1 − tanh²(x/c)
                 grad_logits.mul_(tanh_logits.square_().neg_().add_(1.0))
                 del tanh_logits
+            if row_weight is not None:
+                chunk_hidden = chunk_hidden * row_weight.unsqueeze(1)  # [C, H]: dL/dW += gᵀ (w·h)
             policy.add_gradients(
                 grad_logits, chunk_hidden, grad_hidden[start:end] if needs_grad_hidden else None, grad_weight
             )
+            if row_weight is not None and needs_grad_hidden:
+                grad_hidden[start:end].mul_(row_weight.unsqueeze(1))
 
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype = hidden.dtype
@@ -192,7 +227,7 @@ class ChunkedFusedLinearCEKLFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_token_ce, _grad_token_kl):
-        return (*scale_precomputed_gradients(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
+        return (*scale_precomputed_gradients(ctx, grad_loss), *[None] * 11)
 
 
 def chunked_fused_linear_ce_kl(
@@ -207,13 +242,14 @@ def chunked_fused_linear_ce_kl(
     softcap: float | None = None,
     return_token_terms: bool = False,
     chunk_size: int | None = None,
+    deferred: DeferredRows | None = None,
 ):
     """Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i without materialising the [N, V] logits.
 
     Same contract as ``dsunlearn.kernels.fused_linear_ce_kl`` (which validates the inputs; this function assumes
     valid ones). ``chunk_size`` is the number of token rows per chunk, by default ``default_chunk_size(V)``.
     Tokens whose weights are both 0 are dropped before any matmul; reference logits are computed only for
-    tokens with a non-zero ``kl_weight``.
+    tokens with a non-zero ``kl_weight``. ``deferred``: rows weighed by their own CE (``DeferredRows``).
     """
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     if chunk_size is None:
@@ -222,6 +258,7 @@ def chunked_fused_linear_ce_kl(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
     compact = compact_rows(ce_weight, kl_weight)
+    check_deferred_rows_lead(compact, deferred)
     grad_enabled = torch.is_grad_enabled()
     loss, active_ce, active_kl = ChunkedFusedLinearCEKLFunction.apply(
         hidden[compact.active_rows],  # [M, H]; indexing routes the gradient back to the original rows
@@ -236,6 +273,7 @@ def chunked_fused_linear_ce_kl(
         chunk_size,
         grad_enabled and hidden.requires_grad,
         grad_enabled and weight.requires_grad,
+        deferred,
     )
     if not return_token_terms:
         return loss
@@ -265,6 +303,15 @@ def compact_rows(ce_weight: torch.Tensor, kl_weight: torch.Tensor | None) -> Com
         rows_with_kl = with_kl.nonzero().squeeze(1)
     active_rows = torch.cat([rows_without_kl, rows_with_kl])
     return CompactRows(ce_weight, kl_weight, active_rows, rows_with_kl, rows_without_kl.numel())
+
+
+def check_deferred_rows_lead(compact: CompactRows, deferred: DeferredRows | None):
+    """Deferred rows must be the compacted call's first rows: non-zero CE weight, no KL."""
+    if deferred is None:
+        return
+    lead = compact.active_rows[: deferred.num_rows]
+    if compact.num_without_kl < deferred.num_rows or not torch.equal(lead, torch.arange(deferred.num_rows).to(lead)):
+        raise ValueError("deferred rows must be the first rows, each with a non-zero ce_weight and no KL term")
 
 
 def expand_token_terms(compact: CompactRows, num_tokens: int, active_ce: torch.Tensor, active_kl: torch.Tensor):

@@ -28,7 +28,15 @@ import logging
 
 import torch
 
-from .chunked import chunked_fused_linear_ce_kl, compact_rows, expand_token_terms, scale_precomputed_gradients
+from .chunked import (
+    DeferredRows,
+    check_deferred_rows_lead,
+    chunk_spans,
+    chunked_fused_linear_ce_kl,
+    compact_rows,
+    expand_token_terms,
+    scale_precomputed_gradients,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +147,7 @@ class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
         chunk_rows: int,
         needs_grad_hidden: bool,
         needs_grad_weight: bool,
+        deferred: DeferredRows | None,
     ):
         num_rows = hidden.shape[0]
         fp32 = {"dtype": torch.float32, "device": hidden.device}
@@ -160,10 +169,8 @@ class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
             ref_logits = torch.empty(buffer_rows, weight.shape[0], **fp32)
 
         compiled_ce_chunk, compiled_ce_kl_chunk = compiled_chunk_functions()
-        start = 0
-        while start < num_rows:
-            # Chunks never straddle the [without KL | with KL] boundary.
-            end = min(start + chunk_rows, num_without_kl if start < num_without_kl else num_rows)
+        # Chunks never straddle the [without KL | with KL] boundary.
+        for start, end in chunk_spans(num_rows, chunk_rows, deferred, boundaries=(num_without_kl,)):
             rows = slice(start, end)
             height = max(2, end - start)
             chunk_hidden = hidden32[rows]  # [C, H]
@@ -196,11 +203,16 @@ class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
                 token_kl[ref_rows] = chunk_kl[: end - start]
             token_ce[rows] = chunk_ce[: end - start]
             chunk_grad_logits = chunk_grad_logits[: end - start]
+            row_weight = None
+            if deferred is not None and start < deferred.num_rows:
+                row_weight = deferred.weights(start, end, token_ce[rows]).unsqueeze(1)  # [C, 1]
+                chunk_hidden = chunk_hidden * row_weight  # [C, H]: dL/dW += gᵀ (w·h)
             if needs_grad_hidden:
                 torch.mm(chunk_grad_logits, weight32, out=grad_hidden[rows])
+                if row_weight is not None:
+                    grad_hidden[rows].mul_(row_weight)
             if needs_grad_weight:
                 grad_weight.addmm_(chunk_grad_logits.T, chunk_hidden)
-            start = end
 
         loss = (ce_weight * token_ce).sum()
         if kl_weight is not None:
@@ -214,7 +226,7 @@ class CompiledFusedLinearCEKLFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_token_ce, _grad_token_kl):
-        return (*scale_precomputed_gradients(ctx, grad_loss), *[None] * 10)
+        return (*scale_precomputed_gradients(ctx, grad_loss), *[None] * 11)
 
 
 _compile_failure: str | None = None
@@ -232,11 +244,13 @@ def compiled_fused_linear_ce_kl(
     softcap: float | None = None,
     return_token_terms: bool = False,
     chunk_rows: int | None = None,
+    deferred: DeferredRows | None = None,
 ):
     """Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i without materialising the [N, V] logits, the chunk's work compiled.
 
     Same contract as ``dsunlearn.kernels.fused_linear_ce_kl`` (which validates the inputs). ``chunk_rows`` is the
-    number of token rows per chunk, by default ``default_chunk_rows(V)``. Where torch.compile fails (no C++
+    number of token rows per chunk, by default ``default_chunk_rows(V)``; ``deferred``: rows weighed by their own CE
+    (``chunked.DeferredRows``), whose spans hold at most ``chunk_rows`` rows. Where torch.compile fails (no C++
     compiler, an unsupported Python), this says so once in the log and runs the eager ``chunked`` backend.
     """
     global _compile_failure
@@ -247,18 +261,21 @@ def compiled_fused_linear_ce_kl(
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         try:
-            return _apply(*arguments, softcap, return_token_terms, chunk_rows)
+            return _apply(*arguments, softcap, return_token_terms, chunk_rows, deferred)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             _compile_failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
             logger.warning(
                 "torch.compile does not work here (%s): the fused CE + KL head runs the eager chunked backend",
                 _compile_failure,
             )
-    return chunked_fused_linear_ce_kl(*arguments, softcap=softcap, return_token_terms=return_token_terms)
+    return chunked_fused_linear_ce_kl(*arguments, softcap=softcap, return_token_terms=return_token_terms,
+                                      deferred=deferred)
 
 
-def _apply(hidden, weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight, softcap, return_token_terms, rows):
+def _apply(hidden, weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight, softcap, return_token_terms, rows,
+           deferred):
     compact = compact_rows(ce_weight, kl_weight)
+    check_deferred_rows_lead(compact, deferred)
     grad_enabled = torch.is_grad_enabled()
     loss, active_ce, active_kl = CompiledFusedLinearCEKLFunction.apply(
         hidden[compact.active_rows],  # [M, H]; indexing routes the gradient back to the original rows
@@ -273,6 +290,7 @@ def _apply(hidden, weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight
         rows,
         grad_enabled and hidden.requires_grad,
         grad_enabled and weight.requires_grad,
+        deferred,
     )
     if not return_token_terms:
         return loss

@@ -1,7 +1,12 @@
 """The fused head with a forget term that is a function of each forget sequence's summed log-likelihood (npo,
-simnpo; dsunlearn/objective.py's docstring derives it): a first pass gives every forget token's CE without a
-gradient, the term's derivative there turns it into those tokens' CE weights, then the one fused forward and backward
-of ``fused_linear_ce_kl`` runs with them and its value is made the term's own.
+simnpo; dsunlearn/objective.py's docstring derives it). The term's derivative at the current weights is each forget
+token's CE weight, and it needs the sequence's whole CE:
+- on the ``chunked`` and ``compiled`` backends, when every forget sequence fits one chunk, the chunks hold whole
+  sequences and each chunk weighs its own rows once their CE is known, in the one pass that makes their logits
+  (``chunked.DeferredRows``);
+- otherwise (``triton``, ``torch``, or a sequence longer than a chunk) a first pass gives every forget token's CE
+  without a gradient, then the one fused forward and backward of ``fused_linear_ce_kl`` runs with those weights.
+Either way the loss's value is made the term's own.
 
 It lives here, below the objective and the runtime, so that the trainer's head (runtime/engines.py) and the kernel
 benchmark (``--terms npo``) run the same code, and the benchmark still imports without settings or DeepSpeed.
@@ -13,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .ce_kl import fused_linear_ce_kl
+from .backends import resolve_backend, without_autocast
+from .ce_kl import _check_inputs, fused_linear_ce_kl
+from .chunked import DeferredRows, chunked_fused_linear_ce_kl, default_chunk_size
+from .compiled import compiled_fused_linear_ce_kl, default_chunk_rows
 
 
 @dataclass
@@ -56,9 +64,31 @@ class SequenceForget:
     def token_weights(self, token_ce: torch.Tensor) -> torch.Tensor:
         """The forget tokens' ce_weight, [M_f] fp32: -c_s dL/ds at s = s_theta (dL/dCE_t = -dL/ds, as s = -sum CE).
         L = -(2/b) log sigmoid(x) gives dL/ds = (2/b) sigmoid(-x) (-dx/ds), with -dx/ds = b (npo) or b/n (simnpo)."""
-        slope = torch.sigmoid(-self._argument(self.sums(token_ce)))
+        return self.chunk_weights(0, self.num_tokens, token_ce)
+
+    def chunk_weights(self, start: int, end: int, chunk_ce: torch.Tensor) -> torch.Tensor:
+        """``token_weights`` of the forget tokens [start, end), [C] fp32, from their CE [C] alone: every sequence with
+        a token there has all its tokens there."""
+        chunk_sequence = self.token_sequence[start:end]  # [C]
+        summed = torch.zeros(self.sequence_weight.shape[0], dtype=torch.float64, device=chunk_ce.device)
+        sums = -summed.index_add_(0, chunk_sequence, chunk_ce.to(torch.float64))  # [B_f], right for the chunk's
+        slope = torch.sigmoid(-self._argument(sums))
         derivative = 2.0 * slope if self.loss == "npo" else 2.0 * slope / self.sequence_length
-        return (-self.sequence_weight * derivative)[self.token_sequence].to(torch.float32)
+        return (-self.sequence_weight * derivative)[chunk_sequence].to(torch.float32)
+
+    def spans(self, chunk_rows: int) -> tuple | None:
+        """Chunks of at most ``chunk_rows`` forget tokens holding whole sequences ((start, end) pairs covering the
+        forget tokens, each sequence's tokens contiguous), or None where a sequence is longer than that."""
+        sequences, lengths = torch.unique_consecutive(self.token_sequence.cpu(), return_counts=True)
+        if sequences.unique().numel() != sequences.numel() or int(lengths.max()) > chunk_rows:
+            return None
+        spans, start, end = [], 0, 0
+        for length in lengths.tolist():
+            if end + length - start > chunk_rows:
+                spans.append((start, end))
+                start = end
+            end += length
+        return (*spans, (start, end)) if end > start else tuple(spans)
 
     def exact_loss(
         self, fused_loss: torch.Tensor, forget_ce: torch.Tensor, token_ce: torch.Tensor, ce_weight: torch.Tensor
@@ -102,12 +132,28 @@ def fused_linear_sequence_forget(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fused_linear_ce_kl`` (same inputs, ``return_token_terms=True``) for a batch whose first
-    ``sequence_forget.num_tokens`` tokens carry an npo or simnpo term: one head forward over those tokens alone
-    without a gradient (their CE at the current weights, never tokens x vocabulary), then the one fused forward and
-    backward with their CE weights set to the term's derivative. ``ce_weight[:M_f]`` is replaced; the loss's value is
-    the term's own plus the other tokens' weighted CE and KL, its gradient exact. Returns ``(loss, token_ce,
-    token_kl)``, the forget tokens' CE from the first pass."""
+    ``sequence_forget.num_tokens`` tokens carry an npo or simnpo term, never tokens x vocabulary: one pass whose
+    chunks weigh whole forget sequences where the backend and lengths allow it, else a head forward over the forget
+    tokens without a gradient first (module docstring). ``ce_weight[:M_f]`` is replaced; the loss's value is the
+    term's own plus the other tokens' weighted CE and KL, its gradient exact. Returns ``(loss, token_ce, token_kl)``."""
     num_forget = sequence_forget.num_tokens
+    _check_inputs(hidden, weight, targets, ce_weight, ref_hidden, ref_weight, kl_weight, softcap, backend)
+    resolved = resolve_backend(backend, hidden, weight)
+    one_pass = {"chunked": (chunked_fused_linear_ce_kl, default_chunk_size),
+                "compiled": (compiled_fused_linear_ce_kl, default_chunk_rows)}.get(resolved)
+    spans = None
+    if one_pass is not None and num_forget and (kl_weight is None or not kl_weight[:num_forget].any()):
+        spans = sequence_forget.spans(one_pass[1](weight.shape[0]))
+    if spans is not None:
+        implementation = one_pass[0]
+        unit_weight = torch.cat([torch.ones(num_forget, device=hidden.device), ce_weight[num_forget:].float()])
+        with without_autocast(hidden.device.type):
+            loss, token_ce, token_kl = implementation(
+                hidden, weight, targets, unit_weight, ref_hidden, ref_weight, kl_weight, softcap=softcap,
+                return_token_terms=True, deferred=DeferredRows(num_forget, spans, sequence_forget.chunk_weights),
+            )  # fmt: skip
+        return sequence_forget.exact_loss(loss, token_ce[:num_forget], token_ce, unit_weight), token_ce, token_kl
+
     with torch.no_grad():
         _, forget_ce, _ = fused_linear_ce_kl(
             hidden[:num_forget].detach(), weight.detach(), targets[:num_forget],

@@ -13,9 +13,10 @@ tokens and returns Σ_i ce_weight[i]·CE_i + kl_weight[i]·KL_i (DESIGN.md §4).
   ``chunked`` for a smaller or low-precision one.
 
 ``fused_linear_sequence_forget`` (``sequence_forget.py``) runs the head for a batch whose forget term is npo or
-simnpo, a function of each forget sequence's summed log-likelihood: a first pass over the forget tokens without a
-gradient, then ``fused_linear_ce_kl`` with their weights set to the term's derivative (the trainer's head and the
-kernel benchmark's ``npo`` problem).
+simnpo, a function of each forget sequence's summed log-likelihood, whose derivative is the forget tokens' CE weight:
+on ``chunked`` and ``compiled``, one pass whose chunks hold whole forget sequences and weigh them once their CE is
+known; elsewhere, or where a sequence is longer than a chunk, a first pass over the forget tokens without a gradient,
+then ``fused_linear_ce_kl`` with those weights (the trainer's head and the kernel benchmark's ``npo`` problem).
 
 ``token_log_prob_stats`` (``token_log_prob_stats.py``) gives, per token, log p(target) and the mean and variance of
 log p under the model's own next-token distribution (Min-K%++ membership inference), with the same backends.
