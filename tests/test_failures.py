@@ -393,19 +393,27 @@ def test_ranks_stop_when_the_deepspeed_runner_dies(tiny_model_dir, tmp_path):
         runner = subprocess.Popen([str(deepspeed_bin), "--num_gpus", "2", "--master_port", str(free_port()),
                                    "dsunlearn/train.py", *run_args(tiny_model_dir, run_dir, steps=500)],
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    runner_tree = []
     try:
         deadline = time.monotonic() + HANG_LIMIT_S
         while len(metric_rows(run_dir)) < 2:
             assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "runner.log").read_text()[-4000:]
             time.sleep(0.2)
-        ranks = [p for p in psutil.Process(runner.pid).children(recursive=True)
-                 if any(arg.startswith("--local_rank") for arg in p.cmdline())]
+        runner_tree = psutil.Process(runner.pid).children(recursive=True)
+        ranks = [p for p in runner_tree if any(arg.startswith("--local_rank") for arg in p.cmdline())]
         runner.send_signal(signal.SIGTERM)
         runner.wait(timeout=HANG_LIMIT_S)
         gone, alive = psutil.wait_procs(ranks, timeout=HANG_LIMIT_S)
     finally:
-        for process in psutil.Process().children(recursive=True):
-            process.kill()
+        # This run's processes only: the pytest process has others (tests/warm_start.py's server).
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        for process in runner_tree:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
     assert len(ranks) == 2 and not alive  # the ranks are launch.py's children: their codes are not ours to read
     saved = metric_rows(run_dir)[-1]["step"]
     assert f"stopped by SIGTERM after step {saved}" in (tmp_path / "runner.log").read_text()
