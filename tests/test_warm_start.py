@@ -70,6 +70,10 @@ def test_signals_and_kill_end_a_warm_process_as_a_fresh_one(tmp_path):
 def test_an_environment_read_at_import_starts_a_fresh_interpreter(tmp_path):
     # HF_HOME is read when huggingface_hub is imported: the server's import cannot stand in for it.
     assert WARM.accepts(warm_env(RANK="1", MASTER_PORT="1234"))
+    # What the imports set themselves (KMP_* from Intel OpenMP), present or not yet in this process, is no difference.
+    import_set = WARM._import_env
+    assert WARM.accepts({**warm_env(), **import_set})
+    assert WARM.accepts({name: value for name, value in warm_env().items() if name not in import_set})
     for env in (warm_env(HF_HOME=str(tmp_path)), {k: v for k, v in warm_env().items() if k != "OMP_NUM_THREADS"}):
         assert not WARM.accepts(env)
         process = popen_python(["-c", "print('cold')"], env)

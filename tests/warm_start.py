@@ -7,7 +7,9 @@ directory, argv and output file, then runs the script, module or code as ``pytho
 with its exit code.
 
 It is used only where the fork is indistinguishable from a fresh interpreter for what the test checks:
-- the environment must equal the server's except for the variables a launcher sets per process (``PER_PROCESS``):
+- the environment must equal the server's except for the variables a launcher sets per process (``PER_PROCESS``)
+  and those the server's imports set themselves (Intel OpenMP's KMP_*: the pytest process has them once it has
+  imported the same modules, a fresh process sets them at import, and so does a fork, from the server's values):
   modules read some variables once, at import (HF_HOME, DS_ACCELERATOR, the thread counts);
 - the server runs no thread but jemalloc's, which is fork-safe, when it forks (checked), and holds one-thread
   settings (OMP_NUM_THREADS=1, so no OpenMP pool exists to be lost in the child);
@@ -130,6 +132,7 @@ class WarmStarter:
         self._server = None
         self._run_dir = None
         self._env = None
+        self._import_env = {}  # what the server's imports added to its environment
         self._broken = os.environ.get("DSUNLEARN_TEST_COLD_START") == "1"
         atexit.register(self.stop)
 
@@ -149,10 +152,11 @@ class WarmStarter:
                 self.stop()
                 raise RuntimeError(f"the warm-start server did not start: {output}")
             time.sleep(0.05)
-        if ready.read_text() != "ok":
-            reason = ready.read_text()
+        status = json.loads(ready.read_text())
+        if "reason" in status:
             self.stop()
-            raise RuntimeError(f"the warm-start server cannot fork safely: {reason}")
+            raise RuntimeError(f"the warm-start server cannot fork safely: {status['reason']}")
+        self._import_env = status["import_env"]
 
     def stop(self):
         if self._server is not None:
@@ -163,12 +167,18 @@ class WarmStarter:
             self._server = None
 
     def accepts(self, env: dict) -> bool:
-        """Whether a process with environment ``env`` may be a fork of the server (module docstring)."""
+        """Whether a process with environment ``env`` may be a fork of the server (module docstring); starts the
+        server if it has not started."""
         if self._broken:
             return False
-        reference = self._env if self._env is not None else dict(os.environ, **SERVER_SETTINGS)
-        names = (set(env) | set(reference)) - PER_PROCESS
-        return all(env.get(name) == reference.get(name) for name in names)
+        if self._server is None:
+            self._start_server()
+        names = (set(env) | set(self._env)) - PER_PROCESS
+        return all(
+            env.get(name) == self._env.get(name)
+            or (name in self._import_env and env.get(name) in (None, self._import_env[name]))
+            for name in names
+        )
 
     def start(self, python_args: list[str], env: dict, cwd, log_path) -> WarmProcess:
         """``python PYTHON_ARGS`` (a script path, ``-m MODULE`` or ``-c CODE``, then its arguments) with ``env`` in
@@ -248,20 +258,21 @@ def _serve(socket_path: Path):
         signal.signal(sig, signal.SIG_IGN)
     # Python put this file's folder (tests/) first; a fork puts there what its own command line would.
     del sys.path[0]
+    environment_before = dict(os.environ)
     for module in PRELOAD:
         importlib.import_module(module)
     # The imports' objects never change again: out of the garbage collector's sight, a fork's gc.collect() (the
     # reference cache calls it four times a run) neither walks them nor writes to their pages, which would copy them.
     gc.freeze()
-    ready = socket_path.with_name("ready")
     unsafe = _threads_not_fork_safe()
     if unsafe:
-        ready.write_text(f"threads {unsafe} run after the imports")
+        _announce(socket_path, {"reason": f"threads {unsafe} run after the imports"})
         return
+    import_env = {name: value for name, value in os.environ.items() if environment_before.get(name) != value}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     listener.listen(64)
-    ready.write_text("ok")
+    _announce(socket_path, {"import_env": import_env})
     parent = os.getppid()
     clients = {}  # pid -> connection of the test that started it
     while os.getppid() == parent:
@@ -282,7 +293,7 @@ def _serve(socket_path: Path):
                     for client in clients.values():
                         client.close()
                     connection.close()
-                    _run_child(request)  # never returns
+                    _run_child(request, import_env)  # never returns
                 clients[pid] = connection
                 try:
                     connection.sendall((json.dumps({"pid": pid}) + "\n").encode())
@@ -310,12 +321,20 @@ def _serve(socket_path: Path):
         os.kill(pid, signal.SIGKILL)
 
 
+def _announce(socket_path: Path, status: dict):
+    """Write the ``ready`` file the test side waits for, whole (renamed into place)."""
+    partial = socket_path.with_name("ready.partial")
+    partial.write_text(json.dumps(status))
+    partial.rename(socket_path.with_name("ready"))
+
+
 def _exit_code(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
-def _run_child(request: dict):
-    """In the fork: become ``python PYTHON_ARGS`` and exit as it would."""
+def _run_child(request: dict, import_env: dict):
+    """In the fork: become ``python PYTHON_ARGS`` and exit as it would (with what its imports would have added to its
+    environment, ``import_env``)."""
     import atexit as child_atexit
     import runpy
     import traceback
@@ -334,6 +353,7 @@ def _run_child(request: dict):
         os.close(null)
         os.chdir(request["cwd"])
         os.environ.clear()
+        os.environ.update(import_env)
         os.environ.update(request["env"])
         args = request["python_args"]
         if args[0] == "-m":

@@ -31,9 +31,7 @@ def run_two_ranks(args, log_dir):
         codes = {rank: process.wait(timeout=HANG_LIMIT_S) for rank, process in processes.items()}
     finally:
         for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            kill_if_running(process)
     return codes, "".join(log.read_text() for log in logs)
 
 
@@ -73,6 +71,13 @@ def test_deepspeed_collective_deprecations_are_silent(short_runs):
 # the default action that thread ends the whole process (-15, no checkpoint). These processes run with the thread
 # variables unset, as launch.sh and srun run ranks.
 _SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def kill_if_running(process) -> None:
+    """SIGKILL ``process`` if it still runs, and reap it (a failed assertion must leave no rank behind)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 def users_env(**variables) -> dict:
@@ -136,9 +141,7 @@ def test_every_thread_but_the_watchdog_blocks_sigterm(entry, tiny_model_dir, tmp
                 rank.send_signal(signal.SIGTERM)
                 code = rank.wait(timeout=60)
         finally:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
+            kill_if_running(rank)
     output = log_path.read_text()
     assert code == EXIT_PREEMPTED, output[-4000:]
     assert "outside a training step: stopped at once" in output, output[-4000:]
@@ -205,9 +208,7 @@ def test_a_rank_stopped_and_continued_is_not_stopped_by_a_sigterm_nobody_sent(tm
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_if_running(process)
     output = log_path.read_text()
     assert code == EXIT_PREEMPTED, output[-4000:]
     assert f"SIGTERM from pid {os.getpid()}" in output and "pid 0" not in output, output[-4000:]
