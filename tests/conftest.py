@@ -22,6 +22,18 @@ from dsunlearn.data.tiny import (  # noqa: E402
 from dsunlearn.tools.demo import demo_texts  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def environment_kept_per_test():
+    """What a test, or a library it runs in this process, sets in ``os.environ`` ends with the test: torch's compiler
+    leaves _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR behind, and every process a later test launched from this pytest
+    process then inherited it, and started cold (tests/warm_start.py takes only the server's environment)."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     """GPT-2 style byte-level BPE tokenizer (pad token, no automatic BOS), vocabulary 512."""

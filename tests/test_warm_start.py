@@ -25,7 +25,17 @@ def warm_env(**extra):
     return dict(os.environ, **SERVER_SETTINGS, **extra)
 
 
+def test_a_variable_a_library_sets_in_the_pytest_process_is_gone_after_its_test():
+    # As torch's compiler does (_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR) in the compiled backend's tests; the next test
+    # (same file, same worker: --dist loadfile) launches with this process's environment.
+    assert WARM.accepts(warm_env())  # the server starts here, with this process's environment
+    os.environ["DSUNLEARN_TEST_SET_BY_A_LIBRARY"] = "1"
+    assert not WARM.accepts(warm_env())
+
+
 def test_a_warm_process_sees_its_own_argv_env_and_cwd_and_ends_with_its_code(tmp_path):
+    assert "DSUNLEARN_TEST_SET_BY_A_LIBRARY" not in os.environ
+
     process = popen_python(["-c", PROBE, "7"], warm_env(RANK="3"), cwd=tmp_path)
     assert isinstance(process, WarmProcess)
     output, _ = process.communicate(timeout=120)
