@@ -99,6 +99,17 @@ def thread_states(pid: int) -> dict[int, tuple[bool, str]]:
     return states
 
 
+def watchdog_waiting(process, log_path: Path, deadline: float) -> dict[int, tuple[bool, str]]:
+    """``thread_states`` of ``process`` once its watchdog's thread waits for SIGTERM (fails if it ends or the deadline
+    passes first)."""
+    while True:
+        states = thread_states(process.pid)
+        if any(wchan.startswith("do_sigtimedwait") for _, wchan in states.values()):
+            return states
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+        time.sleep(0.05)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("entry", ["script", "module"])
 def test_every_thread_but_the_watchdog_blocks_sigterm(entry, tiny_model_dir, tmp_path):
@@ -129,12 +140,7 @@ def test_every_thread_but_the_watchdog_blocks_sigterm(entry, tiny_model_dir, tmp
                 except socket.timeout:
                     continue
             with connection:
-                while True:
-                    states = thread_states(rank.pid)
-                    if any(wchan.startswith("do_sigtimedwait") for _, wchan in states.values()):
-                        break
-                    assert rank.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
-                    time.sleep(0.05)
+                states = watchdog_waiting(rank, log_path, deadline)
                 unblocked = [wchan for blocks, wchan in states.values() if not blocks]
                 assert len(states) > 2, states  # numpy's OpenBLAS threads (and torch's) are there
                 assert [wchan for wchan in unblocked if not wchan.startswith("do_sigtimedwait")] == [], states
@@ -194,10 +200,7 @@ def test_a_rank_stopped_and_continued_is_not_stopped_by_a_sigterm_nobody_sent(tm
         process = subprocess.Popen([sys.executable, "-c", STOPPED_AND_CONTINUED], cwd=tmp_path, env=users_env(),
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + HANG_LIMIT_S
-        while not any(wchan.startswith("do_sigtimedwait") for _, wchan in thread_states(process.pid).values()):
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
-            time.sleep(0.05)
+        watchdog_waiting(process, log_path, time.monotonic() + HANG_LIMIT_S)
         for _ in range(2):
             process.send_signal(signal.SIGSTOP)
             time.sleep(1.5)  # past the watchdog's 1 s wait
